@@ -1,0 +1,112 @@
+"""Reading and writing images, masks and arrays: atomic writes, errors that name the file."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from fsae.errors import DataError
+from fsae.labels import voc_palette
+
+
+def atomic_write(path: str | os.PathLike, write_fn) -> Path:
+    """Call ``write_fn(tmp_path)`` then rename onto ``path``: a killed run leaves no half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """RGB image as (H, W, 3) uint8."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read image ({exc}); the file is corrupt or not an image") from exc
+
+
+def read_mask(path: str | os.PathLike, num_classes: int | None = None) -> np.ndarray:
+    """Label-space mask (palette or grey PNG) as (H, W) uint8; values checked against 0..C and 255."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: mask file not found")
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L"):
+                raise DataError(f"{path}: mask must be a palette or greyscale PNG, got mode {im.mode}")
+            mask = np.asarray(im, dtype=np.uint8).copy()
+    except DataError:
+        raise
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read mask ({exc}); the file is corrupt or truncated") from exc
+    if num_classes is not None:
+        bad = np.unique(mask[(mask > num_classes) & (mask != 255)])
+        if bad.size:
+            raise DataError(
+                f"{path}: mask values {bad.tolist()[:8]} are outside 0..{num_classes} and 255 (ignore)"
+            )
+    return mask
+
+
+def write_mask(path: str | os.PathLike, mask: np.ndarray) -> Path:
+    """Write a label-space mask as a VOC-palette PNG, atomically."""
+    im = Image.fromarray(np.asarray(mask, dtype=np.uint8), mode="P")
+    im.putpalette(voc_palette().reshape(-1).tolist())
+    return atomic_write(path, lambda tmp: im.save(tmp, format="PNG"))
+
+
+def write_image(path: str | os.PathLike, image: np.ndarray, quality: int = 95) -> Path:
+    im = Image.fromarray(np.asarray(image, dtype=np.uint8))
+    fmt = "JPEG" if Path(path).suffix.lower() in (".jpg", ".jpeg") else "PNG"
+    kwargs = {"quality": quality} if fmt == "JPEG" else {}
+    return atomic_write(path, lambda tmp: im.save(tmp, format=fmt, **kwargs))
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    text = json.dumps(obj, indent=2, sort_keys=False)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def read_id_list(path: str | os.PathLike) -> list[str]:
+    """An ImageSets-style list: one id per line (extra columns, as in train_aug.txt paths, ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: image list not found")
+    ids = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        first = line.split()[0]
+        ids.append(Path(first).stem if "/" in first else first)
+    if not ids:
+        raise DataError(f"{path}: image list is empty")
+    return ids
