@@ -110,3 +110,13 @@ def read_id_list(path: str | os.PathLike) -> list[str]:
     if not ids:
         raise DataError(f"{path}: image list is empty")
     return ids
+
+
+def write_grey_png(path: str | os.PathLike, array: np.ndarray) -> Path:
+    """Write a (H, W) uint8 array as a greyscale PNG (e.g. a saliency map), atomically."""
+    im = Image.fromarray(np.asarray(array, dtype=np.uint8), mode="L")
+    return atomic_write(path, lambda tmp: im.save(tmp, format="PNG"))
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -1,0 +1,314 @@
+"""Find what is wrong with a data set on disk before a long run trips over it.
+
+``check_dataset(kind, root)`` returns every problem it finds as ``Problem(path, message)``, the path
+being the file to fix. ``kind``:
+
+- ``"voc"``: a VOC2012 root (``fsae.data.voc``); splits train, val and, if its list exists, train_aug
+  (masks in ``SegmentationClass``, for train_aug in ``SegmentationClassAug``); 20 classes.
+- ``"coco"``: a COCO 2014 root (``fsae.data.coco``); splits train2014, val2014; 80 classes.
+- ``"saliency"``: the saliency maps (``<id>.png``, greyscale 0..255, e.g. the PFAN maps EPS and PPC
+  distribute) of a VOC root's train_aug split (train if there is no train_aug list); ``saliency``
+  names their folder, default ``root/SALImages``. For ``"voc"`` / ``"coco"``, a ``saliency`` folder
+  is checked for the training splits (those not named ``val*``).
+
+What is checked: list files exist and are not empty (and, with ``strict_counts``, hold the number of
+ids of the real data set); the label file parses, has an entry for every listed id, and every entry is
+a list of distinct classes in 1..C; every image, mask and saliency map exists. Unless ``fast``: every
+image and mask decodes (a corrupt JPEG, a truncated PNG), mask values are in {0..C, 255}, masks and
+saliency maps have their image's size, and labels agree with masks. For VOC the labels must equal the
+classes in the mask; for COCO every class in the mask must be labelled, but a label need not show in
+the mask (``fsae.data.prepare``: a COCO instance may be fully covered by a later one).
+``fast=True`` is what training checks before it starts: no file is opened but lists and labels.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from fsae.data.coco import COCO_SPLITS, split_paths
+from fsae.data.prepare import map_parallel, present_classes
+from fsae.data.voc import LABEL_FILE
+from fsae.errors import DataError
+from fsae.io import read_id_list, read_image, read_json, read_mask
+
+KINDS = ("voc", "coco", "saliency")
+NUM_CLASSES = {"voc": 20, "coco": 80, "saliency": 20}
+EXPECTED_COUNTS = {
+    "voc": {"train": 1464, "val": 1449, "train_aug": 10582},
+    "coco": {"train2014": 82081, "val2014": 40137},
+}
+PREPARE_HINT = {
+    "voc": "fsae data prepare voc",
+    "coco": "fsae data prepare coco",
+    "saliency": "fsae data prepare voc",
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with one file."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+def format_problems(problems: list[Problem], limit: int | None = None) -> str:
+    """One line per problem (the file, then what is wrong), then a summary line."""
+    shown = problems if limit is None else problems[:limit]
+    lines = [str(p) for p in shown]
+    if len(problems) > len(shown):
+        lines.append(f"... and {len(problems) - len(shown)} more")
+    if problems:
+        files = len({p.path for p in problems})
+        lines.append(f"{len(problems)} problem(s) in {files} file(s)")
+    else:
+        lines.append("no problems found")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _Split:
+    name: str
+    list_path: Path
+    image_dir: Path
+    mask_dir: Path | None  # None: masks are not part of this check
+    saliency_dir: Path | None
+
+
+def _problem(exc: DataError, path: Path) -> Problem:
+    """A ``DataError`` (whose message starts with the file) as a Problem on that file."""
+    message = str(exc)
+    prefix = f"{path}: "
+    return Problem(str(path), message[len(prefix):] if message.startswith(prefix) else message)
+
+
+def _splits(kind: str, root: Path, split: str | None, saliency: Path | None) -> list[_Split]:
+    if kind == "coco":
+        names = [split] if split else list(COCO_SPLITS)
+        out = []
+        for name in names:
+            paths = split_paths(root, name)  # DataError for an unknown split
+            sal = saliency if saliency and not name.startswith("val") else None
+            out.append(_Split(name, paths["list"], paths["images"], paths["masks"], sal))
+        return out
+    list_dir = root / "ImageSets" / "Segmentation"
+    if kind == "saliency":
+        if split is None:
+            split = "train_aug" if (list_dir / "train_aug.txt").is_file() else "train"
+        return [_Split(split, list_dir / f"{split}.txt", root / "JPEGImages", None, saliency)]
+    if split is None:
+        names = ["train", "val"] + (["train_aug"] if (list_dir / "train_aug.txt").is_file() else [])
+    else:
+        names = [split]
+    out = []
+    for name in names:
+        masks = root / ("SegmentationClassAug" if name == "train_aug" else "SegmentationClass")
+        sal = saliency if saliency and not name.startswith("val") else None
+        out.append(_Split(name, list_dir / f"{name}.txt", root / "JPEGImages", masks, sal))
+    return out
+
+
+def _check_label_file(
+    path: Path, num_classes: int, kind: str
+) -> tuple[dict[str, list[int]] | None, list[Problem]]:
+    """Valid entries of ``cls_labels.json`` (None if the file is unusable) and a problem per invalid one."""
+    try:
+        raw = read_json(path)
+    except DataError as exc:
+        problem = _problem(exc, path)
+        if not path.is_file():
+            problem = Problem(problem.path, f"{problem.message}; run `{PREPARE_HINT[kind]}`")
+        return None, [problem]
+    if not isinstance(raw, dict):
+        return None, [Problem(str(path), "expected a JSON object {id: [labels 1..C]}")]
+    labels, problems = {}, []
+    for image_id, entry in raw.items():
+        where = f"image {image_id!r}"
+        integers = isinstance(entry, list) and all(type(c) is int for c in entry)
+        if not integers:
+            problems.append(Problem(str(path), f"{where}: labels must be a list of integers, got {entry!r}"))
+            continue
+        if len(entry) > 1 and set(entry) <= {0, 1}:
+            problems.append(Problem(
+                str(path),
+                f"{where}: {entry[:8]}{'...' if len(entry) > 8 else ''} looks like a multi-hot vector "
+                f"of length {len(entry)} (C = {num_classes}); the file stores class numbers "
+                f"1..{num_classes}",
+            ))
+            continue
+        bad = [c for c in entry if not 1 <= c <= num_classes]
+        if bad:
+            problems.append(Problem(str(path), f"{where}: labels {bad} are outside 1..{num_classes}"))
+            continue
+        if len(set(entry)) != len(entry):
+            problems.append(Problem(str(path), f"{where}: labels {entry} repeat a class"))
+            continue
+        labels[str(image_id)] = sorted(entry)
+    return labels, problems
+
+
+def _check_item(item: dict) -> list[Problem]:
+    """Files of one id: existence, and unless ``fast`` decoding, values, sizes and labels."""
+    problems = []
+    image_path, mask_path, sal_path = item["image"], item["mask"], item["saliency"]
+    paths = [p for p in (image_path if item["check_image"] else None, mask_path, sal_path) if p]
+    missing = {p for p in paths if not p.is_file()}
+    for p in sorted(missing):
+        what = "image" if p == image_path else "mask" if p == mask_path else "saliency map"
+        problems.append(Problem(str(p), f"{what} file not found"))
+    if item["fast"]:
+        return problems
+
+    image = mask = None
+    if image_path.is_file():
+        try:
+            image = read_image(image_path)
+        except DataError as exc:
+            if item["check_image"]:
+                problems.append(_problem(exc, image_path))
+    if mask_path and mask_path not in missing:
+        try:
+            mask = read_mask(mask_path, item["num_classes"])
+        except DataError as exc:
+            problems.append(_problem(exc, mask_path))
+    if sal_path and sal_path not in missing:
+        try:
+            sal = read_mask(sal_path)
+            if image is not None and sal.shape != image.shape[:2]:
+                problems.append(Problem(
+                    str(sal_path),
+                    f"saliency map size {sal.shape[1]}x{sal.shape[0]} differs from image size "
+                    f"{image.shape[1]}x{image.shape[0]} of {image_path}",
+                ))
+        except DataError as exc:
+            problems.append(_problem(exc, sal_path))
+    if mask is None:
+        return problems
+    if image is not None and mask.shape != image.shape[:2]:
+        problems.append(Problem(
+            str(mask_path),
+            f"mask size {mask.shape[1]}x{mask.shape[0]} differs from image size "
+            f"{image.shape[1]}x{image.shape[0]} of {image_path}",
+        ))
+    labels = item["labels"]
+    if labels is not None:
+        shown = set(present_classes(mask))
+        wrong = shown != set(labels) if item["labels_equal_mask"] else not shown <= set(labels)
+        if wrong:
+            problems.append(Problem(
+                str(item["label_file"]),
+                f"image {item['id']!r} is labelled {labels} but its mask {mask_path} shows classes "
+                f"{sorted(shown)}",
+            ))
+    return problems
+
+
+def check_dataset(
+    kind: str,
+    root: str | os.PathLike,
+    split: str | None = None,
+    saliency: str | os.PathLike | None = None,
+    fast: bool = False,
+    strict_counts: bool = False,
+    num_classes: int | None = None,
+    workers: int = 1,
+    progress: bool = False,
+) -> list[Problem]:
+    """Every problem found in a data set on disk (module docstring); an empty list means none.
+
+    ``split``: one split (VOC list name, COCO ``train2014`` / ``val2014``); default all of the kind's.
+    ``strict_counts``: also report lists whose length differs from the real data set's.
+    ``workers``: processes reading files (full check only).
+    """
+    if kind not in KINDS:
+        raise DataError(f"unknown data set kind {kind!r}; use one of {', '.join(KINDS)}")
+    root = Path(root)
+    if not root.is_dir():
+        return [Problem(str(root), "data root not found")]
+    num_classes = num_classes or NUM_CLASSES[kind]
+    if kind == "saliency" and saliency is None:
+        saliency = root / "SALImages"
+    saliency = Path(saliency) if saliency else None
+    splits = _splits(kind, root, split, saliency)
+
+    problems: list[Problem] = []
+    label_path = root / LABEL_FILE
+    labels = None  # not checked against lists and masks
+    if kind != "saliency":
+        labels, label_problems = _check_label_file(label_path, num_classes, kind)
+        problems += label_problems
+
+    missing_dirs: set[Path] = set()
+    image_dirs = {s.image_dir for s in splits}
+    for folder in sorted({d for s in splits for d in (s.image_dir, s.mask_dir, s.saliency_dir) if d}):
+        if not folder.is_dir():
+            what = "saliency folder" if folder == saliency else "folder"
+            made_by_prepare = folder != saliency and folder not in image_dirs
+            hint = f"; run `{PREPARE_HINT[kind]}`" if made_by_prepare else ""
+            problems.append(Problem(str(folder), f"{what} not found{hint}"))
+            missing_dirs.add(folder)
+
+    items, seen_images = [], set()
+    for s in splits:
+        try:
+            ids = read_id_list(s.list_path)
+        except DataError as exc:
+            problem = _problem(exc, s.list_path)
+            if not s.list_path.is_file():
+                problem = Problem(problem.path, f"{problem.message}; run `{PREPARE_HINT[kind]}`")
+            problems.append(problem)
+            continue
+        repeated = sorted(i for i, n in Counter(ids).items() if n > 1)
+        if repeated:
+            problems.append(
+                Problem(str(s.list_path), f"{len(repeated)} id(s) listed twice, e.g. {repeated[:3]}")
+            )
+        expected = EXPECTED_COUNTS.get(kind, {}).get(s.name)
+        if strict_counts and expected is not None and len(ids) != expected:
+            problems.append(Problem(str(s.list_path), f"expected {expected} ids, found {len(ids)}"))
+        if labels is not None:
+            unlabelled = [i for i in ids if i not in labels]
+            if unlabelled:
+                problems.append(Problem(
+                    str(label_path),
+                    f"no valid image-level label for {len(unlabelled)} id(s) of {s.list_path.name}, "
+                    f"e.g. {unlabelled[:3]}",
+                ))
+        for image_id in dict.fromkeys(ids):
+            image = s.image_dir / f"{image_id}.jpg"
+            items.append({
+                "id": image_id,
+                "image": image,
+                "check_image": image not in seen_images and s.image_dir not in missing_dirs,
+                "mask": (
+                    s.mask_dir / f"{image_id}.png" if s.mask_dir and s.mask_dir not in missing_dirs else None
+                ),
+                "saliency": (
+                    s.saliency_dir / f"{image_id}.png"
+                    if s.saliency_dir and s.saliency_dir not in missing_dirs else None
+                ),
+                "labels": labels.get(image_id) if labels is not None else None,
+                "labels_equal_mask": kind == "voc",
+                "label_file": label_path,
+                "num_classes": num_classes,
+                "fast": fast,
+            })
+            seen_images.add(image)
+
+    workers = 1 if fast else workers
+    for found in map_parallel(_check_item, items, workers, desc=f"check {kind}", progress=progress):
+        problems += found
+    return _unique_sorted(problems)
+
+
+def _unique_sorted(problems: list[Problem]) -> list[Problem]:
+    """Drop repeats (an image listed in two splits); sort by file, first-found order within a file."""
+    unique = list(dict.fromkeys(problems))
+    order = {p: i for i, p in enumerate(unique)}
+    return sorted(unique, key=lambda p: (p.path, order[p]))

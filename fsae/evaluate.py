@@ -1,0 +1,443 @@
+"""Confusion matrix, mIoU, FPR/FNR, and the CAM-seed threshold sweep.
+
+Everything is in the segmentation label space (``fsae.labels``): 0 = background, 1..C = classes,
+255 = ignore. With ``C = num_classes`` foreground classes a confusion matrix is ``(K, K)`` with
+``K = C + 1``, background first; rows are ground truth, columns are predictions (as in torchvision
+``references/segmentation``).
+
+Scores (``segmentation_scores``), per class ``c``, as WSSS papers define FPR / FNR::
+
+    TP_c = conf[c, c]    FP_c = column sum - TP_c    FN_c = row sum - TP_c
+    union_c = TP_c + FP_c + FN_c
+    IoU_c = TP_c / union_c    FPR_c = FP_c / union_c    FNR_c = FN_c / union_c
+
+so ``IoU_c + FPR_c + FNR_c = 1`` and ``mIoU + FPR + FNR = 1`` when all three are averaged over the
+same classes. A class with ``union_c == 0`` (never in the ground truth, never predicted) has NaN
+scores and is left out of every mean. Scores are fractions in 0..1; only ``format_scores_table``
+prints percent.
+
+Seed files (written by ``fsae.infer``): ``seeds/<id>.npz`` with ``keys`` (K,) int, the present
+classes in 1..C, and ``cams`` (K, H, W) float16 in [0, 1], per-class max-normalised CAMs at full
+image resolution. A seed becomes a mask by padding a constant background plane of value ``threshold``
+in front of the CAMs and taking the argmax (IRN / SIPE / PPC); ties go to background.
+
+Confusions are plain integer sums, so evaluation shards: each worker fills a ``SeedEvaluator`` (or
+sums ``confusion_matrix`` outputs) over its ids, and the partial ``confusions`` are added
+(``SeedEvaluator.merge`` or ``torch.distributed.all_reduce``) before ``result()``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zipfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from fsae.errors import DataError
+from fsae.io import read_mask, write_json
+from fsae.labels import IGNORE_INDEX, VOC_CLASSES
+
+
+def _as_long(x: torch.Tensor | np.ndarray) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.long()
+    return torch.from_numpy(np.asarray(x).astype(np.int64))
+
+
+def confusion_matrix(
+    pred: torch.Tensor | np.ndarray,
+    gt: torch.Tensor | np.ndarray,
+    num_classes: int,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Pixel confusion matrix, rows = ground truth, columns = prediction, background first.
+
+    Shape: pred and gt any same shape (flattened) -> (C+1, C+1) int64, ``C = num_classes``.
+    Pixels whose gt is ``ignore_index`` are skipped; any other value outside 0..C in gt or pred is a
+    ValueError naming the value.
+    """
+    pred, gt = _as_long(pred), _as_long(gt)
+    if pred.shape != gt.shape:
+        raise ValueError(f"pred shape {tuple(pred.shape)} does not match gt shape {tuple(gt.shape)}")
+    k = num_classes + 1
+    keep = gt != ignore_index
+    p, g = pred[keep], gt[keep]
+    for name, v in (("pred", p), ("gt", g)):
+        bad = v[(v < 0) | (v >= k)]
+        if bad.numel():
+            raise ValueError(
+                f"{name} values {torch.unique(bad).tolist()[:8]} are outside 0..{num_classes}"
+                + (f" and {ignore_index} (ignore)" if name == "gt" else " (where gt is not ignored)")
+            )
+    return torch.bincount(g * k + p, minlength=k * k).reshape(k, k)
+
+
+def segmentation_scores(conf: torch.Tensor | np.ndarray) -> dict[str, Any]:
+    """mIoU, FPR, FNR (means) and per-class lists from one ``(K, K)`` confusion matrix.
+
+    Returns a dict of Python floats (fractions in 0..1): ``miou``, ``fpr``, ``fnr``,
+    ``pixel_accuracy``, and the per-class lists ``iou``, ``fpr_per_class``, ``fnr_per_class``
+    (background first). Classes with an empty union are NaN in the lists and excluded from the means;
+    all means are NaN when every union is empty.
+    """
+    if isinstance(conf, torch.Tensor):
+        conf = conf.detach().cpu().double()
+    else:
+        conf = torch.from_numpy(np.asarray(conf, dtype=np.float64))
+    if conf.ndim != 2 or conf.shape[0] != conf.shape[1]:
+        raise ValueError(f"confusion matrix must be square (K, K), got shape {tuple(conf.shape)}")
+    tp = conf.diag()
+    fp = conf.sum(0) - tp
+    fn = conf.sum(1) - tp
+    union = tp + fp + fn
+    valid = union > 0
+    nan = torch.full_like(tp, float("nan"))
+    iou = torch.where(valid, tp / union.clamp(min=1), nan)
+    fpr = torch.where(valid, fp / union.clamp(min=1), nan)
+    fnr = torch.where(valid, fn / union.clamp(min=1), nan)
+
+    def mean(v: torch.Tensor) -> float:
+        return v[valid].mean().item() if bool(valid.any()) else float("nan")
+
+    total = conf.sum().item()
+    return {
+        "miou": mean(iou),
+        "fpr": mean(fpr),
+        "fnr": mean(fnr),
+        "pixel_accuracy": tp.sum().item() / total if total > 0 else float("nan"),
+        "iou": iou.tolist(),
+        "fpr_per_class": fpr.tolist(),
+        "fnr_per_class": fnr.tolist(),
+    }
+
+
+# ----------------------------------------------------------------------------------------- seeds
+
+
+def load_seed(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read a seed file. Returns keys (K,) int64 in 1..255 and cams (K, H, W) float32.
+
+    Raises DataError naming the file when it is missing, corrupt, lacks ``keys`` / ``cams``, or the
+    two do not agree.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: seed file not found; run `fsae infer` for this image first")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in ("keys", "cams") if k not in data.files]
+            if missing:
+                raise DataError(
+                    f"{path}: seed file lacks {missing} (has {data.files}); expected keys 'keys' (K,) "
+                    f"and 'cams' (K, H, W)"
+                )
+            keys, cams = data["keys"], data["cams"]
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise DataError(
+            f"{path}: cannot read seed file ({exc}); it is corrupt or truncated, rerun inference"
+        ) from exc
+    if keys.ndim != 1 or not np.issubdtype(keys.dtype, np.integer):
+        raise DataError(f"{path}: 'keys' must be a 1-D integer array, got {keys.dtype} {keys.shape}")
+    if cams.ndim != 3 or cams.shape[0] != keys.shape[0]:
+        raise DataError(
+            f"{path}: 'cams' must have shape (K, H, W) with K = len(keys) = {keys.shape[0]}, "
+            f"got {cams.shape}"
+        )
+    if keys.size and (keys.min() < 1 or keys.max() > 254):
+        raise DataError(f"{path}: 'keys' {keys.tolist()} must be class labels in 1..C (0 is background)")
+    cams = cams.astype(np.float32)
+    if not np.isfinite(cams).all():
+        raise DataError(f"{path}: 'cams' contains NaN or inf; rerun inference")
+    return keys.astype(np.int64), cams
+
+
+def _check_seed(keys: np.ndarray, cams: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    keys = np.asarray(keys, dtype=np.int64).reshape(-1)
+    cams = np.asarray(cams, dtype=np.float32)
+    if cams.ndim != 3 or cams.shape[0] != keys.shape[0]:
+        raise ValueError(f"cams must be (K, H, W) with K = len(keys) = {len(keys)}, got {cams.shape}")
+    if keys.size and (keys.min() < 1 or keys.max() > 254):
+        raise ValueError(f"keys {keys.tolist()} must be class labels in 1..C (0 is background)")
+    return keys, cams
+
+
+def seed_to_mask(keys: np.ndarray, cams: np.ndarray, threshold: float) -> np.ndarray:
+    """Seed -> label-space mask: argmax over [background plane = threshold, cams...].
+
+    Shape: keys (K,), cams (K, H, W) -> (H, W) uint8 with values in {0} U keys. Ties go to
+    background (it comes first); among foreground classes to the first key. With K = 0 the mask is
+    all background.
+    """
+    keys, cams = _check_seed(keys, cams)
+    bg = np.full((1, *cams.shape[1:]), threshold, dtype=np.float32)
+    index = np.argmax(np.concatenate([bg, cams], 0), axis=0)
+    labels = np.concatenate([[0], keys]).astype(np.uint8)
+    return labels[index]
+
+
+def sweep_confusions(
+    keys: np.ndarray,
+    cams: np.ndarray,
+    gt: torch.Tensor | np.ndarray,
+    thresholds: Sequence[float],
+    num_classes: int,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Confusion matrices of ``seed_to_mask(keys, cams, t)`` against ``gt`` for every threshold ``t``.
+
+    Shape: keys (K,), cams (K, H, W), gt (H, W) -> (T, C+1, C+1) int64.
+
+    Exactly equal to looping ``confusion_matrix(seed_to_mask(keys, cams, t), gt, num_classes)``, in
+    one pass: a pixel's foreground argmax (label ``f``, value ``m``) does not depend on ``t``, and the
+    pixel is background iff ``t >= m`` (float32 comparison, ties to background). With the thresholds
+    sorted, ``j0 = searchsorted(t, m)`` is the first threshold index at which the pixel turns
+    background; one bincount over (j0, gt, f) then gives every threshold's matrix by a suffix sum
+    (pixels still foreground) plus a prefix sum into column 0 (pixels already background).
+    """
+    keys, cams = _check_seed(keys, cams)
+    # Per-pixel work in numpy (the seeds are numpy; its axis-0 argmax is several times faster on CPU).
+    gt = (gt.detach().cpu().numpy() if isinstance(gt, torch.Tensor) else np.asarray(gt)).astype(np.int64)
+    if gt.shape != cams.shape[1:]:
+        raise ValueError(f"gt shape {gt.shape} does not match cams size {cams.shape[1:]}")
+    if keys.size and keys.max() > num_classes:
+        raise ValueError(f"seed keys {keys.tolist()} have classes above num_classes = {num_classes}")
+    t = np.asarray(thresholds, dtype=np.float32).reshape(-1)
+    if t.size == 0 or not np.isfinite(t).all():
+        raise ValueError(f"thresholds must be a non-empty list of finite numbers, got {thresholds}")
+    k, n_t = num_classes + 1, t.size
+
+    g = gt.reshape(-1)
+    keep = g != ignore_index
+    g = g[keep]
+    bad = g[(g < 0) | (g >= k)]
+    if bad.size:
+        raise ValueError(
+            f"gt values {np.unique(bad).tolist()[:8]} are outside 0..{num_classes} and {ignore_index}"
+        )
+    if keys.size:
+        flat = cams.reshape(keys.size, -1)
+        f = keys[np.argmax(flat, 0)][keep]  # np.argmax: the first key attaining the max
+        m = flat.max(0)[keep]
+    else:
+        f = np.zeros(g.size, dtype=np.int64)
+        m = np.full(g.size, -np.inf, dtype=np.float32)
+
+    order = np.argsort(t, kind="stable")
+    j0 = np.searchsorted(t[order], m, side="left")  # first sorted threshold index with t >= m
+    hist = np.bincount((j0 * k + g) * k + f, minlength=(n_t + 1) * k * k).reshape(n_t + 1, k, k)
+    conf_sorted = np.cumsum(hist[::-1], 0)[::-1][1:]  # (T, K, K): pixels with j0 > j, still foreground
+    conf_sorted[:, :, 0] += np.cumsum(hist.sum(2), 0)[:n_t]  # (T, K): pixels with j0 <= j, by gt
+    conf = np.empty_like(conf_sorted)
+    conf[order] = conf_sorted
+    return torch.from_numpy(conf.astype(np.int64))
+
+
+def default_thresholds(start: float = 0.0, stop: float = 0.60, step: float = 0.01) -> list[float]:
+    """``start, start + step, ..., stop`` (stop included), each rounded to 2 decimals."""
+    if step <= 0 or stop < start:
+        raise ValueError(f"need step > 0 and stop >= start, got start={start} stop={stop} step={step}")
+    n = int(math.floor((stop - start) / step + 1e-6))
+    return [round(start + i * step, 2) for i in range(n + 1)]
+
+
+class SeedEvaluator:
+    """Accumulates ``(T, C+1, C+1)`` seed confusions image by image; partial sums add up.
+
+    ``update`` takes arrays, ``add_files`` reads one seed / GT pair; ``merge`` adds another
+    evaluator's sums (sharded evaluation), as would ``all_reduce`` on ``confusions``; ``result``
+    scores the sum for every threshold and picks the best.
+    """
+
+    def __init__(self, num_classes: int, thresholds: Sequence[float] | None = None):
+        self.num_classes = num_classes
+        thresholds = default_thresholds() if thresholds is None else thresholds
+        self.thresholds = [float(t) for t in thresholds]
+        k = num_classes + 1
+        self.confusions = torch.zeros(len(self.thresholds), k, k, dtype=torch.long)
+        self.count = 0
+
+    def update(self, keys: np.ndarray, cams: np.ndarray, gt: torch.Tensor | np.ndarray) -> None:
+        """Add one image. Shape: keys (K,), cams (K, H, W), gt (H, W)."""
+        self.confusions += sweep_confusions(keys, cams, gt, self.thresholds, self.num_classes)
+        self.count += 1
+
+    def add_files(self, seed_path: str | os.PathLike, gt_path: str | os.PathLike) -> None:
+        """Add one image from its seed ``.npz`` and GT PNG; errors name the files."""
+        keys, cams = load_seed(seed_path)
+        gt = read_mask(gt_path, self.num_classes)
+        if gt.shape != cams.shape[1:]:
+            raise DataError(
+                f"{seed_path}: CAM size {cams.shape[1:]} does not match ground truth {gt_path} size "
+                f"{gt.shape}; seeds must be at full image resolution"
+            )
+        if keys.size and keys.max() > self.num_classes:
+            raise DataError(
+                f"{seed_path}: seed classes {keys.tolist()} exceed num_classes = {self.num_classes}; "
+                f"wrong data set or num_classes"
+            )
+        self.update(keys, cams, gt)
+
+    def merge(self, other: "SeedEvaluator") -> "SeedEvaluator":
+        """Add another evaluator's sums into this one (same classes and thresholds)."""
+        if other.thresholds != self.thresholds or other.num_classes != self.num_classes:
+            raise ValueError("can only merge evaluators with the same num_classes and thresholds")
+        self.confusions += other.confusions
+        self.count += other.count
+        return self
+
+    def result(self) -> dict[str, Any]:
+        """``{"thresholds", "miou" (per threshold), "best": {...}, "count"}``; first best wins ties."""
+        if self.count == 0:
+            raise ValueError("no images were evaluated")
+        scores = [segmentation_scores(c) for c in self.confusions]
+        miou = [s["miou"] for s in scores]
+        best = int(np.nanargmax(np.asarray(miou))) if not all(math.isnan(v) for v in miou) else 0
+        b = scores[best]
+        return {
+            "thresholds": list(self.thresholds),
+            "miou": miou,
+            "best": {
+                "threshold": self.thresholds[best],
+                "miou": b["miou"],
+                "fpr": b["fpr"],
+                "fnr": b["fnr"],
+                "iou": b["iou"],
+            },
+            "count": self.count,
+        }
+
+
+def _check_ids(ids: Iterable[str]) -> list[str]:
+    ids = list(ids)
+    if not ids:
+        raise DataError("no image ids to evaluate; check the image list")
+    return ids
+
+
+def evaluate_seeds(
+    seed_dir: str | os.PathLike,
+    gt_dir: str | os.PathLike,
+    ids: Iterable[str],
+    num_classes: int,
+    thresholds: Sequence[float] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Threshold sweep of ``seed_dir/<id>.npz`` against ``gt_dir/<id>.png``, each file read once.
+
+    ``thresholds`` defaults to ``default_thresholds()``. Returns ``SeedEvaluator.result()``:
+    ``{"thresholds": [...], "miou": [...], "best": {"threshold", "miou", "fpr", "fnr", "iou"},
+    "count": n}``.
+    """
+    ids = _check_ids(ids)
+    seed_dir, gt_dir = Path(seed_dir), Path(gt_dir)
+    ev = SeedEvaluator(num_classes, thresholds)
+    for image_id in tqdm(ids, desc="eval seeds", disable=not progress):
+        ev.add_files(seed_dir / f"{image_id}.npz", gt_dir / f"{image_id}.png")
+    return ev.result()
+
+
+def evaluate_masks(
+    mask_dir: str | os.PathLike,
+    gt_dir: str | os.PathLike,
+    ids: Iterable[str],
+    num_classes: int,
+    progress: bool = True,
+    ignore_as: int | None = None,
+) -> dict[str, Any]:
+    """``segmentation_scores`` of label-space PNGs ``mask_dir/<id>.png`` against ``gt_dir/<id>.png``.
+
+    A pseudo-mask pixel of 255 (left unlabelled) is a DataError unless ``ignore_as`` gives the label
+    to score it as (e.g. 0, background). The result also has ``count``.
+    """
+    ids = _check_ids(ids)
+    mask_dir, gt_dir = Path(mask_dir), Path(gt_dir)
+    k = num_classes + 1
+    conf = torch.zeros(k, k, dtype=torch.long)
+    for image_id in tqdm(ids, desc="eval masks", disable=not progress):
+        mask_path, gt_path = mask_dir / f"{image_id}.png", gt_dir / f"{image_id}.png"
+        pred = read_mask(mask_path, num_classes)
+        gt = read_mask(gt_path, num_classes)
+        if pred.shape != gt.shape:
+            raise DataError(
+                f"{mask_path}: size {pred.shape} does not match ground truth {gt_path} size {gt.shape}"
+            )
+        if (pred == IGNORE_INDEX).any():
+            if ignore_as is None:
+                raise DataError(
+                    f"{mask_path}: has unlabelled pixels ({IGNORE_INDEX}); pass ignore_as=0 to score "
+                    f"them as background"
+                )
+            pred = np.where(pred == IGNORE_INDEX, np.uint8(ignore_as), pred)
+        conf += confusion_matrix(pred, gt, num_classes)
+    out = segmentation_scores(conf)
+    out["count"] = len(ids)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- output
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def save_eval(path: str | os.PathLike, result: dict[str, Any]) -> Path:
+    """Write a result dict as JSON, atomically; NaN (class with empty union) becomes null."""
+    return write_json(path, _json_safe(result))
+
+
+def _class_names(num_labels: int, class_names: Sequence[str] | None) -> list[str]:
+    if class_names is None:
+        if num_labels == len(VOC_CLASSES) + 1:
+            return ["background", *VOC_CLASSES]
+        return ["background", *(f"class{c}" for c in range(1, num_labels))]
+    names = list(class_names)
+    return names if len(names) == num_labels else ["background", *names]
+
+
+def format_scores_table(result: dict[str, Any], class_names: Sequence[str] | None = None) -> str:
+    """Text table, percent with one decimal, of an ``evaluate_seeds`` or ``evaluate_masks`` result.
+
+    ``class_names`` are the C foreground names (or C + 1 with background); VOC names by default
+    when C = 20.
+    """
+
+    def pct(v: float | None) -> str:
+        return "  n/a" if v is None or math.isnan(v) else f"{100 * v:5.1f}"
+
+    lines = []
+    if "best" in result:
+        best = result["best"]
+        lines.append(
+            f"seeds: {result['count']} images, best threshold {best['threshold']:.2f}: "
+            f"mIoU {pct(best['miou']).strip()}  FPR {pct(best['fpr']).strip()}  "
+            f"FNR {pct(best['fnr']).strip()}"
+        )
+        lines.append("threshold  mIoU")
+        lines += [f"{t:9.2f}  {pct(v)}" for t, v in zip(result["thresholds"], result["miou"])]
+        iou = best["iou"]
+    else:
+        lines.append(
+            f"masks: {result.get('count', '?')} images: mIoU {pct(result['miou']).strip()}  "
+            f"FPR {pct(result['fpr']).strip()}  FNR {pct(result['fnr']).strip()}  "
+            f"pixel acc {pct(result['pixel_accuracy']).strip()}"
+        )
+        iou = result["iou"]
+    names = _class_names(len(iou), class_names)
+    width = max(len(n) for n in names)
+    lines.append(f"{'class':<{width}}  IoU")
+    lines += [f"{n:<{width}}  {pct(v)}" for n, v in zip(names, iou)]
+    return "\n".join(lines)

@@ -1,0 +1,48 @@
+"""The interface every base CAM method implements; the training loop owns FSAE."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Output:
+    """What a method's forward pass returns.
+
+    ``logits`` (B, C) image-level class scores; ``score_map`` (B, C+1, h, w) the map S that FSAE
+    supervises, background channel LAST; ``extras`` anything the method's own losses need.
+    """
+
+    logits: torch.Tensor
+    score_map: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Method(nn.Module):
+    """A base CAM method: ``forward`` for training, ``losses`` for its own terms, ``cam`` for inference.
+
+    A method never knows whether FSAE is on.
+    """
+
+    num_classes: int
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> Output:
+        """images (B, 3, H, W) normalised; labels (B, C) multi-hot when known (training)."""
+        raise NotImplementedError
+
+    def losses(self, batch: dict, output: Output) -> dict[str, torch.Tensor]:
+        """The base method's named loss terms (summed by the training loop)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def cam(self, images: torch.Tensor) -> torch.Tensor:
+        """Foreground CAM for inference: (B, C, h, w), non-negative, not normalised."""
+        raise NotImplementedError
+
+    def param_groups(self) -> list[dict]:
+        """Parameter groups, each with ``new``: True for layers trained from scratch on top of a
+        backbone (they get ``OptimConfig.new_layer_lr_mult`` times the learning rate)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "new": False}]

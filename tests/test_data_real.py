@@ -1,0 +1,535 @@
+"""Real data set layouts: VOC + SBD -> train_aug, COCO 2014 -> class masks, and the data check.
+
+Tiny trees in the real on-disk formats (JPEG images, VOC palette PNGs, SBD ``GTcls`` .mat structs,
+COCO instances JSON with polygon, RLE and crowd annotations); expectations are written by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse
+from PIL import Image
+from pycocotools import mask as mask_utils
+from scipy.io import savemat
+
+from fsae.data.check import Problem, check_dataset, format_problems
+from fsae.data.coco import COCO_CATEGORY_IDS, COCO_CLASSES, COCODataset, category_mapping
+from fsae.data.prepare import prepare_coco, prepare_voc, train_aug_ids
+from fsae.data.voc import VOCDataset
+from fsae.errors import DataError
+from fsae.io import write_grey_png, write_image, write_mask
+
+# pycocotools' decode under numpy 2 (a dependency's warning, not ours)
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+# ------------------------------------------------------------------------------------ VOC + SBD tree
+
+VOC_TRAIN = ["2007_000032", "2007_000039", "2008_000002"]
+VOC_VAL = ["2007_000033", "2007_000042"]
+SBD_TRAIN = ["2007_000039", "2008_000100", "2008_000200", "2007_000033"]
+SBD_VAL = ["2009_000001", "2007_000042", "2008_000100"]
+TRAIN_AUG = ["2007_000032", "2007_000039", "2008_000002", "2008_000100", "2008_000200", "2009_000001"]
+
+# id: (height, width, [(class, y0, y1, x0, x1), ...])
+VOC_MASKS = {
+    "2007_000032": (16, 20, [(1, 2, 8, 3, 9), (15, 9, 14, 10, 18)]),
+    "2007_000039": (16, 20, [(20, 4, 12, 4, 12)]),
+    "2008_000002": (12, 18, [(7, 2, 10, 2, 16)]),
+    "2007_000033": (16, 20, [(1, 3, 9, 3, 9)]),
+    "2007_000042": (14, 16, [(19, 2, 6, 2, 6), (2, 8, 12, 8, 14)]),
+}
+SBD_MASKS = {
+    "2007_000039": (16, 20, [(9, 1, 5, 1, 5)]),  # VOC has this id: its VOC mask must win
+    "2008_000100": (10, 14, [(12, 1, 9, 1, 7), (13, 2, 8, 7, 13)]),
+    "2008_000200": (12, 12, [(3, 0, 12, 0, 6)]),
+    "2007_000033": (16, 20, [(5, 1, 3, 1, 3)]),  # VOC val: not in train_aug
+    "2009_000001": (18, 10, [(11, 10, 18, 0, 10), (15, 2, 9, 3, 7)]),
+    "2007_000042": (14, 16, [(4, 1, 3, 1, 3)]),
+}
+EXPECTED_VOC_LABELS = {
+    "2007_000032": [1, 15],
+    "2007_000039": [20],
+    "2008_000002": [7],
+    "2007_000033": [1],
+    "2007_000042": [2, 19],
+    "2008_000100": [12, 13],
+    "2008_000200": [3],
+    "2009_000001": [11, 15],
+}
+
+
+def draw(height, width, rects, boundary=False):
+    mask = np.zeros((height, width), np.uint8)
+    for cls, y0, y1, x0, x1 in rects:
+        if boundary:  # VOC outlines objects with 255 (ignore)
+            mask[max(y0 - 1, 0) : y1 + 1, max(x0 - 1, 0) : x1 + 1] = 255
+        mask[y0:y1, x0:x1] = cls
+    return mask
+
+
+def random_image(height, width, seed):
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def write_sbd_mat(path: Path, seg: np.ndarray, classes: list[int]) -> None:
+    """The SBD cls/<id>.mat layout: a 1x1 struct GTcls with Segmentation, Boundaries, CategoriesPresent."""
+    boundaries = np.empty((20, 1), dtype=object)
+    for i in range(20):
+        boundaries[i, 0] = scipy.sparse.csc_matrix(seg.shape, dtype=float)
+    gt = {"Segmentation": seg, "Boundaries": boundaries, "CategoriesPresent": np.array(classes, np.uint8)}
+    savemat(path, {"GTcls": gt})
+
+
+def write_list(path: Path, ids) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{i}\n" for i in ids))
+
+
+def make_voc(tmp_path: Path) -> tuple[Path, Path]:
+    root = tmp_path / "VOCdevkit" / "VOC2012"
+    sbd = tmp_path / "benchmark_RELEASE" / "dataset"
+    sizes = {i: spec[:2] for i, spec in {**SBD_MASKS, **VOC_MASKS}.items()}
+    for seed, (image_id, (h, w)) in enumerate(sorted(sizes.items())):
+        write_image(root / "JPEGImages" / f"{image_id}.jpg", random_image(h, w, seed))
+    for image_id, (h, w, rects) in VOC_MASKS.items():
+        write_mask(root / "SegmentationClass" / f"{image_id}.png", draw(h, w, rects, boundary=True))
+    write_list(root / "ImageSets" / "Segmentation" / "train.txt", VOC_TRAIN)
+    write_list(root / "ImageSets" / "Segmentation" / "val.txt", VOC_VAL)
+    (sbd / "cls").mkdir(parents=True)
+    for image_id, (h, w, rects) in SBD_MASKS.items():
+        write_sbd_mat(sbd / "cls" / f"{image_id}.mat", draw(h, w, rects), sorted({r[0] for r in rects}))
+    write_list(sbd / "train.txt", SBD_TRAIN)
+    write_list(sbd / "val.txt", SBD_VAL)
+    return root, sbd
+
+
+@pytest.fixture
+def voc(tmp_path):
+    root, sbd = make_voc(tmp_path)
+    prepare_voc(root, sbd, workers=1, progress=False)
+    return root
+
+
+def snapshot(root: Path) -> dict:
+    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def read_png(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        assert im.mode == "P"
+        return np.asarray(im).copy()
+
+
+def test_train_aug_ids_is_voc_train_and_sbd_minus_voc_val():
+    ids = train_aug_ids(
+        voc_train=["a", "b"], voc_val=["c", "d"], sbd_train=["b", "c", "e"], sbd_val=["d", "f", "e"]
+    )
+    assert ids == ["a", "b", "e", "f"]
+
+
+def test_prepare_voc_builds_train_aug_masks_and_labels(tmp_path):
+    root, sbd = make_voc(tmp_path)
+    report = prepare_voc(root, sbd, workers=2, progress=False)
+
+    split_dir = root / "ImageSets" / "Segmentation"
+    assert (split_dir / "train_aug.txt").read_text().split() == TRAIN_AUG
+    assert report.written == 8 and report.skipped == 0 and report.warnings == []
+    aug = root / "SegmentationClassAug"
+    assert sorted(p.stem for p in aug.glob("*.png")) == sorted(EXPECTED_VOC_LABELS)
+    # SBD-only ids: the .mat's Segmentation array, as a palette PNG, no 255.
+    for image_id in ("2008_000100", "2008_000200", "2009_000001"):
+        h, w, rects = SBD_MASKS[image_id]
+        np.testing.assert_array_equal(read_png(aug / f"{image_id}.png"), draw(h, w, rects))
+    # VOC ids (also in SBD for 2007_000039): VOC's own mask with its 255 boundary.
+    for image_id in ("2007_000039", "2007_000032", "2007_000042"):
+        h, w, rects = VOC_MASKS[image_id]
+        got = read_png(aug / f"{image_id}.png")
+        np.testing.assert_array_equal(got, draw(h, w, rects, boundary=True))
+        assert (got == 255).any()
+    assert json.loads((root / "cls_labels.json").read_text()) == EXPECTED_VOC_LABELS
+
+    sample = VOCDataset(root, "train_aug", mask_dir="SegmentationClassAug")[3]
+    assert sample["id"] == "2008_000100"
+    expected = np.zeros(20, np.float32)
+    expected[[11, 12]] = 1  # dog (12) and horse (13)
+    np.testing.assert_array_equal(sample["label"], expected)
+    assert sample["image"].shape == (10, 14, 3) and sample["mask"].shape == (10, 14)
+
+
+def test_prepare_voc_second_run_writes_nothing_and_resumes(tmp_path):
+    root, sbd = make_voc(tmp_path)
+    prepare_voc(root, sbd, workers=1, progress=False)
+    before = snapshot(root)
+    again = prepare_voc(root, sbd, workers=1, progress=False)
+    assert again.written == 0 and again.skipped == 8 and again.files_updated == []
+    assert snapshot(root) == before
+
+    (root / "SegmentationClassAug" / "2008_000200.png").unlink()  # an interrupted run
+    resumed = prepare_voc(root, sbd, workers=1, progress=False)
+    assert resumed.written == 1 and resumed.files_updated == []
+    after = snapshot(root)
+    assert {p: b for p, (_, b) in after.items()} == {p: b for p, (_, b) in before.items()}
+
+
+def test_prepare_voc_without_sbd_uses_voc_train_and_warns(tmp_path):
+    root, _ = make_voc(tmp_path)
+    report = prepare_voc(root, workers=1, progress=False)
+    assert (root / "ImageSets" / "Segmentation" / "train_aug.txt").read_text().split() == VOC_TRAIN
+    assert len(report.warnings) == 1 and "SBD" in report.warnings[0]
+    labels = json.loads((root / "cls_labels.json").read_text())
+    assert labels == {i: EXPECTED_VOC_LABELS[i] for i in VOC_TRAIN + VOC_VAL}
+
+
+def test_prepare_voc_names_a_corrupt_or_missing_mat_file(tmp_path):
+    root, sbd = make_voc(tmp_path)
+    bad = sbd / "cls" / "2008_000200.mat"
+    bad.write_bytes(b"MATLAB 5.0 MAT-file garbage" * 3)
+    with pytest.raises(DataError, match="2008_000200.mat"):
+        prepare_voc(root, sbd, workers=1, progress=False)
+    bad.unlink()
+    with pytest.raises(DataError, match="2008_000200.mat"):
+        prepare_voc(root, sbd, workers=1, progress=False)
+
+
+def test_prepare_voc_names_a_missing_list(tmp_path):
+    root, sbd = make_voc(tmp_path)
+    (sbd / "val.txt").unlink()
+    with pytest.raises(DataError, match=r"val\.txt"):
+        prepare_voc(root, sbd, workers=1, progress=False)
+
+
+# ------------------------------------------------------------------------------------------ COCO tree
+
+
+def uncompressed_rle(binary: np.ndarray) -> dict:
+    """COCO's crowd format: column-major run lengths, starting with a run of zeros."""
+    counts, current, run = [], 0, 0
+    for value in binary.flatten(order="F"):
+        if value != current:
+            counts.append(run)
+            current, run = value, 0
+        run += 1
+    counts.append(run)
+    return {"size": list(binary.shape), "counts": counts}
+
+
+def compressed_rle(binary: np.ndarray) -> dict:
+    rle = mask_utils.encode(np.asfortranarray(binary.astype(np.uint8)))
+    return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+
+
+def box(shape, y0, y1, x0, x1):
+    m = np.zeros(shape, np.uint8)
+    m[y0:y1, x0:x1] = 1
+    return m
+
+
+def rect_polygon(x0, y0, x1, y1):
+    return [x0, y0, x1, y0, x1, y1, x0, y1]
+
+
+def make_coco(tmp_path: Path) -> Path:
+    root = tmp_path / "coco"
+    categories = [{"id": c, "name": n, "supercategory": "x"} for c, n in zip(COCO_CATEGORY_IDS, COCO_CLASSES)]
+    train_images = [
+        {"id": 9, "file_name": "COCO_train2014_000000000009.jpg", "height": 20, "width": 24},
+        {"id": 25, "file_name": "COCO_train2014_000000000025.jpg", "height": 10, "width": 12},
+        {"id": 30, "file_name": "COCO_train2014_000000000030.jpg", "height": 8, "width": 8},
+    ]
+    train_anns = [
+        # person, polygon
+        {"id": 101, "image_id": 9, "category_id": 1, "iscrowd": 0,
+         "segmentation": [rect_polygon(2, 3, 12, 15)]},
+        # dog, compressed RLE, drawn over part of the person
+        {"id": 102, "image_id": 9, "category_id": 18, "iscrowd": 0,
+         "segmentation": compressed_rle(box((20, 24), 10, 18, 8, 20))},
+        # car crowd, uncompressed RLE
+        {"id": 103, "image_id": 9, "category_id": 3, "iscrowd": 1,
+         "segmentation": uncompressed_rle(box((20, 24), 0, 6, 14, 24))},
+        # person, polygon drawn over part of the crowd
+        {"id": 104, "image_id": 9, "category_id": 1, "iscrowd": 0,
+         "segmentation": [rect_polygon(20, 2, 24, 4)]},
+        # toothbrush crowd, the only annotation of image 25
+        {"id": 105, "image_id": 25, "category_id": 90, "iscrowd": 1,
+         "segmentation": uncompressed_rle(box((10, 12), 2, 8, 3, 9))},
+    ]
+    val_images = [{"id": 42, "file_name": "COCO_val2014_000000000042.jpg", "height": 16, "width": 16}]
+    val_anns = [  # dining table, a polygon in two parts
+        {"id": 201, "image_id": 42, "category_id": 67, "iscrowd": 0,
+         "segmentation": [rect_polygon(1, 1, 5, 5), rect_polygon(8, 8, 14, 12)]},
+    ]
+    for split, images, anns in (("train2014", train_images, train_anns), ("val2014", val_images, val_anns)):
+        for anno in anns:
+            anno.update(area=1.0, bbox=[0, 0, 1, 1])
+        path = root / "annotations" / f"instances_{split}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"images": images, "annotations": anns, "categories": categories}))
+        for seed, info in enumerate(images):
+            write_image(root / split / info["file_name"], random_image(info["height"], info["width"], seed))
+    return root
+
+
+def expected_coco_train_mask(crowd_value: int) -> np.ndarray:
+    mask = np.zeros((20, 24), np.uint8)
+    mask[3:15, 2:12] = 1  # person
+    mask[10:18, 8:20] = 17  # dog
+    mask[0:6, 14:24] = crowd_value  # car crowd
+    mask[2:4, 20:24] = 1  # person
+    return mask
+
+
+def test_category_mapping_is_sorted_category_ids():
+    from pycocotools.coco import COCO
+
+    coco = COCO()
+    coco.dataset = {"images": [], "annotations": [], "categories": [{"id": c} for c in (90, 1, 18, 3, 67)]}
+    coco.cats = {c["id"]: c for c in coco.dataset["categories"]}
+    assert category_mapping(coco) == {1: 1, 3: 2, 18: 3, 67: 4, 90: 5}
+
+
+@pytest.mark.parametrize(
+    "crowd, crowd_value, train_labels, train_ids",
+    [
+        ("class", 3, {"COCO_train2014_000000000009": [1, 3, 17], "COCO_train2014_000000000025": [80]},
+         ["COCO_train2014_000000000009", "COCO_train2014_000000000025"]),
+        ("ignore", 255, {"COCO_train2014_000000000009": [1, 17]}, ["COCO_train2014_000000000009"]),
+    ],
+)
+def test_prepare_coco_masks_labels_and_lists(tmp_path, crowd, crowd_value, train_labels, train_ids):
+    root = make_coco(tmp_path)
+    report = prepare_coco(root, workers=2, crowd=crowd, progress=False)
+
+    masks = root / "SegmentationClass"
+    person_dog_car = read_png(masks / "train2014" / "COCO_train2014_000000000009.png")
+    np.testing.assert_array_equal(person_dog_car, expected_coco_train_mask(crowd_value))
+    toothbrush = masks / "train2014" / "COCO_train2014_000000000025.png"
+    if crowd == "class":
+        np.testing.assert_array_equal(read_png(toothbrush), box((10, 12), 2, 8, 3, 9) * 80)
+    else:
+        assert not toothbrush.exists()
+    assert not (masks / "train2014" / "COCO_train2014_000000000030.png").exists()  # no annotation
+    table = box((16, 16), 1, 5, 1, 5) + box((16, 16), 8, 12, 8, 14)
+    np.testing.assert_array_equal(read_png(masks / "val2014" / "COCO_val2014_000000000042.png"), table * 61)
+
+    assert (root / "ImageSets" / "train.txt").read_text().split() == train_ids
+    assert (root / "ImageSets" / "val.txt").read_text().split() == ["COCO_val2014_000000000042"]
+    labels = json.loads((root / "cls_labels.json").read_text())
+    assert labels == {**train_labels, "COCO_val2014_000000000042": [61]}
+    assert report.written == len(train_ids) + 1
+
+    sample = COCODataset(root, "train2014")[0]
+    assert sample["id"] == "COCO_train2014_000000000009"
+    assert sample["image"].shape == (20, 24, 3) and sample["label"].shape == (80,)
+    assert np.flatnonzero(sample["label"]).tolist() == [c - 1 for c in train_labels[sample["id"]]]
+    np.testing.assert_array_equal(sample["mask"], expected_coco_train_mask(crowd_value))
+    assert COCO_CLASSES[17 - 1] == "dog" and COCO_CLASSES[61 - 1] == "dining table"
+    assert check_dataset("coco", root) == []
+
+
+def test_prepare_coco_second_run_writes_nothing_and_keeps_its_crowd_option(tmp_path):
+    root = make_coco(tmp_path)
+    prepare_coco(root, workers=1, progress=False)
+    before = snapshot(root)
+    again = prepare_coco(root, workers=1, progress=False)
+    assert again.written == 0 and again.skipped == 3 and again.files_updated == []
+    assert snapshot(root) == before
+    with pytest.raises(DataError, match="crowd='class'"):
+        prepare_coco(root, workers=1, crowd="ignore", progress=False)
+
+
+def test_prepare_coco_names_a_missing_annotation_file(tmp_path):
+    root = make_coco(tmp_path)
+    (root / "annotations" / "instances_val2014.json").unlink()
+    with pytest.raises(DataError, match="instances_val2014.json"):
+        prepare_coco(root, workers=1, progress=False)
+
+
+def test_coco_dataset_names_a_corrupt_image(tmp_path):
+    root = make_coco(tmp_path)
+    prepare_coco(root, workers=1, progress=False)
+    bad = root / "val2014" / "COCO_val2014_000000000042.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    with pytest.raises(DataError, match="COCO_val2014_000000000042.jpg"):
+        COCODataset(root, "val2014")[0]
+
+
+# ---------------------------------------------------------------------------------------- the check
+
+
+def test_check_passes_a_prepared_voc_tree(voc):
+    assert check_dataset("voc", voc) == []
+    assert check_dataset("voc", voc, fast=True) == []
+    assert check_dataset("voc", voc, split="train_aug", workers=2) == []
+    assert format_problems([]) == "no problems found"
+
+
+def test_check_strict_counts_expects_the_real_sizes(voc):
+    problems = check_dataset("voc", voc, fast=True, strict_counts=True)
+    assert [str(p) for p in problems] == [
+        f"{voc}/ImageSets/Segmentation/train.txt: expected 1464 ids, found 3",
+        f"{voc}/ImageSets/Segmentation/train_aug.txt: expected 10582 ids, found 6",
+        f"{voc}/ImageSets/Segmentation/val.txt: expected 1449 ids, found 2",
+    ]
+
+
+def _missing_image(root):
+    path = root / "JPEGImages" / "2008_000200.jpg"
+    path.unlink()
+    return path
+
+
+def _corrupt_jpeg(root):
+    path = root / "JPEGImages" / "2007_000032.jpg"
+    path.write_bytes(bytes(range(256)) * 4)
+    return path
+
+
+def _truncated_jpeg(root):
+    path = root / "JPEGImages" / "2007_000032.jpg"
+    path.write_bytes(path.read_bytes()[:300])
+    return path
+
+
+def _truncated_png(root):
+    path = root / "SegmentationClass" / "2007_000033.png"
+    path.write_bytes(path.read_bytes()[:60])
+    return path
+
+
+def _value_37(root):
+    path = root / "SegmentationClassAug" / "2008_000100.png"
+    mask = read_png(path)
+    mask[0, 0] = 37
+    write_mask(path, mask)
+    return path
+
+
+def _wrong_size(root):
+    path = root / "SegmentationClass" / "2007_000042.png"
+    write_mask(path, draw(15, 16, VOC_MASKS["2007_000042"][2], boundary=True))
+    return path
+
+
+def _label_disagrees(root):
+    path = root / "cls_labels.json"
+    labels = json.loads(path.read_text())
+    labels["2008_000002"] = [7, 8]
+    path.write_text(json.dumps(labels))
+    return path
+
+
+def _empty_list(root):
+    path = root / "ImageSets" / "Segmentation" / "val.txt"
+    path.write_text("\n")
+    return path
+
+
+def _missing_list(root):
+    path = root / "ImageSets" / "Segmentation" / "train.txt"
+    path.unlink()
+    return path
+
+
+def _multi_hot_label(root):
+    path = root / "cls_labels.json"
+    labels = json.loads(path.read_text())
+    labels["2008_000002"] = [0] * 6 + [1] + [0] * 14  # a multi-hot vector of length 21
+    path.write_text(json.dumps(labels))
+    return path
+
+
+def _label_out_of_range(root):
+    path = root / "cls_labels.json"
+    labels = json.loads(path.read_text())
+    labels["2008_000002"] = [7, 21]
+    path.write_text(json.dumps(labels))
+    return path
+
+
+@pytest.mark.parametrize(
+    "damage, in_fast_check, words",
+    [
+        (_missing_image, True, "image file not found"),
+        (_corrupt_jpeg, False, "cannot read image"),
+        (_truncated_jpeg, False, "cannot read image"),
+        (_truncated_png, False, "cannot read mask"),
+        (_value_37, False, "[37]"),
+        (_wrong_size, False, "mask size 16x15 differs from image size 16x14"),
+        (_label_disagrees, False, "'2008_000002' is labelled [7, 8] but its mask"),
+        (_empty_list, True, "image list is empty"),
+        (_missing_list, True, "image list not found"),
+        (_multi_hot_label, True, "multi-hot vector of length 21"),
+        (_label_out_of_range, True, "labels [21] are outside 1..20"),
+    ],
+)
+def test_check_names_the_damaged_file(voc, damage, in_fast_check, words):
+    path = damage(voc)
+    problems = check_dataset("voc", voc)
+    assert problems, "the damage went unnoticed"
+    assert all(isinstance(p, Problem) for p in problems)
+    assert any(p.path == str(path) and words in p.message for p in problems), format_problems(problems)
+    fast = check_dataset("voc", voc, fast=True)
+    assert any(p.path == str(path) for p in fast) == in_fast_check, format_problems(fast)
+    text = format_problems(problems)
+    assert str(path) in text and text.splitlines()[-1].startswith(f"{len(problems)} problem(s)")
+
+
+def test_check_saliency_maps(voc):
+    sal = voc / "SALImages"  # PFAN maps as EPS distributes them: greyscale PNGs, train_aug ids
+    sal.mkdir()
+    for image_id in TRAIN_AUG:
+        h, w = {**SBD_MASKS, **VOC_MASKS}[image_id][:2]
+        write_grey_png(sal / f"{image_id}.png", random_image(h, w, 0)[..., 0])
+    assert check_dataset("saliency", voc) == []
+    assert check_dataset("voc", voc, saliency=sal) == []
+    sample = VOCDataset(voc, "train_aug", saliency_dir=sal)[0]
+    assert sample["saliency"].shape == sample["image"].shape[:2]
+
+    (sal / "2008_000100.png").unlink()
+    write_grey_png(sal / "2008_000200.png", np.zeros((5, 5), np.uint8))
+    problems = check_dataset("saliency", voc)
+    assert [(Path(p.path).name, p.message.split(" of ")[0]) for p in problems] == [
+        ("2008_000100.png", "saliency map file not found"),
+        ("2008_000200.png", "saliency map size 5x5 differs from image size 12x12"),
+    ]
+    assert [Path(p.path).name for p in check_dataset("saliency", voc, fast=True)] == ["2008_000100.png"]
+    missing = check_dataset("saliency", voc, saliency=voc / "nowhere")
+    assert [str(p) for p in missing] == [f"{voc}/nowhere: saliency folder not found"]
+
+
+def test_check_coco_names_damaged_files(tmp_path):
+    root = make_coco(tmp_path)
+    prepare_coco(root, workers=1, progress=False)
+    mask_path = root / "SegmentationClass" / "train2014" / "COCO_train2014_000000000009.png"
+    mask = read_png(mask_path)
+    mask[0, 0] = 81
+    write_mask(mask_path, mask)
+    labels_path = root / "cls_labels.json"
+    labels = json.loads(labels_path.read_text())
+    labels["COCO_val2014_000000000042"] = [61, 62]  # a label the mask lacks: allowed for COCO
+    labels["COCO_train2014_000000000025"] = []  # a mask class the labels lack: not allowed
+    labels_path.write_text(json.dumps(labels))
+    problems = check_dataset("coco", root)
+    assert [Path(p.path).name for p in problems] == ["COCO_train2014_000000000009.png", "cls_labels.json"]
+    assert problems[0].message == "mask values [81] are outside 0..80 and 255 (ignore)"
+    assert problems[1].message.startswith("image 'COCO_train2014_000000000025' is labelled [] but its mask")
+    assert check_dataset("coco", root, split="val2014", strict_counts=True, fast=True) == [
+        Problem(str(root / "ImageSets" / "val.txt"), "expected 40137 ids, found 1")
+    ]
+
+
+def test_check_reports_a_missing_folder_or_label_file_once(voc):
+    shutil.rmtree(voc / "SegmentationClassAug")
+    (voc / "cls_labels.json").unlink()
+    problems = check_dataset("voc", voc)
+    assert [str(p) for p in problems] == [
+        f"{voc}/SegmentationClassAug: folder not found; run `fsae data prepare voc`",
+        f"{voc}/cls_labels.json: file not found; run `fsae data prepare voc`",
+    ]
+    with pytest.raises(DataError, match="unknown data set kind 'ade'"):
+        check_dataset("ade", voc)
