@@ -268,7 +268,7 @@ def train(cfg: Config, run_dir: str | os.PathLike, progress: bool = True, resume
                        **{k: v.item() for k, v in terms.items()}, **stats}
                 with open(metrics_path, "a", newline="") as f:
                     csv.writer(f).writerow([_fmt(row.get(k)) for k in METRIC_FIELDS])
-                bar.set_postfix(loss=f"{float(total):.3f}")
+                bar.set_postfix(loss=f"{total.item():.3f}")
         bar.close()
         val = {}
         if val_set is not None and ((epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == cfg.train.epochs):

@@ -47,8 +47,10 @@ class SyntheticSpec:
     part_radius: tuple[float, float] = (3.5, 5.0)  # discriminative disc radius range
     stripe_period: tuple[float, float] = (6.0, 9.0)
     stripe_amplitude: tuple[float, float] = (0.12, 0.2)
+    orientation_cue: float = 1.0  # probability that the body grating has its class's orientation (else another's)
     clutter: int = 4  # grey blobs per image
-    striped_clutter: int = 2  # small gratings at random orientations per image
+    striped_clutter: int = 2  # gratings per image at the class orientations: object texture in negatives
+    clutter_axes: tuple[float, float] = (5.0, 10.0)  # striped clutter semi-axes range
     seed: int = 0
 
 
@@ -102,9 +104,10 @@ def render_sample(rng: np.random.Generator, spec: SyntheticSpec) -> tuple[np.nda
                             rng.uniform(4, 12), rng.uniform(0, math.pi))
         img[r < 1] = rng.uniform(0.2, 0.8)
     for _ in range(spec.striped_clutter):
-        r = _ellipse_radius(yy, xx, rng.uniform(0, size), rng.uniform(0, size), rng.uniform(5, 10),
-                            rng.uniform(5, 10), rng.uniform(0, math.pi))
-        g = _grating(yy, xx, rng.uniform(0, math.pi), rng.uniform(*spec.stripe_period), rng.uniform(0, 6.3))
+        r = _ellipse_radius(yy, xx, rng.uniform(0, size), rng.uniform(0, size), rng.uniform(*spec.clutter_axes),
+                            rng.uniform(*spec.clutter_axes), rng.uniform(0, math.pi))
+        angle = _class_angle(int(rng.integers(0, spec.num_classes)), spec.num_classes)
+        g = _grating(yy, xx, angle, rng.uniform(*spec.stripe_period), rng.uniform(0, 2 * math.pi))
         inside = r < 1
         img[inside] = (rng.uniform(0.3, 0.7) + 0.15 * g[..., None])[inside]
 
@@ -128,7 +131,9 @@ def render_sample(rng: np.random.Generator, spec: SyntheticSpec) -> tuple[np.nda
         radius = _ellipse_radius(yy, xx, cy, cx, a, b, rot)
         inside = radius < 1.0
         body = _desaturated_colour(rng)
-        grating = _grating(yy, xx, _class_angle(cls, spec.num_classes), rng.uniform(*spec.stripe_period),
+        texture_cls = cls if rng.uniform() < spec.orientation_cue else int(rng.integers(0, spec.num_classes))
+        angle = _class_angle(texture_cls, spec.num_classes)
+        grating = _grating(yy, xx, angle, rng.uniform(*spec.stripe_period),
                            rng.uniform(0, 2 * math.pi))
         texture = body + rng.uniform(*spec.stripe_amplitude) * grating[..., None]
         img[inside] = texture[inside]

@@ -1,0 +1,180 @@
+"""The vertical slice: method, inference, training, CLI stages chained on a tiny data set."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fsae.cli import main as cli
+from fsae.config import ConfigError, load_config
+from fsae.demo import VARIANTS, demo_config
+from fsae.evaluate import load_seed
+from fsae.infer import multiscale_cam, normalise_seed
+from fsae.methods import build_method
+from fsae.methods.cam import CAM, normalised_cams, sipe_score_map
+from fsae.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(root, **fsae):
+    cfg = demo_config("base", root, seed=0)
+    cfg.data.long_side = None
+    cfg.data.crop_size = 64
+    cfg.model.width = 8
+    cfg.train.epochs = 2
+    cfg.train.batch_size = 8
+    cfg.train.log_every = 1
+    cfg.fsae.start_epoch = 0
+    cfg.infer.scales = [1.0, 0.5]
+    for k, v in fsae.items():
+        setattr(cfg.fsae, k, v)
+    return cfg
+
+
+def test_cam_shapes_and_sipe_score_map():
+    torch.manual_seed(0)
+    model = CAM(3, backbone="tinycnn", output_stride=8, width=8).eval()
+    x = torch.randn(2, 3, 64, 48)
+    labels = torch.tensor([[1.0, 0, 1], [0, 1, 0]])
+    out = model(x, labels)
+    assert out.logits.shape == (2, 3)
+    assert out.score_map.shape == (2, 4, 8, 6)
+    cams = out.extras["cams"]
+    # eq. 1: class score = GAP of the class score map.
+    torch.testing.assert_close(out.logits, cams.mean((2, 3)))
+    # The SIPE-style map written plainly: 10 * [relu(cam)/max * label, 1 - max over classes].
+    relu = cams.clamp(min=0)
+    norm = relu / (relu.amax((2, 3), keepdim=True) + 1e-5) * labels[:, :, None, None]
+    expected = 10 * torch.cat([norm, 1 - norm.amax(1, keepdim=True)], 1)
+    torch.testing.assert_close(out.score_map, expected)
+    assert (out.score_map[1, 0] == 0).all() and (out.score_map[0, 1] == 0).all()
+    torch.testing.assert_close(sipe_score_map(cams, labels, 10.0), expected)
+    assert normalised_cams(cams).amax((2, 3)).max() <= 1.0
+    assert model.cam(x).shape == (2, 3, 8, 6) and (model.cam(x) >= 0).all()
+
+
+@pytest.mark.parametrize("background", ["constant", "learned"])
+def test_other_background_channels(background):
+    model = CAM(2, backbone="tinycnn", output_stride=8, width=8, background=background, background_logit=3.0)
+    out = model(torch.randn(1, 3, 32, 32))
+    assert out.score_map.shape == (1, 3, 4, 4)
+    if background == "constant":
+        assert (out.score_map[:, -1] == 3.0).all()
+
+
+def test_multiscale_flip_merge_equals_a_loop():
+    torch.manual_seed(1)
+    model = CAM(3, backbone="tinycnn", output_stride=8, width=8).eval()
+    images = torch.randn(2, 3, 40, 56)
+    scales = (0.5, 1.0, 1.5)
+    merged = multiscale_cam(model, images, scales, flip=True)
+    for b in range(2):
+        expected = torch.zeros(3, 40, 56)
+        for s in scales:
+            for flip in (False, True):
+                x = images[b:b + 1]
+                x = F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False) if s != 1 else x
+                x = x.flip(-1) if flip else x
+                cam = F.relu(model.cam(x))
+                cam = F.interpolate(cam, size=(40, 56), mode="bilinear", align_corners=False)[0]
+                expected += cam.flip(-1) if flip else cam
+        torch.testing.assert_close(merged[b], expected, rtol=1e-4, atol=1e-5)
+    keys, cams = normalise_seed(merged[0], torch.tensor([0.0, 1.0, 1.0]))
+    assert keys.tolist() == [2, 3]
+    raw_max = merged[0, 1:].flatten(1).max(1).values.numpy()
+    np.testing.assert_allclose(cams.reshape(2, -1).max(1), raw_max / (raw_max + 1e-5), rtol=1e-6)
+    np.testing.assert_allclose(cams, (merged[0, 1:] / (merged[0, 1:].flatten(1).max(1).values[:, None, None]
+                                                       + 1e-5)).numpy(), rtol=1e-6)
+
+
+def test_training_loss_decreases_and_fsae_logs(tiny_synthetic, tmp_path):
+    root, _ = tiny_synthetic
+    cfg = tiny_config(root, enabled=True)
+    cfg.train.epochs = 20
+    cfg.optim.lr = 1e-2
+    cfg.model.width = 16
+    cfg.train.val_every = 5
+    train(cfg, tmp_path / "run", progress=False)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    cls = [float(r["cls"]) for r in rows]
+    assert np.mean(cls[-9:]) < np.mean(cls[:9]) - 0.05
+    assert all(r["fsae"] != "" and r["mask_ratio"] != "" for r in rows)
+    assert all(0 <= float(r["pl_accuracy"]) <= 1 for r in rows if r["pl_accuracy"])
+    epochs = list(csv.DictReader(open(tmp_path / "run" / "epochs.csv")))
+    assert len(epochs) == 20
+    assert [e["epoch"] for e in epochs if e["val_miou"]] == ["5", "10", "15", "20"]
+    assert all(0 < float(e["val_miou"]) <= 1 for e in epochs if e["val_miou"])
+
+
+def test_start_epoch_zero_before_and_nonzero_after(tiny_synthetic, tmp_path):
+    root, _ = tiny_synthetic
+    cfg = tiny_config(root, enabled=True, start_epoch=1)
+    train(cfg, tmp_path / "run", progress=False)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    before = [float(r["fsae"]) for r in rows if r["epoch"] == "0"]
+    after = [float(r["fsae"]) for r in rows if r["epoch"] == "1"]
+    assert before and all(v == 0.0 for v in before)
+    assert after and any(v > 0.0 for v in after)
+
+
+def test_cli_stages_chained(tiny_synthetic, tmp_path, capsys):
+    root, spec = tiny_synthetic
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text((REPO / "configs/synthetic/cam_fsae.yaml").read_text())
+    run = tmp_path / "run"
+    overrides = ["--set", f"data.root={root}", "--set", "train.epochs=1", "--set", "train.batch_size=8",
+                 "--set", "model.width=8", "--set", "data.crop_size=64", "--set", "data.long_side=null",
+                 "--set", "fsae.start_epoch=0", "--set", "infer.scales=[1.0]"]
+    assert cli(["train", str(cfg_path), "--out", str(run), *overrides]) == 0
+    assert (run / "checkpoints" / "last.pt").is_file() and (run / "config.yaml").is_file()
+    assert cli(["cam", str(run)]) == 0
+    seeds = sorted((run / "seeds").glob("*.npz"))
+    assert len(seeds) == spec.num_train
+    keys, cams = load_seed(seeds[0])
+    assert cams.shape[1:] == (spec.image_size, spec.image_size) and cams.max() <= 1.0
+    out_json = tmp_path / "eval.json"
+    assert cli(["eval", "--seeds", str(run / "seeds"), "--gt", str(root / "SegmentationClass"),
+                "--num-classes", "4", "--sweep", "0", "0.6", "0.05", "--out", str(out_json)]) == 0
+    result = json.loads(out_json.read_text())
+    assert result["count"] == spec.num_train and 0 < result["best"]["miou"] <= 1
+    # A rerun skips finished seeds.
+    capsys.readouterr()
+    assert cli(["cam", str(run)]) == 0
+    assert "0 written" in capsys.readouterr().out
+
+
+def test_recipes_match_the_demo():
+    for variant, name in (("base", "cam"), ("fae", "cam_fae"), ("fsae", "cam_fsae")):
+        cfg = load_config(REPO / "configs" / "synthetic" / f"{name}.yaml")
+        expected = demo_config(variant, "data/synthetic")
+        for section in ("data", "model", "optim", "fsae", "train", "infer", "eval"):
+            assert getattr(cfg, section) == getattr(expected, section), (name, section)
+    assert set(VARIANTS) == {"base", "fae", "fsae"}
+
+
+def test_config_errors_name_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("fsae:\n  tau_faee: 0.9\n")
+    with pytest.raises(ConfigError, match="bad.yaml.*fsae.tau_faee"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(None, ["fsae.enabled"])
+
+
+def test_checkpoint_of_other_class_count_is_refused(tiny_synthetic, tmp_path):
+    from fsae.errors import CheckpointError
+    from fsae.train import load_checkpoint
+
+    root, _ = tiny_synthetic
+    cfg = tiny_config(root)
+    cfg.train.epochs = 1
+    ckpt = train(cfg, tmp_path / "run", progress=False)
+    cfg.data.num_classes = 5
+    with pytest.raises(CheckpointError, match="last.pt.*5"):
+        load_checkpoint(ckpt, cfg)
+    build_method(cfg.model, 5)
