@@ -38,8 +38,8 @@ def cmd_data_prepare(args) -> None:
     if args.kind == "voc":
         result = prepare.prepare_voc(args.root, sbd=args.sbd, workers=args.workers)
     else:
-        result = prepare.prepare_coco(args.root, workers=args.workers)
-    print(result)
+        result = prepare.prepare_coco(args.root, workers=args.workers, crowd=args.crowd)
+    print(result.summary())
 
 
 def cmd_data_check(args) -> int:
@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", required=True)
     p.add_argument("--sbd", default=None, help="SBD benchmark_RELEASE/dataset folder (voc)")
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--crowd", choices=["class", "ignore"], default="class",
+                   help="coco: draw crowd regions as their class (reference protocol) or as 255")
     p.set_defaults(func=cmd_data_prepare)
     p = data.add_parser("check", help="validate a data set; one line per problem")
     p.add_argument("kind", choices=["voc", "coco", "saliency"])

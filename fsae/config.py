@@ -130,6 +130,21 @@ class Config:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _coerce(value: Any, annotation: str, what: str) -> Any:
+    """YAML reads ``1e-4`` as a string and ``1`` as an int: convert to the field's number type."""
+    kinds = str(annotation).replace(" ", "").split("|")
+    if value is None or isinstance(value, bool):
+        return value
+    try:
+        if "float" in kinds and isinstance(value, (int, str)):
+            return float(value)
+        if "int" in kinds and isinstance(value, str):
+            return int(value)
+    except ValueError as exc:
+        raise ConfigError(f"{what} must be a number ({annotation}), got {value!r}") from exc
+    return value
+
+
 def _apply(obj: Any, updates: dict[str, Any], where: str, prefix: str = "") -> None:
     known = {f.name: f for f in fields(obj)}
     for key, value in updates.items():
@@ -141,7 +156,7 @@ def _apply(obj: Any, updates: dict[str, Any], where: str, prefix: str = "") -> N
                 raise ConfigError(f"{where}: '{prefix}{key}' must be a mapping, got {value!r}")
             _apply(current, value, where, f"{prefix}{key}.")
         else:
-            setattr(obj, key, value)
+            setattr(obj, key, _coerce(value, known[key].type, f"{where}: '{prefix}{key}'"))
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:

@@ -31,7 +31,8 @@ from tqdm import tqdm
 from fsae.augment import normalize, random_geometry, strong_view, weak_view
 from fsae.config import Config, config_from_dict, save_config
 from fsae.data import build_dataset
-from fsae.errors import CheckpointError, FsaeError
+from fsae.data.check import check_dataset, format_problems
+from fsae.errors import CheckpointError, DataError, FsaeError
 from fsae.evaluate import SeedEvaluator, default_thresholds
 from fsae.fsae import fsae_loss, mask_absent_classes
 from fsae.infer import batches_by_size, multiscale_cam, normalise_seed, to_tensor_image
@@ -170,6 +171,11 @@ def train(cfg: Config, run_dir: str | os.PathLike, progress: bool = True, resume
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
 
+    # Refuse to start on a data set whose lists, label file or files are missing (the fast check).
+    problems = check_dataset(cfg.data.kind, cfg.data.root, split=cfg.data.train_split, fast=True,
+                             num_classes=cfg.data.num_classes)
+    if problems:
+        raise DataError(f"the training data fails `fsae data check --fast`:\n{format_problems(problems, limit=20)}")
     dataset = build_dataset(cfg.data, cfg.data.train_split, with_saliency=False)
     views = TrainViews(dataset, cfg.data, cfg.train.seed)
     loader_gen = torch.Generator().manual_seed(cfg.train.seed)

@@ -178,3 +178,28 @@ def test_checkpoint_of_other_class_count_is_refused(tiny_synthetic, tmp_path):
     with pytest.raises(CheckpointError, match="last.pt.*5"):
         load_checkpoint(ckpt, cfg)
     build_method(cfg.model, 5)
+
+
+def test_training_refuses_a_broken_data_set(tiny_synthetic, tmp_path):
+    import shutil
+
+    from fsae.errors import DataError
+
+    root, _ = tiny_synthetic
+    broken = tmp_path / "data"
+    shutil.copytree(root, broken)
+    victim = sorted((broken / "JPEGImages").glob("*.jpg"))[0]
+    victim.unlink()
+    cfg = tiny_config(broken)
+    with pytest.raises(DataError, match=victim.name):
+        train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_overrides_are_converted_to_the_field_type():
+    cfg = load_config(None, ["optim.lr=1e-3", "optim.weight_decay=5e-4", "train.epochs=3", "optim.grad_clip=1"])
+    assert cfg.optim.lr == 0.001 and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.weight_decay == 0.0005 and isinstance(cfg.optim.grad_clip, float)
+    assert cfg.train.epochs == 3
+    with pytest.raises(ConfigError, match="optim.lr"):
+        load_config(None, ["optim.lr=fast"])

@@ -16,5 +16,7 @@ def build_dataset(data_cfg, split: str, with_saliency: bool = False):
     if data_cfg.kind == "coco":
         from fsae.data.coco import COCODataset
 
-        return COCODataset(data_cfg.root, split, num_classes=data_cfg.num_classes)
+        return COCODataset(data_cfg.root, split, num_classes=data_cfg.num_classes, mask_dir=data_cfg.mask_dir,
+                           label_file=data_cfg.label_file,
+                           saliency_dir=data_cfg.saliency_dir if with_saliency else None)
     raise DataError(f"unknown data kind {data_cfg.kind!r}; expected voc or coco")
