@@ -12,13 +12,12 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from fsae.config import Config, save_config
 from fsae.data.synthetic import SyntheticSpec, generate
 from fsae.data.voc import VOCDataset
-from fsae.evaluate import SeedEvaluator, default_thresholds, load_seed, seed_to_mask
+from fsae.evaluate import SeedEvaluator, default_thresholds, load_seed
 from fsae.infer import infer_seeds
 from fsae.io import write_json, write_text
 from fsae.report import (cam_heatmap, colour_mask, markdown_table, overlay, plot_training_curves, read_csv,

@@ -37,7 +37,6 @@ from fsae.evaluate import SeedEvaluator, default_thresholds
 from fsae.fsae import fsae_loss, mask_absent_classes
 from fsae.infer import batches_by_size, multiscale_cam, normalise_seed, to_tensor_image
 from fsae.io import atomic_write
-from fsae.labels import IGNORE_INDEX
 from fsae.methods import build_method
 
 METRIC_FIELDS = ["step", "epoch", "lr", "loss", "cls", "fsae", "mask_ratio", "confident_ratio",
@@ -300,4 +299,4 @@ def _fmt(value) -> str:
     return str(value)
 
 
-__all__ = ["train", "load_checkpoint", "model_from_checkpoint", "TrainViews", "IGNORE_INDEX"]
+__all__ = ["train", "load_checkpoint", "model_from_checkpoint", "TrainViews"]
