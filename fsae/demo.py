@@ -12,12 +12,10 @@ import os
 import time
 from pathlib import Path
 
-import torch
-
 from fsae.config import Config, save_config
 from fsae.data.synthetic import SyntheticSpec, generate
 from fsae.data.voc import VOCDataset
-from fsae.evaluate import SeedEvaluator, default_thresholds, load_seed
+from fsae.evaluate import default_thresholds, evaluate_seeds, load_seed
 from fsae.infer import infer_seeds
 from fsae.io import write_json, write_text
 from fsae.report import (cam_heatmap, colour_mask, markdown_table, overlay, plot_training_curves, read_csv,
@@ -65,22 +63,6 @@ def demo_config(variant: str, data_root: str | Path, seed: int = 0, quick: bool 
     return cfg
 
 
-def object_coverage(conf: torch.Tensor) -> float:
-    """Fraction of GT foreground pixels predicted as their own class: sum_c TP_c / sum_c GT_c (c >= 1)."""
-    fg = conf[1:]
-    return float(fg.diagonal(offset=1).sum() / fg.sum().clamp(min=1)) if fg.numel() else float("nan")
-
-
-def evaluate_run(seed_dir: Path, dataset: VOCDataset, thresholds) -> dict:
-    evaluator = SeedEvaluator(dataset.num_classes, thresholds)
-    for image_id in dataset.ids:
-        evaluator.add_files(seed_dir / f"{image_id}.npz", dataset.mask_path(image_id))
-    result = evaluator.result()
-    best_index = result["thresholds"].index(result["best"]["threshold"])
-    result["coverage"] = object_coverage(evaluator.confusions[best_index])
-    return result
-
-
 def run_demo(out: str | Path = "runs/demo", seed: int | None = None, quick: bool = False,
              progress: bool = True) -> dict:
     started = time.time()
@@ -103,18 +85,20 @@ def run_demo(out: str | Path = "runs/demo", seed: int | None = None, quick: bool
         train_set = VOCDataset(data_root, cfg.infer.split, num_classes=cfg.data.num_classes)
         infer_seeds(model, train_set, run_dir / "seeds", cfg.infer.scales, cfg.infer.flip,
                     cfg.infer.batch_size, progress=progress)
-        ev = evaluate_run(run_dir / "seeds", train_set, thresholds)
+        ev = evaluate_seeds(run_dir / "seeds", train_set.mask_dir, train_set.ids, train_set.num_classes,
+                            thresholds, progress=False)
         # The same multi-scale protocol on the held-out split: seeds of images the network never saw.
         val_set = VOCDataset(data_root, cfg.data.val_split, num_classes=cfg.data.num_classes)
         infer_seeds(model, val_set, run_dir / "seeds_val", cfg.infer.scales, cfg.infer.flip,
                     cfg.infer.batch_size, progress=progress)
-        ev_val = evaluate_run(run_dir / "seeds_val", val_set, thresholds)
+        ev_val = evaluate_seeds(run_dir / "seeds_val", val_set.mask_dir, val_set.ids, val_set.num_classes,
+                                thresholds, progress=False)
         epochs = read_csv(run_dir / "epochs.csv")
         best_epoch = max(epochs, key=lambda r: r["val_miou"])
         results[variant] = {
             "seed_miou": 100 * ev["best"]["miou"], "fpr": 100 * ev["best"]["fpr"],
             "fnr": 100 * ev["best"]["fnr"], "best_threshold": ev["best"]["threshold"],
-            "coverage": 100 * ev["coverage"],
+            "coverage": 100 * ev["best"]["coverage"],
             "heldout_seed_miou": 100 * ev_val["best"]["miou"], "heldout_fpr": 100 * ev_val["best"]["fpr"],
             "heldout_fnr": 100 * ev_val["best"]["fnr"],
             "val_miou_last_epoch": 100 * epochs[-1]["val_miou"],
@@ -140,8 +124,9 @@ def run_demo(out: str | Path = "runs/demo", seed: int | None = None, quick: bool
 
 def save_overlays(path: Path, out: Path, dataset: VOCDataset, n: int = 6) -> Path:
     rows = []
-    for image_id in dataset.ids[:n]:
-        sample = dataset[dataset.ids.index(image_id)]
+    for index in range(min(n, len(dataset))):
+        sample = dataset[index]
+        image_id = sample["id"]
         row = [sample["image"], overlay(sample["image"], colour_mask(sample["mask"]))]
         for variant in VARIANTS:
             keys, cams = load_seed(out / variant / "seeds" / f"{image_id}.npz")

@@ -300,6 +300,8 @@ class SeedEvaluator:
         miou = [s["miou"] for s in scores]
         best = int(np.nanargmax(np.asarray(miou))) if not all(math.isnan(v) for v in miou) else 0
         b = scores[best]
+        fg = self.confusions[best][1:]
+        coverage = float(fg[:, 1:].diagonal().sum() / fg.sum().clamp(min=1))
         return {
             "thresholds": list(self.thresholds),
             "miou": miou,
@@ -309,6 +311,8 @@ class SeedEvaluator:
                 "fpr": b["fpr"],
                 "fnr": b["fnr"],
                 "iou": b["iou"],
+                # Object coverage: share of GT foreground pixels labelled with their own class.
+                "coverage": coverage,
             },
             "count": self.count,
         }

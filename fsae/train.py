@@ -234,7 +234,8 @@ def train(cfg: Config, run_dir: str | os.PathLike, progress: bool = True, resume
             images = batch["image"].to(device)
             labels = batch["label"].to(device)
             x_s = weak_view(images, aug_gen, jitter=cfg.data.jitter)
-            out_s = model(normalize(x_s), labels)
+            source = normalize(x_s)
+            out_s = model(source, labels)
             terms = model.losses({**batch, "label": labels}, out_s)
             stats: dict[str, float] = {}
             if use_fsae:
@@ -245,10 +246,10 @@ def train(cfg: Config, run_dir: str | os.PathLike, progress: bool = True, resume
                     teacher = out_s.score_map.detach()
                 elif fs.teacher == "separate":
                     with torch.no_grad():
-                        teacher = model(normalize(x_s), labels).score_map
+                        teacher = model(source, labels).score_map
                 else:
                     with torch.no_grad():
-                        teacher = ema(normalize(x_s), labels).score_map
+                        teacher = ema(source, labels).score_map
                 size = teacher.shape[-2:]
                 gt = downsample_nearest(batch["mask"], size).to(device) if "mask" in batch else None
                 terms["fsae"], stats = fsae_loss(

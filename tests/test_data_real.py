@@ -415,12 +415,22 @@ def _wrong_size(root):
     return path
 
 
-def _label_disagrees(root):
-    path = root / "cls_labels.json"
-    labels = json.loads(path.read_text())
-    labels["2008_000002"] = [7, 8]
-    path.write_text(json.dumps(labels))
-    return path
+def _set_label(value):
+    """A damage that rewrites image 2008_000002's entry in cls_labels.json."""
+
+    def damage(root):
+        path = root / "cls_labels.json"
+        labels = json.loads(path.read_text())
+        labels["2008_000002"] = value
+        path.write_text(json.dumps(labels))
+        return path
+
+    return damage
+
+
+_label_disagrees = _set_label([7, 8])
+_multi_hot_label = _set_label([0] * 6 + [1] + [0] * 14)  # a multi-hot vector of length 21
+_label_out_of_range = _set_label([7, 21])
 
 
 def _empty_list(root):
@@ -432,22 +442,6 @@ def _empty_list(root):
 def _missing_list(root):
     path = root / "ImageSets" / "Segmentation" / "train.txt"
     path.unlink()
-    return path
-
-
-def _multi_hot_label(root):
-    path = root / "cls_labels.json"
-    labels = json.loads(path.read_text())
-    labels["2008_000002"] = [0] * 6 + [1] + [0] * 14  # a multi-hot vector of length 21
-    path.write_text(json.dumps(labels))
-    return path
-
-
-def _label_out_of_range(root):
-    path = root / "cls_labels.json"
-    labels = json.loads(path.read_text())
-    labels["2008_000002"] = [7, 21]
-    path.write_text(json.dumps(labels))
     return path
 
 

@@ -246,3 +246,12 @@ def test_evaluate_masks_and_outputs(tmp_path):
     text = format_scores_table(s, class_names=["cat", "dog", "cow"])
     assert "mIoU 44.4" in text and "FPR 27.8" in text
     assert "dog" in text and "50.0" in text and "n/a" in text
+
+
+def test_best_result_reports_object_coverage():
+    # One image, class 1 over 4 pixels of which the CAM passes the threshold on 3, plus 4 background pixels.
+    gt = np.array([[1, 1, 1, 1], [0, 0, 0, 0]], dtype=np.uint8)
+    cams = np.array([[[0.9, 0.8, 0.7, 0.1], [0.0, 0.0, 0.0, 0.0]]], dtype=np.float32)
+    ev = SeedEvaluator(num_classes=1, thresholds=[0.5])
+    ev.update(np.array([1]), cams, gt)
+    assert ev.result()["best"]["coverage"] == pytest.approx(3 / 4)
