@@ -49,8 +49,8 @@ class ModelConfig:
     weights: str | None = None  # local path | "timm" | "efficientnet-lite0-package"
     width: int = 32  # tinycnn only
     depth: int = 6  # tinycnn only
-    # Background channel of the plain CAM's (C+1)-channel score map: sipe | constant | learned
-    background: str = "sipe"
+    # Background channel of the plain CAM's (C+1)-channel score map: constant | sipe | learned (fsae/methods/cam.py)
+    background: str = "constant"
     score_scale: float = 10.0  # "sipe": S = scale * [normalised CAMs, 1 - max]
     background_logit: float = 5.0  # "constant": fixed background logit
 

@@ -151,6 +151,8 @@ def fsae_loss(
             "fg_confident_ratio": parts["fg_confident"].float().mean().item(),
             "ring_ratio": parts["ring"].float().mean().item(),
             "boundary_ratio": parts["boundary"].float().mean().item(),
+            # What SAE adds to FAE: boundary pixels that were not confident already.
+            "sae_added_ratio": (parts["boundary"] & ~parts["confident"]).float().mean().item(),
         }
         if gt is not None:
             stats.update(pseudo_label_accuracy(labels, mask, gt, source_scores.shape[1] - 1))

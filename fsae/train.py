@@ -40,7 +40,7 @@ from fsae.io import atomic_write
 from fsae.methods import build_method
 
 METRIC_FIELDS = ["step", "epoch", "lr", "loss", "cls", "fsae", "mask_ratio", "confident_ratio",
-                 "boundary_ratio", "pl_accuracy"]
+                 "boundary_ratio", "sae_added_ratio", "pl_accuracy"]
 
 
 class TrainViews(Dataset):

@@ -53,7 +53,7 @@ COMMON = {
     "model.backbone": "resnet50",
     "model.output_stride": 16,
     "model.weights": None,
-    "model.background": "sipe",
+    "model.background": "constant",
     "optim.name": "sgd",
     "optim.lr": 0.1,
     "optim.weight_decay": 1e-4,

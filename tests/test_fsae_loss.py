@@ -239,6 +239,7 @@ def test_hand_case_loss_values_both_reductions():
     assert stats["fg_confident_ratio"] == pytest.approx(2 / 16)
     assert stats["ring_ratio"] == pytest.approx(10 / 16)
     assert stats["boundary_ratio"] == pytest.approx(6 / 16)
+    assert stats["sae_added_ratio"] == pytest.approx(4 / 16)  # mask 9 minus the 5 already confident
     for key in ("mask_ratio", "confident_ratio", "fg_confident_ratio", "ring_ratio", "boundary_ratio"):
         assert isinstance(stats[key], float)
     assert "pl_accuracy" not in stats and "pl_count" not in stats
@@ -383,6 +384,7 @@ def test_matches_plain_reference(seed):
         assert stats["fg_confident_ratio"] == pytest.approx(ratio("fg_confident"))
         assert stats["ring_ratio"] == pytest.approx(ratio("ring"))
         assert stats["boundary_ratio"] == pytest.approx(ratio("boundary"))
+        assert stats["sae_added_ratio"] == pytest.approx(ratio("mask") - ratio("confident"))
 
 
 def test_reference_inputs_exercise_every_branch():

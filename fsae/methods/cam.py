@@ -4,12 +4,21 @@ The class score map ``cams = classifier(features)`` (B, C, h, w) gives the class
 average pooling, which equals GAP followed by the fully-connected layer (paper eq. 1-2).
 
 The plain CAM has no background channel, but FSAE needs a (C+1)-channel score map S with the
-background LAST. ``background`` chooses how S is built (measured on the synthetic set, see
-docs/methods.md):
-- ``"sipe"`` (default): S = s * [n_1..n_C, 1 - max_c n_c], where n_c = ReLU(cam_c) / (max_hw cam_c + 1e-5)
-  is the per-image max-normalised CAM of the present classes (SIPE's background) and s = ``score_scale``;
-- ``"constant"``: S = [cam_1..cam_C, b] with a fixed background logit b = ``background_logit``;
+background LAST. ``background`` chooses how S is built:
+- ``"constant"`` (default): S = [cam_1..cam_C, b] with a fixed background logit b = ``background_logit``
+  (5): a pixel is confident background only where every present class's raw CAM is low (< ~1.3), and
+  confident foreground only where one class's CAM is high (> ~8); weakly activated object parts stay
+  unlabelled;
+- ``"sipe"``: S = s * [n_1..n_C, 1 - max_c n_c], where n_c = ReLU(cam_c) / (max_hw cam_c + 1e-5) is the
+  per-image max-normalised CAM of the present classes (SIPE's background) and s = ``score_scale``;
 - ``"learned"``: an extra 1x1 output channel (with bias) is the background logit.
+
+Measured on the generated set (demo recipe, FSAE from epoch 5, seed 0, held-out seed mIoU with
+scales 0.5-2.0 + flip; base without FSAE 81.4): FAE+SAE with constant 79.8, sipe 79.3, learned 77.4.
+With fainter stripes (``stripe_amplitude=(0.04, 0.08)``, base 75.6), where the CAM still covers only
+the part when FSAE starts: constant 74.3, sipe 43.7. With "sipe", 1 - max(n) is >= 0.95-confident
+background on every weakly activated object pixel (97 % of pixels were confident), so FSAE trains the
+uncovered body as background and locks the CAM onto the part (object coverage 37 %). Hence "constant".
 """
 
 from __future__ import annotations
