@@ -156,7 +156,7 @@ def model_from_checkpoint(path: str | os.PathLike, cfg: Config | None = None, de
 
 def _check_finite(total: torch.Tensor, terms: dict, step: int, ids) -> None:
     if not torch.isfinite(total):
-        values = {k: float(v) for k, v in terms.items()}
+        values = {k: v.item() for k, v in terms.items()}
         raise FsaeError(f"non-finite loss at step {step}: terms {values}; batch ids {list(ids)}")
 
 

@@ -203,3 +203,64 @@ def test_overrides_are_converted_to_the_field_type():
     assert cfg.train.epochs == 3
     with pytest.raises(ConfigError, match="optim.lr"):
         load_config(None, ["optim.lr=fast"])
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tiny_synthetic, tmp_path, monkeypatch):
+    import fsae.train as train_module
+
+    root, _ = tiny_synthetic
+    cfg = tiny_config(root, enabled=True, start_epoch=1)
+    cfg.train.epochs = 3
+    cfg.train.val_every = 0
+    straight = torch.load(train(cfg, tmp_path / "straight", progress=False), weights_only=True)
+
+    real_save = train_module.save_checkpoint
+    calls = []
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        calls.append(state["epoch"])
+        if state["epoch"] == 2:
+            raise KeyboardInterrupt("killed after epoch 2")
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    resumed = torch.load(train(cfg, tmp_path / "resumed", progress=False), weights_only=True)
+    assert calls == [1, 2] and resumed["epoch"] == 3 and resumed["step"] == straight["step"]
+    for key, value in straight["model"].items():
+        torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=0, msg=key)
+    # The per-epoch log continues instead of starting again.
+    epochs = list(csv.DictReader(open(tmp_path / "resumed" / "epochs.csv")))
+    assert [e["epoch"] for e in epochs] == ["1", "2", "3"]
+
+
+def test_resume_with_another_config_is_refused(tiny_synthetic, tmp_path):
+    from fsae.errors import CheckpointError
+
+    root, _ = tiny_synthetic
+    cfg = tiny_config(root)
+    cfg.train.epochs = 1
+    train(cfg, tmp_path / "run", progress=False)
+    cfg.fsae.tau_fae = 0.9
+    with pytest.raises(CheckpointError, match="last.pt.*another config"):
+        train(cfg, tmp_path / "run", progress=False)
+
+
+def test_non_finite_loss_stops_naming_step_terms_and_ids(tiny_synthetic, tmp_path, monkeypatch):
+    from fsae.errors import FsaeError
+    from fsae.methods.cam import CAM
+
+    root, _ = tiny_synthetic
+    cfg = tiny_config(root)
+    original = CAM.losses
+
+    def nan_losses(self, batch, output):
+        terms = original(self, batch, output)
+        terms["cls"] = terms["cls"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(CAM, "losses", nan_losses)
+    with pytest.raises(FsaeError, match=r"non-finite loss at step 0: terms \{'cls': nan\}; batch ids \['train_"):
+        train(cfg, tmp_path / "run", progress=False)
