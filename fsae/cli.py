@@ -99,6 +99,25 @@ def cmd_eval(args) -> None:
         print(f"written: {save_eval(args.out, result)}")
 
 
+def cmd_crf(args) -> None:
+    from fsae.config import load_config
+    from fsae.io import read_id_list
+    from fsae.refine import refine_dir
+
+    seeds, images, out = args.seeds, args.images, args.out
+    if args.run:
+        run = Path(args.run)
+        cfg = load_config(run / "config.yaml")
+        seeds = seeds or run / "seeds"
+        images = images or Path(cfg.data.root) / "JPEGImages"
+        out = out or run / "crf"
+    if not (seeds and images and out):
+        raise FsaeError("fsae crf: pass a run directory, or --seeds, --images and --out")
+    ids = read_id_list(args.ids) if args.ids else sorted(p.stem for p in Path(seeds).glob("*.npz"))
+    result = refine_dir(seeds, images, out, ids, threshold=args.threshold, workers=args.workers)
+    print(f"pseudo-masks: {result['out_dir']} ({result['refined']} refined, {result['skipped']} already there)")
+
+
 def cmd_demo(args) -> None:
     from fsae.demo import run_demo
 
@@ -158,6 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     _add_set(p)
     p.set_defaults(func=cmd_cam)
+
+    p = sub.add_parser("crf", help="dense-CRF refinement of seeds -> pseudo-mask PNGs (all cores, resumable)")
+    p.add_argument("run", nargs="?", default=None, help="run directory (seeds/, config.yaml); or give paths")
+    p.add_argument("--seeds", default=None)
+    p.add_argument("--images", default=None, help="folder of <id>.jpg images")
+    p.add_argument("--out", default=None, help="output folder (default RUN/crf)")
+    p.add_argument("--threshold", type=float, required=True, help="background score of the unary")
+    p.add_argument("--ids", default=None, help="image list (default: every seed file)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.set_defaults(func=cmd_crf)
 
     p = sub.add_parser("eval", help="evaluate seeds (threshold sweep) or pseudo-masks against GT")
     src = p.add_mutually_exclusive_group(required=True)

@@ -264,3 +264,21 @@ def test_non_finite_loss_stops_naming_step_terms_and_ids(tiny_synthetic, tmp_pat
     monkeypatch.setattr(CAM, "losses", nan_losses)
     with pytest.raises(FsaeError, match=r"non-finite loss at step 0: terms \{'cls': nan\}; batch ids \['train_"):
         train(cfg, tmp_path / "run", progress=False)
+
+
+def test_cli_crf_then_eval_masks(tiny_synthetic, tmp_path):
+    root, spec = tiny_synthetic
+    run = tmp_path / "run"
+    cfg = tiny_config(root)
+    cfg.train.epochs = 1
+    train(cfg, run, progress=False)
+    assert cli(["cam", str(run)]) == 0
+    assert cli(["crf", str(run), "--threshold", "0.3", "--workers", "1"]) == 0
+    masks = sorted((run / "crf").glob("*.png"))
+    assert len(masks) == spec.num_train
+    out_json = tmp_path / "masks.json"
+    assert cli(["eval", "--masks", str(run / "crf"), "--gt", str(root / "SegmentationClass"),
+                "--num-classes", "4", "--out", str(out_json)]) == 0
+    result = json.loads(out_json.read_text())
+    assert result["count"] == spec.num_train
+    assert result["miou"] + result["fpr"] + result["fnr"] == pytest.approx(1.0)

@@ -1,0 +1,209 @@
+"""Dense-CRF refinement of CAM seeds into pseudo-masks (Krähenbühl & Koltun, NIPS 2011).
+
+A seed (``seeds/<id>.npz``: ``keys`` (K,) in 1..C, ``cams`` (K, H, W) in [0, 1], see ``fsae.evaluate``)
+becomes a probability map over ``[background, keys...]`` (``seed_to_probs``), a fully connected CRF
+with a Gaussian (smoothness) and a bilateral (appearance) kernel refines it (``crf_inference``), and
+the argmax is written as a VOC-palette label-space PNG (``refine_dir``).
+
+Parameters. The defaults are those of ``crf_inference`` in PSA (Ahn & Kwak, CVPR 2018,
+``tool/imutils.py``), which EPS and most CAM-seed repos copy unchanged: Gaussian ``sxy=3, compat=3``,
+bilateral ``sxy=80, srgb=13, compat=10``, 10 mean-field iterations, unary ``-log(clip(p, 1e-5))``.
+IRN's ``crf_inference_label`` keeps the Gaussian but uses bilateral ``sxy=50, srgb=5`` on a *hard
+label* unary (``gt_prob=0.7``), to split confident foreground / background for its affinity labels.
+Our unary is a probability map, not a label map, so the PSA values are the matching ones.
+
+The package is ``pydensecrf2`` on PyPI (imports as ``pydensecrf``), a maintained, pip-installable
+build of lucasb-eyer/pydensecrf.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+from tqdm import tqdm
+
+from fsae.errors import DataError, FsaeError
+from fsae.evaluate import _check_seed, load_seed
+from fsae.io import read_image, write_mask
+
+CRF_DEFAULTS = {
+    "iterations": 10,
+    "gaussian_sxy": 3.0,
+    "gaussian_compat": 3.0,
+    "bilateral_sxy": 80.0,
+    "bilateral_srgb": 13.0,
+    "bilateral_compat": 10.0,
+}
+PROB_CLIP = 1e-5  # probabilities are clipped to this before normalising and before -log (PSA's clip)
+
+
+class CrfDependencyError(FsaeError, ImportError):
+    """The dense-CRF package is not installed."""
+
+
+def _densecrf():
+    try:
+        import pydensecrf.densecrf as dcrf
+    except ImportError as exc:
+        raise CrfDependencyError(
+            f"dense-CRF refinement needs the 'pydensecrf2' package ({exc}); install it with "
+            f"`pip install pydensecrf2==1.1` (or reinstall fsae: `pip install -e .`)"
+        ) from exc
+    return dcrf
+
+
+def crf_inference(
+    image: np.ndarray,
+    probs: np.ndarray,
+    iterations: int = 10,
+    gaussian_sxy: float = 3.0,
+    gaussian_compat: float = 3.0,
+    bilateral_sxy: float = 80.0,
+    bilateral_srgb: float = 13.0,
+    bilateral_compat: float = 10.0,
+) -> np.ndarray:
+    """Mean-field posterior of a dense CRF with unary ``-log(clip(probs, 1e-5))``.
+
+    Shape: image (H, W, 3) uint8 RGB, probs (K, H, W) float, summing to 1 over K -> (K, H, W) float32,
+    summing to 1 over K. ``iterations=0`` returns ``softmax(-unary)``, i.e. the (clipped,
+    renormalised) input. Defaults: PSA's ``crf_inference`` (module docstring).
+    """
+    dcrf = _densecrf()
+    image = np.asarray(image)
+    probs = np.asarray(probs, dtype=np.float32)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be (H, W, 3) uint8, got {image.dtype} {image.shape}")
+    if probs.ndim != 3 or probs.shape[1:] != image.shape[:2]:
+        raise ValueError(f"probs must be (K, H, W) with (H, W) = {image.shape[:2]}, got {probs.shape}")
+    if iterations < 0:
+        raise ValueError(f"iterations must be >= 0, got {iterations}")
+    k, h, w = probs.shape
+    unary = -np.log(np.clip(probs, PROB_CLIP, 1.0)).reshape(k, -1)
+    crf = dcrf.DenseCRF2D(w, h, k)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
+    crf.addPairwiseGaussian(sxy=gaussian_sxy, compat=gaussian_compat)
+    crf.addPairwiseBilateral(
+        sxy=bilateral_sxy, srgb=bilateral_srgb, rgbim=np.ascontiguousarray(image), compat=bilateral_compat
+    )
+    q = crf.inference(int(iterations))
+    return np.asarray(q, dtype=np.float32).reshape(k, h, w)
+
+
+def seed_to_probs(keys: np.ndarray, cams: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Seed -> CRF input: probabilities over ``[background, keys...]`` and the label of each plane.
+
+    Shape: keys (K,), cams (K, H, W) in [0, 1] -> probs (K+1, H, W) float32, labels (K+1,) uint8
+    ``[0, *keys]``.
+
+    The background score is the constant ``threshold`` (as in ``fsae.evaluate.seed_to_mask``); the
+    scores ``[threshold, cams...]`` are clipped to ``>= 1e-5`` and divided by their per-pixel sum.
+    Dividing by a positive number keeps the order of the scores, so ``probs.argmax(0)`` (and the
+    argmax of ``crf_inference(..., iterations=0)``) equals ``seed_to_mask`` except where two scores
+    tie after clipping or float32 rounding. (Softmax would also keep the order but flattens CAM
+    scores in [0, 1] to nearly uniform probabilities.)
+    """
+    keys, cams = _check_seed(keys, cams)
+    if not np.isfinite(threshold):
+        raise ValueError(f"threshold must be a finite number, got {threshold}")
+    bg = np.full((1, *cams.shape[1:]), threshold, dtype=np.float32)
+    scores = np.maximum(np.concatenate([bg, cams], 0), np.float32(PROB_CLIP))
+    probs = scores / scores.sum(0, keepdims=True)
+    labels = np.concatenate([[0], keys]).astype(np.uint8)
+    return probs.astype(np.float32), labels
+
+
+def refine_seed(
+    image: np.ndarray, keys: np.ndarray, cams: np.ndarray, threshold: float, **crf_params: Any
+) -> np.ndarray:
+    """Seed + image -> CRF-refined label-space mask.
+
+    Shape: image (H, W, 3) uint8, keys (K,), cams (K, H, W) -> (H, W) uint8 with values in {0} U keys.
+    ``crf_params`` are ``crf_inference``'s keywords. With K = 0 the mask is all background.
+    """
+    probs, labels = seed_to_probs(keys, cams, threshold)
+    if probs.shape[1:] != np.asarray(image).shape[:2]:
+        raise ValueError(f"image size {np.asarray(image).shape[:2]} does not match CAM size {probs.shape[1:]}")
+    if len(labels) == 1:
+        return np.zeros(probs.shape[1:], dtype=np.uint8)
+    posterior = crf_inference(image, probs, **crf_params)
+    return labels[np.argmax(posterior, axis=0)]
+
+
+# ----------------------------------------------------------------------------------------- folders
+
+
+def _check_crf_params(crf_params: dict[str, Any]) -> None:
+    unknown = sorted(set(crf_params) - set(CRF_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown CRF parameter(s) {unknown}; valid: {sorted(CRF_DEFAULTS)}")
+
+
+def _refine_one(job: tuple[str, str, str, float, dict[str, Any]]) -> str:
+    """Worker: refine one image and write its PNG atomically. Returns the id."""
+    seed_path, image_path, out_path, threshold, crf_params = job
+    keys, cams = load_seed(seed_path)
+    image = read_image(image_path)
+    if image.shape[:2] != cams.shape[1:]:
+        raise DataError(
+            f"{seed_path}: CAM size {cams.shape[1:]} does not match image {image_path} size "
+            f"{image.shape[:2]}; seeds must be at full image resolution"
+        )
+    write_mask(out_path, refine_seed(image, keys, cams, threshold, **crf_params))
+    return Path(out_path).stem
+
+
+def refine_dir(
+    seed_dir: str | os.PathLike,
+    image_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    ids: Iterable[str],
+    threshold: float,
+    workers: int | None = None,
+    progress: bool = True,
+    image_ext: str = ".jpg",
+    **crf_params: Any,
+) -> dict[str, Any]:
+    """CRF-refine ``seed_dir/<id>.npz`` with ``image_dir/<id><image_ext>`` into ``out_dir/<id>.png``.
+
+    Each PNG (VOC palette, label space) is written atomically; ids whose PNG exists are skipped, so a
+    killed run resumes where it stopped. ``workers`` processes (default ``os.cpu_count()``; 1 runs
+    in this process) share the ids in chunks; the output does not depend on ``workers``.
+    ``crf_params``: ``crf_inference`` keywords. Errors name the seed or image file.
+
+    Returns ``{"total", "refined", "skipped", "out_dir"}``.
+    """
+    _check_crf_params(crf_params)
+    _densecrf()  # fail before any work when the package is missing
+    ids = [str(i) for i in ids]
+    if not ids:
+        raise DataError("no image ids to refine; check the image list")
+    seed_dir, image_dir, out_dir = Path(seed_dir), Path(image_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = [i for i in ids if not (out_dir / f"{i}.png").is_file()]
+    jobs = [
+        (str(seed_dir / f"{i}.npz"), str(image_dir / f"{i}{image_ext}"), str(out_dir / f"{i}.png"),
+         float(threshold), dict(crf_params))
+        for i in todo
+    ]
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    workers = min(workers, max(1, len(jobs)))
+    bar = tqdm(total=len(jobs), desc="crf", disable=not progress)
+    if workers == 1:
+        for job in jobs:
+            _refine_one(job)
+            bar.update()
+    else:
+        chunksize = max(1, min(16, len(jobs) // (4 * workers)))
+        # spawn: workers start clean (no forked torch / OpenMP state), the same on every platform.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for _ in pool.map(_refine_one, jobs, chunksize=chunksize):
+                bar.update()
+    bar.close()
+    return {"total": len(ids), "refined": len(jobs), "skipped": len(ids) - len(jobs), "out_dir": str(out_dir)}
