@@ -99,7 +99,7 @@ class TrainConfig:
 class InferConfig:
     scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
     flip: bool = True
-    batch_size: int = 16  # images of the same size are batched at each scale
+    batch_size: int = 4  # same-size images batched per scale; 4 is fastest on CPU (benchmarks/results.md), raise on GPU
     split: str = "train"  # the paper evaluates seeds on the train set
 
 

@@ -1,0 +1,90 @@
+"""The benchmarks on tiny sizes: the fsae way and the reference way must agree (no timing asserted)."""
+
+import math
+
+import pytest
+import torch
+
+from benchmarks import bench_cam_inference, bench_data_loading, bench_fsae_step, bench_seed_sweep
+from benchmarks.common import BenchResult, MismatchError, Row, render_markdown
+
+
+def test_seed_sweep_same_miou_every_threshold(tmp_path):
+    result = bench_seed_sweep.run(num_images=3, height=40, width=60, workdir=tmp_path, fsae_every=30)
+    ref, ours = result.numbers["miou_reference"], result.numbers["miou_fsae"]
+    assert len(ref) == len(ours) == 61
+    assert ref == ours and not any(math.isnan(v) for v in ref)
+    assert max(ref) > min(ref)  # the generated GT makes the threshold matter
+    assert result.rows[0].check.startswith("passed")
+
+
+def test_seed_sweep_raises_when_the_ways_disagree(tmp_path, monkeypatch):
+    real = bench_seed_sweep.evaluate_seeds
+
+    def off_by_one_threshold(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out["miou"][7] += 1e-12
+        return out
+
+    monkeypatch.setattr(bench_seed_sweep, "evaluate_seeds", off_by_one_threshold)
+    with pytest.raises(MismatchError, match="first differing threshold 0.07"):
+        bench_seed_sweep.run(num_images=2, height=24, width=32, workdir=tmp_path, fsae_every=61)
+
+
+def test_cam_inference_maps_equal_within_tolerance():
+    result = bench_cam_inference.run(num_images=3, image_size=32, batch_sizes=(2,), repeats=1)
+    assert result.numbers["tinycnn"]["batch2"]["max_rel_diff"] <= bench_cam_inference.TOLERANCE
+    # the reference itself: each image alone gives what the batch gives
+    torch.manual_seed(0)
+    model = bench_cam_inference.CAM(4, backbone="tinycnn", output_stride=8).eval()
+    images = bench_cam_inference.make_images(2, 32)
+    ref = bench_cam_inference.reference_cams(model, images)
+    assert ref.shape == (2, 4, 32, 32) and ref.min() >= 0 and ref.max() > 0
+    # without the flip the maps differ: the check would catch a missing flip
+    no_flip = bench_cam_inference.fsae_cams(model, images, 2, flip=False)
+    assert (no_flip - ref).abs().max() > 1e-3 * ref.abs().max()
+
+
+def test_cam_inference_raises_when_the_ways_disagree(monkeypatch):
+    real = bench_cam_inference.multiscale_cam
+    monkeypatch.setattr(bench_cam_inference, "multiscale_cam", lambda *a, **k: real(*a, **k) * 1.001)
+    with pytest.raises(MismatchError, match="CAM inference"):
+        bench_cam_inference.run(num_images=2, image_size=32, batch_sizes=(2,), repeats=1)
+
+
+def test_fsae_step_is_train_step_and_modes_agree(tmp_path):
+    result = bench_fsae_step.run(batch_size=4, repeats=1, workdir=tmp_path)
+    first = result.numbers["first"]
+    assert first["base"]["cls"] == first["reuse"]["cls"] == first["separate"]["cls"]
+    assert first["reuse"]["fsae"] == pytest.approx(first["separate"]["fsae"], rel=1e-6)
+    assert first["reuse"]["loss"] == pytest.approx(first["reuse"]["cls"] + first["reuse"]["fsae"], rel=1e-6)
+    assert "fsae" not in first["base"]
+    assert "train() step" in result.rows[0].check
+    assert set(result.numbers["ratios"]) == {"reuse", "separate"}
+
+
+def test_fsae_step_check_catches_a_step_unlike_train(tmp_path, monkeypatch):
+    real = bench_fsae_step.train_step
+
+    def other_augmentation_seed(model, optimizer, batch, cfg, aug_gen, mode):
+        return real(model, optimizer, batch, cfg, torch.Generator().manual_seed(12345), mode)
+
+    monkeypatch.setattr(bench_fsae_step, "train_step", other_augmentation_seed)
+    root = bench_fsae_step.generated_set(tmp_path, num_train=4)
+    with pytest.raises(MismatchError, match=r"training step \(reuse\) vs fsae.train.train"):
+        bench_fsae_step.check_against_train(root, "val", "reuse", tmp_path)
+
+
+def test_data_loading_workers_give_the_same_batches(tmp_path):
+    result = bench_data_loading.run(num_images=8, batch_size=4, workers=2, repeats=1, step_images_per_s=1.0,
+                                    workdir=tmp_path)
+    assert result.numbers["images"] == 8
+    assert set(result.numbers["images_per_s"]) == {0, 2}
+    assert all(row.check.startswith("passed (same batches") for row in result.rows)
+
+
+def test_results_markdown_has_machine_and_tables():
+    result = BenchResult("1. x", "setup", [Row("w", "1 s", "0.1 s", 10.0, ">= 20x", "passed")])
+    text = render_markdown([result], {"torch": "9.9", "cores available": "2"}, "python -m benchmarks.run", 3.0)
+    assert "- torch: 9.9" in text and "- cores available: 2" in text
+    assert "| w | 1 s | 0.1 s | 10.00x | >= 20x | passed |" in text
