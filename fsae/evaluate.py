@@ -158,7 +158,7 @@ def load_seed(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     return keys.astype(np.int64), cams
 
 
-def _check_seed(keys: np.ndarray, cams: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def check_seed(keys: np.ndarray, cams: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     keys = np.asarray(keys, dtype=np.int64).reshape(-1)
     cams = np.asarray(cams, dtype=np.float32)
     if cams.ndim != 3 or cams.shape[0] != keys.shape[0]:
@@ -175,7 +175,7 @@ def seed_to_mask(keys: np.ndarray, cams: np.ndarray, threshold: float) -> np.nda
     background (it comes first); among foreground classes to the first key. With K = 0 the mask is
     all background.
     """
-    keys, cams = _check_seed(keys, cams)
+    keys, cams = check_seed(keys, cams)
     bg = np.full((1, *cams.shape[1:]), threshold, dtype=np.float32)
     index = np.argmax(np.concatenate([bg, cams], 0), axis=0)
     labels = np.concatenate([[0], keys]).astype(np.uint8)
@@ -201,7 +201,7 @@ def sweep_confusions(
     background; one bincount over (j0, gt, f) then gives every threshold's matrix by a suffix sum
     (pixels still foreground) plus a prefix sum into column 0 (pixels already background).
     """
-    keys, cams = _check_seed(keys, cams)
+    keys, cams = check_seed(keys, cams)
     # Per-pixel work in numpy (the seeds are numpy; its axis-0 argmax is several times faster on CPU).
     gt = (gt.detach().cpu().numpy() if isinstance(gt, torch.Tensor) else np.asarray(gt)).astype(np.int64)
     if gt.shape != cams.shape[1:]:

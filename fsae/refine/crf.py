@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fsae.errors import DataError, FsaeError
-from fsae.evaluate import _check_seed, load_seed
+from fsae.evaluate import check_seed, load_seed
 from fsae.io import read_image, write_mask
 
 CRF_DEFAULTS = {
@@ -107,7 +107,7 @@ def seed_to_probs(keys: np.ndarray, cams: np.ndarray, threshold: float) -> tuple
     tie after clipping or float32 rounding. (Softmax would also keep the order but flattens CAM
     scores in [0, 1] to nearly uniform probabilities.)
     """
-    keys, cams = _check_seed(keys, cams)
+    keys, cams = check_seed(keys, cams)
     if not np.isfinite(threshold):
         raise ValueError(f"threshold must be a finite number, got {threshold}")
     bg = np.full((1, *cams.shape[1:]), threshold, dtype=np.float32)
