@@ -1,0 +1,149 @@
+"""DeepLab inference: multi-scale + flip, optional dense CRF, label PNGs, VOC test-server layout, val mIoU.
+
+For an image, at each scale s in (0.5, 0.75, 1.0, 1.25, 1.5) the network sees the image resized by s and
+its horizontal flip; each output's logits are resized bilinearly to the image size, turned into class
+probabilities (softmax), flipped back, and all 2 x len(scales) probability maps are averaged
+(``multiscale_probs``). The mask is their argmax, or, with the CRF on, the argmax of
+``fsae.refine.crf.crf_inference(image, probs)`` (DeepLab's CRF parameters in ``SegInferConfig.crf``).
+
+Outputs below the run directory (every PNG a VOC-palette label-space mask written atomically; images
+whose outputs exist are skipped, so reruns resume)::
+
+    segment/<val split>/<id>.png        multi-scale + flip argmax
+    segment/<val split>_crf/<id>.png    ... then dense CRF (when infer.crf.enabled)
+    eval/seg_<val split>[_crf].json     fsae.evaluate.evaluate_masks against data.gt_dir
+    results/VOC2012/Segmentation/comp6_test_cls/<id>.png   the test split, final masks (VOC kind), the
+                                        layout the PASCAL VOC evaluation server expects (comp6: trained
+                                        with data beyond VOC's own, here the train_aug pseudo-masks)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from fsae.augment import normalize
+from fsae.errors import DataError
+from fsae.evaluate import evaluate_masks, save_eval
+from fsae.infer import to_tensor_image
+from fsae.io import read_id_list, read_image, write_mask
+from fsae.refine.crf import crf_inference
+
+TEST_SERVER_DIR = Path("results") / "VOC2012" / "Segmentation" / "comp6_test_cls"
+
+
+@torch.no_grad()
+def multiscale_probs(model, images: torch.Tensor, scales: Sequence[float] = (1.0,), flip: bool = True) -> torch.Tensor:
+    """Class probabilities averaged over scales (and horizontal flips) at the input resolution.
+
+    Shape: images (B, 3, H, W) normalised -> (B, C+1, H, W), each pixel summing to 1.
+    """
+    size = images.shape[-2:]
+    b = images.shape[0]
+    total = None
+    for scale in scales:
+        x = images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="bilinear",
+                                                      align_corners=False, recompute_scale_factor=False)
+        if flip:
+            x = torch.cat([x, x.flip(-1)], dim=0)
+        logits = F.interpolate(model(x), size=size, mode="bilinear", align_corners=False)
+        probs = logits.softmax(dim=1)
+        if flip:
+            probs = probs[:b] + probs[b:].flip(-1)
+        total = probs if total is None else total + probs
+    return total / (len(scales) * (2 if flip else 1))
+
+
+def image_list(data_cfg, split: str) -> list[tuple[str, Path]]:
+    """``(id, image path)`` for every image of ``split`` (no labels needed: the test split has none)."""
+    root = Path(data_cfg.root)
+    if data_cfg.kind == "coco":
+        from fsae.data.coco import split_paths
+
+        paths = split_paths(root, split)
+        return [(i, paths["images"] / f"{i}.jpg") for i in read_id_list(paths["list"])]
+    if data_cfg.kind != "voc":
+        raise DataError(f"unknown data kind {data_cfg.kind!r}; expected voc or coco")
+    return [(i, root / "JPEGImages" / f"{i}.jpg") for i in read_id_list(root / "ImageSets/Segmentation" / f"{split}.txt")]
+
+
+@torch.no_grad()
+def predict_masks(model, image: np.ndarray, scales: Sequence[float], flip: bool, crf_params: dict | None,
+                  device="cpu") -> tuple[np.ndarray, np.ndarray | None]:
+    """One image -> (multi-scale + flip argmax mask, CRF mask or None). Shape: (H, W, 3) uint8 -> (H, W) uint8."""
+    x = normalize(to_tensor_image(image)[None]).to(device)
+    probs = multiscale_probs(model, x, scales, flip)[0].cpu().numpy()
+    mask = probs.argmax(0).astype(np.uint8)
+    if crf_params is None:
+        return mask, None
+    return mask, crf_inference(image, probs, **crf_params).argmax(0).astype(np.uint8)
+
+
+def predict_split(model, items: Sequence[tuple[str, Path]], out_dir: Path | None, crf_dir: Path | None,
+                  scales: Sequence[float], flip: bool, crf_params: dict | None, device="cpu",
+                  progress: bool = True, desc: str = "seg infer") -> dict:
+    """Write ``out_dir/<id>.png`` (argmax) and/or ``crf_dir/<id>.png`` (CRF) for every item; skip finished ids."""
+    dirs = [d for d in (out_dir, crf_dir) if d is not None]
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+        if not os.access(d, os.W_OK):
+            raise DataError(f"{d}: output folder is not writable")
+    todo = [(i, p) for i, p in items if not all((d / f"{i}.png").is_file() for d in dirs)]
+    model.eval()
+    for image_id, path in tqdm(todo, desc=desc, disable=not progress, unit="img"):
+        mask, refined = predict_masks(model, read_image(path), scales, flip,
+                                      crf_params if crf_dir is not None else None, device)
+        if out_dir is not None:
+            write_mask(out_dir / f"{image_id}.png", mask)
+        if crf_dir is not None:
+            write_mask(crf_dir / f"{image_id}.png", refined)
+    return {"written": len(todo), "skipped": len(items) - len(todo)}
+
+
+def run_seg_inference(model, cfg, run_dir: str | os.PathLike, splits: Sequence[str] | None = None,
+                      crf: bool | None = None, device="cpu", progress: bool = True) -> dict:
+    """Predict the val split (evaluated) and the test split (test-server layout) of ``cfg.data``.
+
+    ``splits`` defaults to ``[data.val_split, data.test_split]`` (empty names skipped); ``crf`` to
+    ``infer.crf.enabled``. Returns ``{split: {"dirs": [...], "written", "skipped", "eval": {name: result}}}``.
+    """
+    run_dir = Path(run_dir)
+    crf = cfg.infer.crf.enabled if crf is None else crf
+    crf_params = cfg.infer.crf.kwargs() if crf else None
+    splits = [s for s in (splits or [cfg.data.val_split, cfg.data.test_split]) if s]
+    out = {}
+    for split in splits:
+        items = image_list(cfg.data, split)
+        if split == cfg.data.test_split and split != cfg.data.val_split:
+            final = run_dir / TEST_SERVER_DIR if cfg.data.kind == "voc" else run_dir / "segment" / split
+            plain, refined = (None, final) if crf else (final, None)
+        else:
+            plain = run_dir / "segment" / split
+            refined = run_dir / "segment" / f"{split}_crf" if crf else None
+        result = predict_split(model, items, plain, refined, cfg.infer.scales, cfg.infer.flip, crf_params,
+                               device, progress, desc=f"seg {split}")
+        result["dirs"] = [str(d) for d in (plain, refined) if d is not None]
+        result["eval"] = {}
+        if split == cfg.data.val_split:
+            gt_dir = Path(cfg.data.root) / cfg.data.gt_dir
+            ids = [i for i, _ in items]
+            for name, folder in ((split, plain), (f"{split}_crf", refined)):
+                if folder is None:
+                    continue
+                scores = evaluate_masks(folder, gt_dir, ids, cfg.data.num_classes, progress=progress)
+                scores["split"] = split
+                scores["crf"] = folder is refined
+                save_eval(run_dir / "eval" / f"seg_{name}.json", scores)
+                result["eval"][name] = scores
+        out[split] = result
+    return out
+
+
+__all__ = ["multiscale_probs", "predict_masks", "predict_split", "run_seg_inference", "image_list",
+           "TEST_SERVER_DIR"]

@@ -1,0 +1,242 @@
+"""Training DeepLab on pseudo-masks: an iteration loop with poly LR and 10x on the head.
+
+One iteration, top to bottom:
+1. the loader gives ``batch_size`` crops: each image (and its pseudo-mask) is rescaled by a random factor
+   in ``data.scale_range``, flipped with probability 0.5 and cropped / padded to ``crop_size``
+   (``fsae.augment.random_geometry``); padding is the mean colour (0 after normalisation) and label 255;
+2. logits = DeepLab(crop) at stride 8, upsampled bilinearly to the crop size;
+3. loss = cross-entropy over the pixels whose mask is not 255 (ignored);
+4. SGD step (momentum, weight decay) at ``lr * (1 - it / iterations) ** poly_power``, x ``head_lr_mult``
+   on the head.
+
+The data order is a function of (seed, iteration) only (``IterationBatches``) and every crop's geometry of
+(seed, iteration, index), so a run resumed from ``checkpoints/last.pt`` sees the same batches it would have
+seen without the interruption.
+
+Run directory: ``config.yaml``, ``checkpoints/last.pt`` (atomic; model, optimizer, iteration, config and its
+hash, RNG state), ``metrics.csv`` (iteration, lr, loss).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from fsae.augment import normalize, random_geometry
+from fsae.data import build_dataset
+from fsae.errors import CheckpointError, ConfigError, DataError, FsaeError
+from fsae.labels import IGNORE_INDEX
+from fsae.segment.config import SegConfig, save_seg_config, seg_config_from_dict
+from fsae.segment.deeplab import DeepLab, build_deeplab
+from fsae.train import poly_lr, save_checkpoint
+
+METRIC_FIELDS = ["iteration", "lr", "loss", "labelled_ratio"]
+
+
+class IterationBatches(Sampler):
+    """Batches of ``(index, iteration)`` pairs for iterations ``start .. total - 1``.
+
+    Epoch ``e`` is a permutation drawn from ``seed`` and ``e``; each epoch gives ``len // batch_size``
+    full batches (the rest of the permutation is dropped), so iteration ``i``'s batch does not depend on
+    where a run started.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, total: int, seed: int, start: int = 0):
+        if num_items < batch_size:
+            raise DataError(f"{num_items} training images is fewer than one batch of {batch_size}")
+        self.n, self.batch_size, self.total, self.seed, self.start = num_items, batch_size, total, seed, start
+        self.per_epoch = num_items // batch_size
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start)
+
+    def __iter__(self):
+        epoch, order = -1, None
+        for it in range(self.start, self.total):
+            e, b = divmod(it, self.per_epoch)
+            if e != epoch:
+                epoch = e
+                order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + e))
+            yield [(int(i), it) for i in order[b * self.batch_size:(b + 1) * self.batch_size]]
+
+
+class SegTrainCrops(Dataset):
+    """Random rescale (factor in ``scale_range``), flip and crop of an image and its mask.
+
+    ``__getitem__((index, iteration))`` -> ``image`` float (3, c, c) normalised (0 on padding),
+    ``mask`` long (c, c) (255 on padding), ``id``.
+    """
+
+    def __init__(self, dataset, crop_size: int, scale_range, hflip: bool, seed: int):
+        self.dataset = dataset
+        self.crop_size, self.scale_range, self.hflip, self.seed = crop_size, scale_range, hflip, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key) -> dict:
+        index, iteration = key
+        sample = self.dataset[index]
+        if "mask" not in sample:
+            raise DataError(f"{self.dataset.mask_path(sample['id'])}: mask file not found (training needs a "
+                            f"pseudo-mask for every image of the split; check data.mask_dir)")
+        gen = torch.Generator().manual_seed(hash((self.seed, iteration, index)) % (2**63))
+        # A random factor s in scale_range, as a long-side range for random_geometry (uniform integers).
+        long_side = max(sample["image"].shape[:2])
+        lo, hi = self.scale_range
+        geo = random_geometry(sample["image"], sample["mask"], long_side=(max(1, round(lo * long_side)),
+                              max(1, round(hi * long_side))), crop_size=self.crop_size, hflip=self.hflip,
+                              generator=gen)
+        image = normalize(geo["image"]) * geo["valid"]  # padding = mean colour, as in DeepLab
+        return {"id": sample["id"], "image": image, "mask": geo["mask"]}
+
+
+def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Pixel cross-entropy at mask resolution, label 255 ignored; 0 when every pixel is ignored.
+
+    Shape: logits (B, C+1, h, w), masks (B, H, W) long -> scalar loss and the labelled pixel ratio.
+    """
+    logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
+    labelled = masks != IGNORE_INDEX
+    loss = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss / labelled.sum().clamp(min=1), labelled.float().mean().item()
+
+
+def check_training_masks(dataset) -> None:
+    """Every id of the split needs its mask file: a DataError naming the first missing files."""
+    missing = [dataset.mask_path(i) for i in dataset.ids if not dataset.mask_path(i).is_file()]
+    if missing:
+        raise DataError(f"{missing[0]}: mask file not found ({len(missing)} of {len(dataset.ids)} missing, e.g. "
+                        f"{[str(p) for p in missing[1:4]]}); data.mask_dir must hold a pseudo-mask per image")
+
+
+def build_seg_optimizer(model: DeepLab, cfg: SegConfig) -> torch.optim.SGD:
+    groups = [{"params": g["params"], "lr": cfg.optim.lr * g["lr_mult"], "lr_mult": g["lr_mult"]}
+              for g in model.param_groups(cfg.optim.head_lr_mult) if g["params"]]
+    return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                           weight_decay=cfg.optim.weight_decay)
+
+
+def load_seg_checkpoint(path: str | os.PathLike, num_classes: int | None = None) -> dict:
+    """Read a ``fsae seg train`` checkpoint; a CheckpointError naming the file if it is not one or does not fit."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is reported with the file name
+        raise CheckpointError(f"{path}: cannot read checkpoint ({exc})") from exc
+    if not isinstance(state, dict) or state.get("kind") != "segmentation" or "model" not in state:
+        raise CheckpointError(f"{path}: not a segmentation checkpoint from `fsae seg train` (no 'kind: "
+                              f"segmentation' entry); pass the run's checkpoints/last.pt")
+    saved = seg_config_from_dict(state["config"], str(path))
+    if num_classes is not None and saved.data.num_classes != num_classes:
+        raise CheckpointError(f"{path}: checkpoint has {saved.data.num_classes} classes, the config {num_classes}")
+    return state
+
+
+def seg_model_from_checkpoint(path: str | os.PathLike, num_classes: int | None = None, device="cpu"):
+    """Rebuild the DeepLab from a checkpoint's own config and load its weights; returns (model, cfg)."""
+    state = load_seg_checkpoint(path, num_classes)
+    saved = seg_config_from_dict(state["config"], str(path))
+    saved.model.weights = None  # the checkpoint holds every weight
+    model = build_deeplab(saved.model, saved.data.num_classes)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit the model in its own config ({exc})") from exc
+    return model.to(device).eval(), saved
+
+
+def train_segmentation(cfg: SegConfig, run_dir: str | os.PathLike, progress: bool = True, resume: bool = True,
+                       on_iteration: Callable[[int], None] | None = None) -> Path:
+    """Train ``cfg`` into ``run_dir``; resume from ``checkpoints/last.pt`` when present.
+
+    ``on_iteration(i)`` is called after iteration ``i`` (1-based) is done and checkpointed (if due).
+    Returns the checkpoint path. A finished run returns at once.
+    """
+    if not cfg.data.mask_dir:
+        raise ConfigError("data.mask_dir is not set: point it at the pseudo-mask folder (e.g. RUN/masks), "
+                          "with --masks or --set data.mask_dir=...")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = run_dir / "checkpoints" / "last.pt"
+    device = torch.device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+
+    dataset = build_dataset(cfg.data, cfg.data.train_split)
+    check_training_masks(dataset)
+    model = build_deeplab(cfg.model, cfg.data.num_classes).to(device)
+    optimizer = build_seg_optimizer(model, cfg)
+    start = 0
+    if resume and ckpt_path.exists():
+        state = load_seg_checkpoint(ckpt_path, cfg.data.num_classes)
+        if state.get("config_hash") != cfg.hash():
+            raise CheckpointError(f"{ckpt_path}: written by another config (hash {state.get('config_hash')} != "
+                                  f"{cfg.hash()}); use a new run directory or pass --no-resume")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        start = state["iteration"]
+    save_seg_config(cfg, run_dir / "config.yaml")
+    total = cfg.train.iterations
+    if start >= total:
+        return ckpt_path
+
+    metrics_path = run_dir / "metrics.csv"
+    rows = []
+    if start > 0 and metrics_path.exists():  # drop rows logged after the checkpoint we resume from
+        with open(metrics_path, newline="") as f:
+            rows = [r for r in list(csv.reader(f))[1:] if r and int(r[0]) <= start]
+    with open(metrics_path, "w", newline="") as f:
+        csv.writer(f).writerows([METRIC_FIELDS, *rows])
+    crops = SegTrainCrops(dataset, cfg.data.crop_size, cfg.data.scale_range, cfg.data.hflip, cfg.train.seed)
+    sampler = IterationBatches(len(dataset), cfg.train.batch_size, total, cfg.train.seed, start)
+    # Its own generator: the loader must not draw from the global RNG that a resumed run restores.
+    loader = DataLoader(crops, batch_sampler=sampler, num_workers=cfg.data.workers,
+                        generator=torch.Generator().manual_seed(cfg.train.seed))
+
+    def checkpoint(iteration: int) -> None:
+        save_checkpoint(ckpt_path, {"kind": "segmentation", "model": model.state_dict(),
+                                    "optimizer": optimizer.state_dict(), "iteration": iteration,
+                                    "config": cfg.to_dict(), "config_hash": cfg.hash(),
+                                    "torch_rng": torch.get_rng_state()})
+
+    model.train()
+    bar = tqdm(loader, desc="seg train", total=len(sampler), disable=not progress)
+    iteration = start
+    for batch in bar:
+        lr = poly_lr(cfg.optim.lr, iteration, total, cfg.optim.poly_power)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_mult"]
+        images, masks = batch["image"].to(device), batch["mask"].to(device)
+        loss, labelled = segmentation_loss(model(images), masks)
+        if not torch.isfinite(loss):
+            raise FsaeError(f"non-finite loss at iteration {iteration}; batch ids {list(batch['id'])}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        iteration += 1
+        if iteration % cfg.train.log_every == 0 or iteration == total:
+            with open(metrics_path, "a", newline="") as f:
+                csv.writer(f).writerow([iteration, f"{lr:.6g}", f"{loss.item():.6g}", f"{labelled:.4f}"])
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if iteration % cfg.train.checkpoint_every == 0 or iteration == total:
+            checkpoint(iteration)
+        if on_iteration is not None:
+            on_iteration(iteration)
+    bar.close()
+    return ckpt_path
+
+
+__all__ = ["train_segmentation", "load_seg_checkpoint", "seg_model_from_checkpoint", "segmentation_loss",
+           "IterationBatches", "SegTrainCrops"]
