@@ -1,0 +1,92 @@
+"""``fsae compare RUN_A RUN_B ...``: runs side by side with deltas against the first (paper Tables 1, 5, 6).
+
+Per run: seed mIoU / FPR / FNR at the best background threshold, the threshold, and the pseudo-mask
+mIoU, from the run's ``eval/*.json`` (``eval/seeds.json`` / ``eval/crf.json`` preferred, see
+``fsae.report.pick_eval``). A run whose ``seeds/`` (``crf/``) has no evaluation yet is evaluated first
+against its data set's GT and saved there (``fsae.report.compute_missing_evals``), unless
+``compute=False``. Numbers are percent with one decimal; a run after the first shows
+``value (+delta)``, the delta taken from the unrounded values (``+`` = higher than the first run).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from fsae.errors import ConfigError
+from fsae.report import (compute_missing_evals, eval_scores, load_evals, load_run_config, markdown_table, pick_eval,
+                         run_dataset)
+
+# (key, column title); values are fractions in 0..1 except the threshold.
+COLUMNS = [("seed_miou", "Seed mIoU"), ("seed_fpr", "FPR"), ("seed_fnr", "FNR"),
+           ("threshold", "best threshold"), ("mask_miou", "Pseudo-mask mIoU")]
+
+
+def run_summary(run_dir: str | os.PathLike, compute: bool = True, progress: bool = False) -> dict:
+    """``{"name", "run_dir", "seed_eval", "mask_eval", "seed_miou", "seed_fpr", "seed_fnr", "threshold",
+    "mask_miou", "mask_fpr", "mask_fnr"}`` of one run; numbers are fractions or None when absent."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    if compute:
+        compute_missing_evals(run_dir, cfg, run_dataset(cfg), progress)
+    evals = load_evals(run_dir)
+    out = {"name": run_dir.name, "run_dir": str(run_dir), "seed_eval": None, "mask_eval": None}
+    out.update({k: None for k in ("seed_miou", "seed_fpr", "seed_fnr", "threshold", "mask_miou", "mask_fpr",
+                                  "mask_fnr")})
+    seeds = pick_eval(evals, "seeds")
+    if seeds is not None:
+        s = eval_scores(seeds[1])
+        out.update(seed_eval=f"eval/{seeds[0]}.json", seed_miou=s["miou"], seed_fpr=s["fpr"], seed_fnr=s["fnr"],
+                   threshold=s["threshold"])
+    masks = pick_eval(evals, "masks")
+    if masks is not None:
+        s = eval_scores(masks[1])
+        out.update(mask_eval=f"eval/{masks[0]}.json", mask_miou=s["miou"], mask_fpr=s["fpr"], mask_fnr=s["fnr"])
+    return out
+
+
+def compare_runs(run_dirs, compute: bool = True, progress: bool = False) -> list[dict]:
+    """``run_summary`` of each run, in the given order (the first is the base of the deltas)."""
+    run_dirs = [Path(r) for r in run_dirs]
+    if not run_dirs:
+        raise ConfigError("fsae compare: give at least one run directory")
+    summaries = [run_summary(r, compute, progress) for r in run_dirs]
+    names = [s["name"] for s in summaries]
+    if len(set(names)) < len(names):  # same folder name in different places: show the paths
+        for s in summaries:
+            s["name"] = s["run_dir"]
+    return summaries
+
+
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _cell(key: str, value, base) -> str:
+    if _missing(value):
+        return "n/a"
+    if key == "threshold":
+        return f"{value:.2f}"
+    text = f"{100 * value:.1f}"
+    if base is not None and not _missing(base):
+        text += f" ({100 * (value - base):+.1f})"
+    return text
+
+
+def compare_table(summaries: list[dict]) -> dict:
+    """``{"header", "rows"}``: one row per run; a column is kept when some run has a value for it."""
+    columns = [(k, title) for k, title in COLUMNS if any(not _missing(s[k]) for s in summaries)]
+    base = summaries[0]
+    rows = []
+    for i, s in enumerate(summaries):
+        rows.append([s["name"], *(_cell(k, s[k], base[k] if i else None) for k, _ in columns)])
+    return {"header": ["Run", *(title for _, title in columns)], "rows": rows}
+
+
+def compare_markdown(summaries: list[dict]) -> str:
+    """The table as markdown, with a line saying what the deltas are against."""
+    table = compare_table(summaries)
+    note = (f"Percent; (+x) = difference from the first run, {summaries[0]['name']}. Seeds at their best "
+            f"background threshold.")
+    return markdown_table(table["header"], table["rows"]) + "\n\n" + note + "\n"
