@@ -1,0 +1,88 @@
+"""The IRN stage from seeds to pseudo-masks: IR labels -> boundary network -> random walk.
+
+``run_irn(run_dir, cfg)`` reads ``run_dir/seeds/<id>.npz`` and the images, and writes::
+
+    run_dir/ir_labels/<id>.png     IR labels (0 bg, 1..C, 255 ignore)
+    run_dir/irn/irn.pt             boundary network checkpoint; irn/config.yaml the resolved IRN config
+    run_dir/irn_masks/<id>.png     pseudo-masks (0 bg, 1..C)
+
+Every step skips finished work on a rerun and writes atomically.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from fsae.augment import normalize
+from fsae.errors import DataError
+from fsae.evaluate import load_seed
+from fsae.infer import to_tensor_image
+from fsae.io import read_image, write_mask
+from fsae.refine.irn.config import IRNConfig, save_irn_config
+from fsae.refine.irn.ir_labels import make_ir_labels
+from fsae.refine.irn.network import FEATURE_STRIDE, BoundaryNet, boundary_map
+from fsae.refine.irn.train import load_boundary_net, train_irn
+from fsae.refine.irn.walk import propagate, strided_cams, walk_to_mask
+
+
+def pseudo_mask(model: BoundaryNet, image: np.ndarray, keys: np.ndarray, cams: np.ndarray, cfg: IRNConfig,
+                device: str | torch.device = "cpu") -> np.ndarray:
+    """One image's IRN pseudo-mask. Shape: image (H, W, 3) uint8, keys (K,), cams (K, H, W) -> (H, W) uint8."""
+    height, width = image.shape[:2]
+    if cams.shape[1:] != (height, width):
+        raise ValueError(f"CAM size {cams.shape[1:]} does not match image size {(height, width)}")
+    if len(keys) == 0:
+        return np.zeros((height, width), dtype=np.uint8)
+    boundary = boundary_map(model, normalize(to_tensor_image(image)).to(device), pad_to=cfg.train.crop_size)
+    small = strided_cams(torch.from_numpy(cams).float().to(device), tuple(boundary.shape))
+    walked = propagate(small, boundary, cfg.walk.radius, cfg.walk.beta, cfg.walk.exp_times)
+    return walk_to_mask(walked, keys, (height, width), cfg.walk.bg_threshold, FEATURE_STRIDE)
+
+
+@torch.no_grad()
+def make_pseudo_masks(model: BoundaryNet, seed_dir: str | os.PathLike, image_dir: str | os.PathLike,
+                      out_dir: str | os.PathLike, ids: Iterable[str], cfg: IRNConfig, progress: bool = True,
+                      image_ext: str = ".jpg") -> dict[str, Any]:
+    """Random-walk pseudo-masks ``out_dir/<id>.png`` for the seeds; finished ids are skipped."""
+    ids = [str(i) for i in ids]
+    seed_dir, image_dir, out_dir = Path(seed_dir), Path(image_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    model.eval()
+    todo = [i for i in ids if not (out_dir / f"{i}.png").is_file()]
+    for image_id in tqdm(todo, desc="irn masks", disable=not progress):
+        keys, cams = load_seed(seed_dir / f"{image_id}.npz")
+        image_path = image_dir / f"{image_id}{image_ext}"
+        image = read_image(image_path)
+        if image.shape[:2] != cams.shape[1:]:
+            raise DataError(f"{seed_dir / (image_id + '.npz')}: CAM size {cams.shape[1:]} does not match image "
+                            f"{image_path} size {image.shape[:2]}")
+        write_mask(out_dir / f"{image_id}.png", pseudo_mask(model, image, keys, cams, cfg, device))
+    return {"total": len(ids), "written": len(todo), "skipped": len(ids) - len(todo), "out_dir": str(out_dir)}
+
+
+def run_irn(run_dir: str | os.PathLike, cfg: IRNConfig, image_dir: str | os.PathLike,
+            ids: list[str] | None = None, seed_dir: str | os.PathLike | None = None,
+            progress: bool = True, image_ext: str = ".jpg") -> dict[str, Any]:
+    """All three IRN steps for a run directory (module docstring). ``ids`` default: every seed file."""
+    run_dir = Path(run_dir)
+    seed_dir = Path(seed_dir) if seed_dir else run_dir / "seeds"
+    if ids is None:
+        ids = sorted(p.stem for p in seed_dir.glob("*.npz"))
+    if not ids:
+        raise DataError(f"{seed_dir}: no seed files; run `fsae cam {run_dir}` first")
+    label_dir, irn_dir, mask_dir = run_dir / "ir_labels", run_dir / "irn", run_dir / "irn_masks"
+    lc = cfg.ir_label
+    labels = make_ir_labels(seed_dir, image_dir, label_dir, ids, lc.fg_threshold, lc.bg_threshold, lc.gt_prob,
+                            workers=lc.workers, progress=progress, image_ext=image_ext, **lc.crf_params())
+    checkpoint = train_irn(cfg, image_dir, label_dir, ids, irn_dir / "irn.pt", progress, image_ext)
+    save_irn_config(cfg, irn_dir / "config.yaml")
+    model = load_boundary_net(checkpoint, cfg, cfg.device)
+    masks = make_pseudo_masks(model, seed_dir, image_dir, mask_dir, ids, cfg, progress, image_ext)
+    return {"ir_labels": labels, "checkpoint": str(checkpoint), "masks": masks}

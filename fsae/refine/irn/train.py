@@ -1,0 +1,179 @@
+"""Training the boundary branch on IR labels (IRN ``train_irn``, without the displacement branch).
+
+A sample (``AffinityCrops``, IRN's ``VOC12AffinityDataset``): the image and its IR label rescaled by a
+random factor in ``scale_range`` (bicubic / nearest, PIL), flipped, normalised, randomly cropped to
+``crop_size`` (image padded with 0, label with 255), and the label reduced to stride 4 (nearest); the
+pair labels (``affinity_labels``) are made from that reduced label in the training step.
+
+Loop: SGD on the branch only (the backbone is frozen), ``lr`` with poly decay over all steps,
+``affinity_loss`` on ``affinity_from_boundary(sigmoid(logits))``. The checkpoint (``irn.pt``, atomic)
+is written after each epoch; a rerun continues from it, or returns at once when it is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from fsae.augment import normalize
+from fsae.errors import CheckpointError, DataError
+from fsae.infer import to_tensor_image
+from fsae.io import atomic_write, read_image, read_mask
+from fsae.labels import IGNORE_INDEX
+from fsae.refine.irn.affinity import affinity_from_boundary, affinity_labels, affinity_loss
+from fsae.refine.irn.config import IRNConfig
+from fsae.refine.irn.network import FEATURE_STRIDE, BoundaryNet
+
+
+def _rescale(array: np.ndarray, scale: float, resample: int) -> np.ndarray:
+    h, w = array.shape[:2]
+    size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
+    if size == (w, h):
+        return array
+    return np.asarray(Image.fromarray(array).resize(size, resample))
+
+
+class AffinityCrops(Dataset):
+    """Images + IR labels -> training crops (module docstring).
+
+    A sample: ``image`` (3, S, S) float normalised, ``label`` (S/4, S/4) int64 label space (255 ignore).
+    """
+
+    def __init__(self, image_dir: str | os.PathLike, label_dir: str | os.PathLike, ids: list[str],
+                 crop_size: int, scale_range: tuple[float, float] = (0.5, 1.5), hflip: bool = True,
+                 image_ext: str = ".jpg"):
+        if crop_size % FEATURE_STRIDE:
+            raise ValueError(f"crop_size must be a multiple of {FEATURE_STRIDE}, got {crop_size}")
+        if not ids:
+            raise DataError(f"{label_dir}: no IR labels to train on")
+        self.image_dir, self.label_dir = Path(image_dir), Path(label_dir)
+        self.ids, self.crop_size = list(ids), crop_size
+        self.scale_range, self.hflip, self.image_ext = tuple(scale_range), hflip, image_ext
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        image_id = self.ids[index]
+        image = read_image(self.image_dir / f"{image_id}{self.image_ext}")
+        label_path = self.label_dir / f"{image_id}.png"
+        label = read_mask(label_path)
+        if label.shape != image.shape[:2]:
+            raise DataError(f"{label_path}: IR label size {label.shape} does not match its image {image.shape[:2]}")
+        lo, hi = self.scale_range
+        scale = lo + random.random() * (hi - lo)
+        image = _rescale(image, scale, Image.BICUBIC)
+        label = _rescale(label, scale, Image.NEAREST)
+        if self.hflip and random.random() < 0.5:
+            image, label = image[:, ::-1], label[:, ::-1]
+        x = normalize(to_tensor_image(np.array(image)))  # a writable copy (PIL arrays are read-only)
+        y = torch.from_numpy(np.array(label)).long()
+        s = self.crop_size
+        h, w = y.shape
+        # pad to at least the crop (image 0 after normalisation, label ignore), then a random crop
+        x = torch.nn.functional.pad(x, (0, max(0, s - w), 0, max(0, s - h)), value=0.0)
+        y = torch.nn.functional.pad(y, (0, max(0, s - w), 0, max(0, s - h)), value=IGNORE_INDEX)
+        top = random.randint(0, y.shape[0] - s)
+        left = random.randint(0, y.shape[1] - s)
+        x, y = x[:, top:top + s, left:left + s], y[top:top + s, left:left + s]
+        small = Image.fromarray(y.numpy().astype(np.uint8)).resize((s // FEATURE_STRIDE,) * 2, Image.NEAREST)
+        return {"id": image_id, "image": x, "label": torch.from_numpy(np.asarray(small, dtype=np.int64))}
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def train_step(model: BoundaryNet, images: torch.Tensor, labels: torch.Tensor, radius: int) -> dict[str, torch.Tensor]:
+    """Loss terms of one batch. Shape: images (B, 3, S, S), labels (B, S/4, S/4)."""
+    boundary = torch.sigmoid(model(images))[:, 0]
+    affinity = affinity_from_boundary(boundary, radius)
+    return affinity_loss(affinity, *affinity_labels(labels, radius))
+
+
+def train_irn(cfg: IRNConfig, image_dir: str | os.PathLike, label_dir: str | os.PathLike, ids: list[str],
+              checkpoint: str | os.PathLike, progress: bool = True, image_ext: str = ".jpg") -> Path:
+    """Train the boundary branch on ``label_dir/<id>.png`` IR labels; write ``checkpoint`` (atomic).
+
+    Resumes from ``checkpoint`` (after its last finished epoch) when it was trained with the same config
+    hash; returns at once when all epochs are done.
+    """
+    tc = cfg.train
+    checkpoint = Path(checkpoint)
+    device = torch.device(cfg.device)
+    torch.manual_seed(tc.seed)
+    random.seed(tc.seed)
+    np.random.seed(tc.seed)
+    model = BoundaryNet(cfg.net.backbone, cfg.net.weights, cfg.net.branch_width, cfg.net.freeze_backbone).to(device)
+    dataset = AffinityCrops(image_dir, label_dir, ids, tc.crop_size, tuple(tc.scale_range), tc.hflip, image_ext)
+    if len(dataset) < tc.batch_size:
+        raise DataError(f"{label_dir}: {len(dataset)} IR labels for a batch of {tc.batch_size}; "
+                        f"lower train.batch_size")
+    generator = torch.Generator().manual_seed(tc.seed)
+    loader = DataLoader(dataset, batch_size=tc.batch_size, shuffle=True, drop_last=True, num_workers=tc.workers,
+                        generator=generator, worker_init_fn=_seed_worker)
+    total_steps = len(loader) * tc.epochs
+    optimizer = torch.optim.SGD(model.trainable_parameters(), lr=tc.lr, momentum=tc.momentum,
+                                weight_decay=tc.weight_decay)
+    start_epoch, step = 0, 0
+    if checkpoint.is_file():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        if state.get("config_hash") != cfg.hash():
+            raise CheckpointError(f"{checkpoint}: trained with other IRN settings (hash {state.get('config_hash')} "
+                                  f"!= {cfg.hash()}); delete it or use another run directory")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, step = state["epoch"], state["step"]
+        if start_epoch >= tc.epochs:
+            return checkpoint
+        random.setstate(state["py_random"])
+        torch.set_rng_state(state["torch_random"])
+        generator.set_state(state["loader_random"])
+
+    model.train()
+    bar = tqdm(total=total_steps, initial=step, desc="irn train", disable=not progress)
+    for epoch in range(start_epoch, tc.epochs):
+        for batch in loader:
+            lr = tc.lr * (1 - step / total_steps) ** tc.poly_power
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            terms = train_step(model, batch["image"].to(device), batch["label"].to(device), tc.radius)
+            if not torch.isfinite(terms["total"]):
+                raise FloatingPointError(f"IRN loss is {terms['total'].item()} at step {step} (images {batch['id']})")
+            optimizer.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            optimizer.step()
+            step += 1
+            bar.update()
+            bar.set_postfix(loss=f"{terms['total'].item():.3f}", neg=f"{terms['neg'].item():.3f}")
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                 "step": step, "config_hash": cfg.hash(), "config": cfg.to_dict(),
+                 "py_random": random.getstate(), "torch_random": torch.get_rng_state(),
+                 "loader_random": generator.get_state()}
+        atomic_write(checkpoint, lambda tmp: torch.save(state, tmp))
+    bar.close()
+    return checkpoint
+
+
+def load_boundary_net(checkpoint: str | os.PathLike, cfg: IRNConfig, device: str | torch.device = "cpu") -> BoundaryNet:
+    """The trained boundary network of ``checkpoint`` (eval mode)."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise CheckpointError(f"{checkpoint}: IRN checkpoint not found; train it first (`fsae irn RUN_DIR`)")
+    try:
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - report any read failure with the file name
+        raise CheckpointError(f"{checkpoint}: cannot read the IRN checkpoint ({exc})") from exc
+    net = state.get("config", {}).get("net", {})
+    model = BoundaryNet(net.get("backbone", cfg.net.backbone), None, net.get("branch_width", cfg.net.branch_width))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval()

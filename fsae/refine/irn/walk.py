@@ -1,0 +1,108 @@
+"""Random-walk propagation of CAMs with the affinities of the class-boundary map (IRN Sec. 3.4, eq. 6).
+
+On the stride-4 grid of ``N = h * w`` pixels:
+
+1. ``A`` (N, N): the affinity of every pair within ``radius`` (5 at inference in IRN), from the boundary
+   map (``affinity_from_boundary``), symmetric, ``A[p, p] = 1``, zero beyond the radius.
+2. ``P = D^-1 A^beta`` with ``D = diag(row sums of A^beta)``: the row-stochastic transition matrix
+   (``A^beta`` element-wise, beta = 10). IRN writes ``T = A^beta D^-1`` (columns sum to 1) and computes
+   ``x T``; as ``A`` is symmetric, ``T = P^T`` and ``x T^n = (P^n x^T)^T``: the same numbers.
+3. ``P^(2^exp_times)`` by squaring ``exp_times`` times (IRN: exp_times = 8, a walk of 256 steps).
+4. The CAMs, multiplied by ``1 - boundary`` (IRN), propagate: ``v = P^(2^exp_times) x`` per class.
+
+Pseudo-mask (``walk_to_mask``): the propagated maps are upsampled x4 (bilinear), divided by their global
+maximum, a constant background plane ``bg_threshold`` (IRN's sem_seg_bg_thres = 0.25) goes in front, and
+the argmax is mapped to the label space ``[0, keys...]``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fsae.refine.irn.affinity import affinity_from_boundary, pair_set, pair_valid
+
+
+def dense_affinity(boundary: torch.Tensor, radius: int) -> torch.Tensor:
+    """Affinity matrix of all pixel pairs within ``radius``: symmetric, ones on the diagonal.
+
+    Shape: boundary (h, w) in [0, 1] -> (h*w, h*w); pixels are numbered row-major.
+    """
+    h, w = boundary.shape
+    n = h * w
+    aff = affinity_from_boundary(boundary[None], radius)[0]  # (D, h, w)
+    valid = pair_valid((h, w), radius, boundary.device)
+    directions = torch.as_tensor(pair_set(radius).directions, device=boundary.device)
+    ys, xs = torch.meshgrid(torch.arange(h, device=boundary.device), torch.arange(w, device=boundary.device),
+                            indexing="ij")
+    src = (ys * w + xs).expand_as(valid)  # (D, h, w)
+    dst = src + (directions[:, 0] * w + directions[:, 1])[:, None, None]
+    src, dst, values = src[valid], dst[valid], aff[valid]
+    dense = torch.eye(n, dtype=boundary.dtype, device=boundary.device)
+    dense[src, dst] = values
+    dense[dst, src] = values
+    return dense
+
+
+def transition_matrix(affinity: torch.Tensor, beta: float) -> torch.Tensor:
+    """Row-stochastic ``P = D^-1 A^beta``. Shape: (N, N) -> (N, N), rows sum to 1."""
+    scaled = affinity.pow(beta)
+    return scaled / scaled.sum(dim=1, keepdim=True)
+
+
+def random_walk(values: torch.Tensor, transition: torch.Tensor, exp_times: int) -> torch.Tensor:
+    """``P^(2^exp_times) v`` for each row ``v`` of ``values``, the power by repeated squaring.
+
+    Shape: values (K, N), transition (N, N) -> (K, N).
+    """
+    power = transition
+    for _ in range(exp_times):
+        power = power @ power
+    return values @ power.T
+
+
+@torch.no_grad()
+def propagate(cams: torch.Tensor, boundary: torch.Tensor, radius: int = 5, beta: float = 10.0,
+              exp_times: int = 8) -> torch.Tensor:
+    """Random walk of the CAMs on the boundary map's affinities (module docstring, steps 1-4).
+
+    Shape: cams (K, h, w), boundary (h, w) in [0, 1] -> (K, h, w).
+    """
+    k, h, w = cams.shape
+    if boundary.shape != (h, w):
+        raise ValueError(f"boundary {tuple(boundary.shape)} and CAMs {tuple(cams.shape)} differ in size")
+    transition = transition_matrix(dense_affinity(boundary, radius), beta)
+    values = (cams * (1 - boundary)).reshape(k, h * w)
+    return random_walk(values, transition, exp_times).reshape(k, h, w)
+
+
+def strided_cams(cams: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Full-resolution seed CAMs -> the stride-4 grid, each class max-normalised again (IRN's 'cam').
+
+    Shape: (K, H, W) -> (K, h, w) with (h, w) = ``size``; bilinear, area-antialiased.
+    """
+    if cams.shape[0] == 0:
+        return cams.new_zeros((0, *size))
+    small = F.interpolate(cams[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+    return small / (small.flatten(1).amax(dim=1)[:, None, None] + 1e-5)
+
+
+def walk_to_mask(walked: torch.Tensor, keys: np.ndarray, image_size: tuple[int, int], bg_threshold: float,
+                 stride: int = 4) -> np.ndarray:
+    """Propagated CAMs -> label-space pseudo-mask (IRN's make_sem_seg_labels).
+
+    Shape: walked (K, h, w), keys (K,) in 1..C -> (H, W) uint8 with values in {0} U keys. Upsampled by
+    ``stride`` (bilinear) and cropped to ``image_size``, divided by the global maximum, background plane
+    ``bg_threshold`` in front, argmax (ties to background).
+    """
+    height, width = image_size
+    if walked.shape[0] == 0:
+        return np.zeros(image_size, dtype=np.uint8)
+    up = F.interpolate(walked[None], scale_factor=stride, mode="bilinear", align_corners=False)[0, :, :height, :width]
+    peak = up.max()
+    if not bool(peak > 0):
+        return np.zeros(image_size, dtype=np.uint8)
+    scores = torch.cat([torch.full_like(up[:1], bg_threshold), up / peak])
+    labels = np.concatenate([[0], np.asarray(keys)]).astype(np.uint8)
+    return labels[scores.argmax(dim=0).cpu().numpy()]
