@@ -1,0 +1,315 @@
+"""Never lose work: SIGKILL mid-run then resume (train, cam, crf); NaN steps skipped; bad inputs named.
+
+The SIGKILL runs are real ``fsae`` subprocesses that kill themselves (``os.kill(getpid(), SIGKILL)``: no
+cleanup, no ``finally``) at a fixed point: while an output file is half written (its temp file exists,
+the rename has not happened), so the test lands mid-run on every machine, however fast.
+"""
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fsae.cli import main as cli
+from fsae.config import Config, save_config
+from fsae.data.synthetic import SyntheticSpec, generate
+from fsae.io import read_mask, write_mask
+from fsae.methods.cam import CAM
+from fsae.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Run ``fsae ARGS`` with MODULE.ATTR (an atomic_write) replaced: its N-th call writes the temp file and
+# then SIGKILLs the process before the rename.
+KILLER = """
+import importlib, os, signal, sys
+module_name, attr, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+module = importlib.import_module(module_name)
+real, calls = getattr(module, attr), []
+
+def killing_write(path, write_fn):
+    calls.append(path)
+    if len(calls) < n:
+        return real(path, write_fn)
+
+    def write_then_die(tmp):
+        write_fn(tmp)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    return real(path, write_then_die)
+
+setattr(module, attr, killing_write)
+from fsae.cli import main
+sys.exit(main(sys.argv[4:]))
+"""
+
+
+def tiny_data(root: Path) -> Path:
+    """16 train / 4 val images of 32 x 32 px in the VOC layout."""
+    spec = SyntheticSpec(num_train=16, num_val=4, image_size=32, body_axes=(6.0, 9.0), part_radius=(1.5, 2.5),
+                         stripe_period=(4.0, 6.0), clutter_axes=(3.0, 5.0), seed=1)
+    return generate(root, spec, progress=False)
+
+
+def tiny_config(root) -> Config:
+    cfg = Config()
+    cfg.data.root, cfg.data.num_classes, cfg.data.crop_size, cfg.data.long_side = str(root), 4, 32, None
+    cfg.data.val_split = ""
+    cfg.model.width = 8
+    cfg.fsae.enabled, cfg.fsae.start_epoch = True, 0
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.log_every = 1, 4, 1
+    cfg.train.val_every, cfg.train.tensorboard = 0, False
+    cfg.infer.scales = [1.0, 0.5]
+    return cfg
+
+
+def run_killed(tmp_path: Path, target: str, n: int, *fsae_args: str) -> subprocess.CompletedProcess:
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    module, attr = target.rsplit(".", 1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(script), module, attr, str(n), *fsae_args], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, f"expected death by SIGKILL, got {proc.returncode}: {proc.stderr[-2000:]}"
+    return proc
+
+
+def array_digest(path: Path) -> str:
+    """Hash of a seed file's arrays (np.savez stamps the zip members with the write time)."""
+    with np.load(path) as data:
+        return hashlib.sha256(b"".join(data[k].tobytes() for k in sorted(data.files))).hexdigest()
+
+
+def outputs(folder: Path, suffix: str) -> list[Path]:
+    return sorted(p for p in folder.glob(f"*{suffix}") if not p.name.startswith("."))
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return tiny_data(tmp_path_factory.mktemp("fault_data"))
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same float summation order as the OMP_NUM_THREADS=1 subprocesses
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(False)
+
+
+@pytest.fixture(scope="module")
+def trained_run(data_root, tmp_path_factory):
+    run = tmp_path_factory.mktemp("fault_run") / "run"
+    train(tiny_config(data_root), run, progress=False)
+    assert cli(["cam", str(run)]) == 0
+    return run
+
+
+# ---------------------------------------------------------------------------------------- SIGKILL
+
+
+def test_training_killed_mid_epoch_resumes_to_the_same_weights(data_root, tmp_path, one_thread):
+    cfg = tiny_config(data_root)
+    cfg.train.epochs, cfg.train.checkpoint_every, cfg.train.deterministic = 3, 3, True
+    straight = torch.load(train(cfg, tmp_path / "straight", progress=False), weights_only=True)
+    assert straight["step"] == 12  # 4 steps an epoch; checkpoints at steps 3, 4, 6, 8, 9, 12
+
+    save_config(cfg, tmp_path / "cfg.yaml")
+    run = tmp_path / "killed"
+    # Killed while writing the 4th checkpoint (step 8): last.pt still holds step 6, mid-epoch 2.
+    run_killed(tmp_path, "fsae.train.atomic_write", 4, "train", str(tmp_path / "cfg.yaml"), "--out", str(run))
+    left = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert left["step"] == 6 and left["epoch"] == 1
+    assert [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".last.pt")]  # the half write
+    with open(run / "metrics.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 9))  # logged past the checkpoint
+
+    resumed = torch.load(train(cfg, run, progress=False), weights_only=True)
+    assert resumed["step"] == 12
+    for key, value in straight["model"].items():
+        torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=0, msg=key)
+    for key, value in straight["optimizer"]["state"].items():
+        torch.testing.assert_close(resumed["optimizer"]["state"][key], value, rtol=0, atol=0)
+    # The logs continue where the checkpoint was: rows 7 and 8 of the killed run are not doubled.
+    assert (run / "metrics.csv").read_text() == (tmp_path / "straight" / "metrics.csv").read_text()
+    with open(run / "epochs.csv") as f:
+        assert [(r["epoch"], r["step"]) for r in csv.DictReader(f)] == [("1", "4"), ("2", "8"), ("3", "12")]
+
+
+def test_cam_killed_mid_write_resumes_to_the_same_seeds(trained_run, tmp_path):
+    out = tmp_path / "seeds"
+    run_killed(tmp_path, "fsae.infer.atomic_write", 6, "cam", str(trained_run), "--out", str(out))
+    done = outputs(out, ".npz")
+    assert len(done) == 5 and all(array_digest(p) for p in done)  # five whole files, none half written
+    assert len(list(out.glob(".*"))) == 1  # the sixth is only a hidden temp file
+    assert cli(["cam", str(trained_run), "--out", str(out)]) == 0
+    expected = outputs(trained_run / "seeds", ".npz")
+    assert [p.name for p in outputs(out, ".npz")] == [p.name for p in expected] and len(expected) == 16
+    for path in expected:
+        assert array_digest(out / path.name) == array_digest(path), path.name
+
+
+def test_crf_killed_mid_write_resumes_to_the_same_masks(trained_run, data_root, tmp_path):
+    common = ["--seeds", str(trained_run / "seeds"), "--images", str(data_root / "JPEGImages"),
+              "--threshold", "0.3", "--workers", "1"]
+    assert cli(["crf", *common, "--out", str(tmp_path / "straight")]) == 0
+    out = tmp_path / "crf"
+    run_killed(tmp_path, "fsae.io.atomic_write", 4, "crf", *common, "--out", str(out))
+    assert len(outputs(out, ".png")) == 3 and len(list(out.glob(".*"))) == 1
+    assert cli(["crf", *common, "--out", str(out)]) == 0
+    one = {p.name: p.read_bytes() for p in outputs(tmp_path / "straight", ".png")}
+    two = {p.name: p.read_bytes() for p in outputs(out, ".png")}
+    assert len(one) == 16 and one == two
+
+
+# ---------------------------------------------------------------------------------------- NaN / Inf
+
+
+def test_skip_nonfinite_counts_skipped_steps_and_leaves_the_weights(data_root, tmp_path, monkeypatch):
+    cfg = tiny_config(data_root)
+    cfg.train.epochs, cfg.train.batch_size = 2, 8  # 2 steps an epoch
+    saved = {}
+    real_save = __import__("fsae.train", fromlist=["save_checkpoint"]).save_checkpoint
+
+    def keep(path, state):
+        saved[state["epoch"]] = {k: v.clone() for k, v in state["model"].items()}
+        real_save(path, state)
+
+    monkeypatch.setattr("fsae.train.save_checkpoint", keep)
+    train(cfg, tmp_path / "clean", progress=False)
+
+    original, calls = CAM.losses, []
+
+    def nan_in_epoch_two(self, batch, output):
+        calls.append(1)
+        terms = original(self, batch, output)
+        if len(calls) > 2:  # every step of the second epoch
+            terms["cls"] = terms["cls"] * float("inf")
+        return terms
+
+    monkeypatch.setattr(CAM, "losses", nan_in_epoch_two)
+    cfg.train.skip_nonfinite = True
+    final = torch.load(train(cfg, tmp_path / "skipping", progress=False), weights_only=True)
+    with open(tmp_path / "skipping" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["skipped"] for r in rows] == ["0", "0", "1", "2"] and final["skipped"] == 2
+    assert rows[-1]["loss"] == "inf"  # logged as it was
+    # No update after epoch one: the parameters are those of the clean run's first epoch (same steps, same
+    # learning rates); BatchNorm running statistics still move, the forward passes did happen.
+    params = {name for name, _ in CAM(4, width=8, output_stride=8, background="constant").named_parameters()}
+    for name in params:
+        torch.testing.assert_close(final["model"][name], saved[1][name], rtol=0, atol=0, msg=name)
+
+
+# ---------------------------------------------------------------------------------------- bad inputs
+
+
+def _corrupt_jpeg(root):
+    path = root / "JPEGImages" / "train_00005.jpg"
+    path.write_bytes(bytes(range(256)) * 4)
+    return path, "cannot read image"
+
+
+def _truncated_png(root):
+    path = root / "SegmentationClass" / "train_00006.png"
+    path.write_bytes(path.read_bytes()[:60])
+    return path, "cannot read mask"
+
+
+def _label_vector(root):
+    path = root / "cls_labels.json"
+    labels = json.loads(path.read_text())
+    labels["train_00003"] = [0, 1, 0, 0]  # a multi-hot vector instead of class numbers
+    path.write_text(json.dumps(labels))
+    return path, "train_00003"
+
+
+def _mask_value(root):
+    path = root / "SegmentationClass" / "train_00007.png"
+    mask = read_mask(path)
+    mask[0, 0] = 9
+    write_mask(path, mask)
+    return path, "[9] are outside 0..4"
+
+
+def _empty_list(root):
+    path = root / "ImageSets" / "Segmentation" / "train.txt"
+    path.write_text("\n")
+    return path, "image list is empty"
+
+
+def _file_in_the_way(root):
+    blocker = root.parent / "blocker"
+    blocker.write_text("a file where the output folder should go")
+    return blocker / "out", "cannot create the output folder"
+
+
+def _read_only_folder(root):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    folder = root.parent / "read_only"
+    folder.mkdir()
+    folder.chmod(0o500)
+    return folder / "out", "cannot create the output folder"
+
+
+def _stage_command(stage, run, root, out, tmp_path):
+    """The CLI call of ``stage`` on the (damaged) data set ``root``, writing to ``out``."""
+    ids = root / "ImageSets" / "Segmentation" / "train.txt"
+    if stage == "train":
+        save_config(tiny_config(root), tmp_path / "cfg.yaml")
+        return ["train", str(tmp_path / "cfg.yaml"), "--out", str(out)]
+    if stage == "cam":
+        return ["cam", str(run), "--out", str(out), "--set", f"data.root={root}"]
+    if stage == "crf":
+        return ["crf", "--seeds", str(run / "seeds"), "--images", str(root / "JPEGImages"), "--out", str(out),
+                "--ids", str(ids), "--threshold", "0.3", "--workers", "1"]
+    return ["eval", "--seeds", str(run / "seeds"), "--gt", str(root / "SegmentationClass"), "--ids", str(ids),
+            "--num-classes", "4", "--out", str(out / "eval.json")]
+
+
+@pytest.mark.parametrize("stage, damage", [
+    ("train", _corrupt_jpeg), ("train", _truncated_png), ("train", _label_vector), ("train", _mask_value),
+    ("train", _empty_list), ("train", _file_in_the_way), ("train", _read_only_folder),
+    ("cam", _corrupt_jpeg), ("cam", _label_vector), ("cam", _empty_list), ("cam", _file_in_the_way),
+    ("crf", _corrupt_jpeg), ("crf", _empty_list), ("crf", _file_in_the_way), ("crf", _read_only_folder),
+    ("eval", _truncated_png), ("eval", _mask_value), ("eval", _empty_list), ("eval", _file_in_the_way),
+])
+def test_bad_input_stops_with_one_error_naming_the_file(stage, damage, trained_run, data_root, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(data_root, root)
+    out = tmp_path / "out"
+    path, words = damage(root)
+    if path.name == "out":  # the damage is to the output folder
+        out = path
+    code = cli(_stage_command(stage, trained_run, root, out, tmp_path))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("fsae: error:") == 1 and "Traceback" not in err, err
+    message = err[err.index("fsae: error:"):]  # after any progress bar
+    assert str(path) in message and words in message, message
+    # Nothing half written: any output file there is whole.
+    for png in outputs(out, ".png") if out.is_dir() else []:
+        Image.open(png).load()
+
+
+def test_resume_refusal_names_the_changed_fields():
+    from fsae.train import config_changes
+
+    saved = Config().to_dict()
+    cfg = Config()
+    cfg.name, cfg.fsae.tau_fae, cfg.train.epochs = "other name", 0.9, 4
+    assert config_changes(saved, cfg) == "fsae.tau_fae 0.95 -> 0.9, train.epochs 15 -> 4"
+    cfg.optim.lr, cfg.optim.momentum, cfg.data.crop_size = 0.5, 0.5, 16
+    assert config_changes(saved, cfg, limit=2) == ("data.crop_size 128 -> 16, fsae.tau_fae 0.95 -> 0.9, ... "
+                                                   "(5 fields)")
