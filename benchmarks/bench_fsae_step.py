@@ -24,22 +24,26 @@ from fsae.data.voc import VOCDataset
 from fsae.demo import demo_config
 from fsae.fsae import fsae_loss, mask_absent_classes
 from fsae.methods import build_method
-from fsae.train import TrainViews, build_optimizer, downsample_nearest, seed_everything, train
+from fsae.distributed import ResumableSampler
+from fsae.train import (TrainViews, build_optimizer, downsample_nearest, image_generators, per_image,
+                        seed_everything, train)
 
 MODES = ("base", "reuse", "separate")
 FLOORS = {"reuse": 2.0, "separate": 7 / 3}
 
 
-def train_step(model, optimizer, batch: dict, cfg, aug_gen: torch.Generator, mode: str) -> dict[str, float]:
-    """One step of ``fsae.train.train`` (CPU): ``mode`` is "base" (FSAE off) or the FSAE teacher."""
+def train_step(model, optimizer, batch: dict, cfg, generators: list, mode: str) -> dict[str, float]:
+    """One step of ``fsae.train.train`` (CPU): ``mode`` is "base" (FSAE off) or the FSAE teacher;
+    ``generators``: one colour-augmentation generator per image (``fsae.train.image_generators``)."""
     fs = cfg.fsae
     images, labels = batch["image"], batch["label"]
-    x_s = weak_view(images, aug_gen, jitter=cfg.data.jitter)
+    x_s = per_image(weak_view, images, generators, jitter=cfg.data.jitter)
     source = normalize(x_s)
     out_s = model(source, labels)
     terms = model.losses({**batch, "label": labels}, out_s)
     if mode != "base":
-        x_t = strong_view(x_s, aug_gen, num_ops=fs.strong_ops, blur_sigma=tuple(fs.blur), blur_prob=fs.blur_prob)
+        x_t = per_image(strong_view, x_s, generators, num_ops=fs.strong_ops, blur_sigma=tuple(fs.blur),
+                        blur_prob=fs.blur_prob)
         out_t = model(normalize(x_t), labels)
         if mode == "reuse":
             teacher = out_s.score_map.detach()
@@ -82,13 +86,13 @@ def check_against_train(data_root: Path, split: str, mode: str, workdir: Path) -
     # Replay train()'s set-up: seeds, loader, model, optimizer, augmentation generator.
     seed_everything(cfg.train.seed)
     views = TrainViews(VOCDataset(data_root, split, num_classes=4), cfg.data, cfg.train.seed)
-    loader = DataLoader(views, batch_size=n, shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(cfg.train.seed))
+    sampler = ResumableSampler(views, n, seed=cfg.train.seed)
+    sampler.set_epoch(0)
     model = build_method(cfg.model, cfg.data.num_classes)
     optimizer = build_optimizer(model, cfg.optim)
     model.train()
-    aug_gen = torch.Generator().manual_seed(cfg.train.seed + 1)
-    ours = train_step(model, optimizer, next(iter(loader)), cfg, aug_gen, mode)
+    batch = next(iter(DataLoader(views, batch_size=n, sampler=sampler, drop_last=True)))  # after the model's init
+    ours = train_step(model, optimizer, batch, cfg, image_generators(cfg.train.seed, 0, batch["index"]), mode)
     keys = ["loss", "cls"] + ([] if mode == "base" else ["fsae"])
     worst = max(abs(ours[k] - float(logged[k])) / max(abs(float(logged[k])), 1e-8) for k in keys)
     check_equal(f"training step ({mode}) vs fsae.train.train", worst <= 2e-5,
@@ -112,7 +116,7 @@ def run(batch_size: int = 32, repeats: int = 5, workdir: str | Path | None = Non
     state = {}
     for mode in MODES:
         model = copy.deepcopy(initial).train()
-        state[mode] = (model, build_optimizer(model, cfgs[mode].optim), torch.Generator().manual_seed(1))
+        state[mode] = (model, build_optimizer(model, cfgs[mode].optim), image_generators(1, 0, batch["index"]))
 
     def step(mode):
         model, optimizer, gen = state[mode]
@@ -128,8 +132,8 @@ def run(batch_size: int = 32, repeats: int = 5, workdir: str | Path | None = Non
     weak = weak_view(batch["image"], torch.Generator().manual_seed(2), jitter=cfgs["reuse"].data.jitter)
     fs = cfgs["reuse"].fsae
     fns = {mode: (lambda mode=mode: step(mode)) for mode in MODES}
-    fns["strong_view"] = lambda: strong_view(weak, state["reuse"][2], num_ops=fs.strong_ops,
-                                             blur_sigma=tuple(fs.blur), blur_prob=fs.blur_prob)
+    fns["strong_view"] = lambda: per_image(strong_view, weak, state["reuse"][2], num_ops=fs.strong_ops,
+                                           blur_sigma=tuple(fs.blur), blur_prob=fs.blur_prob)
     seconds, _ = interleaved(fns, repeats)
     base = seconds["base"]
     ms = lambda s: f"{1000 * s:.0f} ms ({batch_size / s:.0f} img/s)"

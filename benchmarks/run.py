@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import bench_cam_inference, bench_data_loading, bench_fsae_step, bench_seed_sweep
+from benchmarks import bench_cam_inference, bench_crf, bench_data_loading, bench_fsae_step, bench_seed_sweep
 from benchmarks.common import machine_info, render_markdown, render_section
 from fsae.io import write_text
 
@@ -25,6 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, help="seed files in the threshold sweep (default 100, --full 500)")
     p.add_argument("--cam-images", type=int, help="tinycnn images for CAM inference (default 32, --full 64)")
     p.add_argument("--timm-images", type=int, help="resnet18 images for CAM inference, 0 = skip (default 4, --full 8)")
+    p.add_argument("--crf-images", type=int, help="320x500 images for the dense CRF (default 32, --full 96)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results file (default {DEFAULT_OUT})")
     return p.parse_args(argv)
 
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     seeds = args.seeds or (500 if args.full else 100)
     cam_images = args.cam_images or (64 if args.full else 32)
+    crf_images = args.crf_images or (96 if args.full else 32)
     timm_images = args.timm_images if args.timm_images is not None else (8 if args.full else 4)
     started = time.time()
     machine = machine_info()
@@ -42,14 +44,16 @@ def main(argv: list[str] | None = None) -> int:
         results.append(result)
         print(render_section(result) + "\n", flush=True)
 
-    print(f"[1/4] seed threshold sweep, {seeds} seeds", flush=True)
+    print(f"[1/5] seed threshold sweep, {seeds} seeds", flush=True)
     report(bench_seed_sweep.run(num_images=seeds))
-    print(f"[2/4] CAM inference, {cam_images} tinycnn images, {timm_images} resnet18 images", flush=True)
+    print(f"[2/5] CAM inference, {cam_images} tinycnn images, {timm_images} resnet18 images", flush=True)
     report(bench_cam_inference.run(num_images=cam_images, timm_images=timm_images))
-    print("[3/4] FSAE training overhead", flush=True)
+    print("[3/5] FSAE training overhead", flush=True)
     step = bench_fsae_step.run()
     report(step)
-    print("[4/4] data loading", flush=True)
+    print(f"[4/5] dense CRF, {crf_images} images, 1 worker vs all cores", flush=True)
+    report(bench_crf.run(num_images=crf_images))
+    print("[5/5] data loading", flush=True)
     step_rate = step.numbers["batch_size"] / step.numbers["seconds"]["reuse"]
     report(bench_data_loading.run(step_images_per_s=step_rate))
 

@@ -190,6 +190,30 @@ def random_geometry(
     return out
 
 
+def apply_geometry(channel: Union[np.ndarray, torch.Tensor], params: dict, out_size: tuple[int, int]) -> torch.Tensor:
+    """Replay ``random_geometry``'s sampled resize, flip and crop (its ``params``) on a map of the image.
+
+    For a per-pixel map that goes with the image, e.g. a saliency map: uint8 (H, W) -> float32
+    ``out_size`` (the output image's (h, w)) in [0, 1], resized bilinearly with antialias like the image,
+    0 on padding.
+    """
+    x = torch.as_tensor(np.ascontiguousarray(channel) if isinstance(channel, np.ndarray) else channel)
+    if tuple(x.shape) != tuple(params["orig_size"]):
+        raise ValueError(f"apply_geometry: map shape {tuple(x.shape)} differs from the image's {params['orig_size']}")
+    x = x[None]
+    if tuple(params["resized_size"]) != tuple(params["orig_size"]):
+        x = TF.resize(x, list(params["resized_size"]), interpolation=InterpolationMode.BILINEAR, antialias=True)
+    if params["hflip"]:
+        x = TF.horizontal_flip(x)
+    x = TF.to_dtype(x, torch.float32, scale=True) if x.dtype == torch.uint8 else x.float()
+    (src_top, src_left), (dst_top, dst_left) = params["src_offset"], params["dst_offset"]
+    crop_h, crop_w = params["crop_hw"]
+    out = x.new_zeros((1, *out_size))
+    out[:, dst_top:dst_top + crop_h, dst_left:dst_left + crop_w] = x[:, src_top:src_top + crop_h,
+                                                                     src_left:src_left + crop_w]
+    return out[0]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Colour part of A_w: batched, any device.
 
@@ -339,3 +363,52 @@ def _check_batch(images: torch.Tensor, caller: str) -> None:
         raise ValueError(f"{caller}: images must be (B, 3, H, W), got {tuple(images.shape)}")
     if not images.is_floating_point():
         raise ValueError(f"{caller}: images must be float in [0, 1], got {images.dtype}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# timm's training transform (data.transform "timm", MCTformer's recipe): per image, CPU, data loader.
+
+
+def timm_train_transform(data_cfg):
+    """timm's own ImageNet training transform at ``data_cfg.crop_size`` (DeiT / MCTformer settings).
+
+    Random resized crop (bicubic), horizontal flip, RandAugment ``data_cfg.auto_augment``, ToTensor,
+    ImageNet normalisation, random erasing (``re_prob``, per-pixel noise, one box); colour jitter is
+    off because timm skips it when ``auto_augment`` is given.
+    """
+    from timm.data import create_transform
+
+    if not data_cfg.crop_size:
+        raise ValueError("data.transform 'timm' needs data.crop_size (the input size, e.g. 224)")
+    return create_transform(data_cfg.crop_size, is_training=True, hflip=0.5 if data_cfg.hflip else 0.0,
+                            color_jitter=0.4, auto_augment=data_cfg.auto_augment, interpolation="bicubic",
+                            mean=IMAGENET_MEAN, std=IMAGENET_STD, re_prob=data_cfg.re_prob, re_mode="pixel",
+                            re_count=1)
+
+
+def timm_train_view(image: np.ndarray, transform, seed: int) -> torch.Tensor:
+    """One uint8 (H, W, 3) image through ``transform`` (``timm_train_transform``), seeded by ``seed``.
+
+    timm draws from Python's ``random``, numpy's and torch's global RNGs; all three are seeded for this
+    call and restored afterwards. The output is de-normalised (``denormalize``, the exact inverse of timm's
+    normalisation) so that the training loop's single ``normalize`` gives back timm's tensor: the
+    weak view is timm's, and FSAE's strong view works on the [0, 1] image as with the fsae crops.
+    Erased boxes hold ``mean + std * N(0, 1)`` noise and may leave [0, 1]; ``strong_view`` clamps.
+
+    Returns float (3, S, S).
+    """
+    import random
+
+    from PIL import Image
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            random.seed(seed)
+            np.random.seed(seed % (2**32))
+            torch.manual_seed(seed % (2**63))
+            out = transform(Image.fromarray(np.ascontiguousarray(image)))
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    return denormalize(out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +14,19 @@ from fsae.errors import FsaeError
 def _add_set(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set fsae.enabled=true (repeatable)")
+
+
+def _ids_in(folder, suffix: str) -> list[str]:
+    """Ids of ``folder/<id><suffix>`` files, sorted; hidden files (a killed run's ``.<name>.*.tmp`` partial
+    writes) are not outputs."""
+    return sorted(p.stem for p in Path(folder).glob(f"*{suffix}") if not p.name.startswith("."))
+
+
+def _shard(text: str | None) -> tuple[int, int]:
+    """This process's share of an image list: ``--shard I/N`` and/or torchrun's rank and world size."""
+    from fsae.distributed import current_shard, parse_shard
+
+    return current_shard(parse_shard(text))
 
 
 def _run_paths(target: str):
@@ -52,19 +66,30 @@ def cmd_data_check(args) -> int:
 
 def cmd_train(args) -> None:
     from fsae.config import load_config
+    from fsae.distributed import env_world, is_main, launch, per_rank_batch, process_group
     from fsae.train import train
 
+    if args.nproc > 1 and env_world()[1] == 1:  # the shortcut: torchrun this same command N times
+        per_rank_batch(load_config(args.config, args.overrides).train.batch_size, args.nproc)  # fail before spawning
+        argv = ["train", args.config, *(["--out", args.out] if args.out else []),
+                *(["--device", args.device] if args.device else []), *(["--no-resume"] if args.no_resume else []),
+                *(f"--set={o}" for o in args.overrides)]
+        launch(args.nproc, argv)
+        return
     cfg = load_config(args.config, args.overrides)
     if args.device:
         cfg.train.device = args.device
     run_dir = Path(args.out) if args.out else Path("runs") / cfg.name
-    ckpt = train(cfg, run_dir, resume=not args.no_resume)
-    print(f"trained: {ckpt}\nrun dir: {run_dir}")
+    with process_group(cfg.train.device):
+        ckpt = train(cfg, run_dir, resume=not args.no_resume)
+        if is_main():
+            print(f"trained: {ckpt}\nrun dir: {run_dir}")
 
 
 def cmd_cam(args) -> None:
     from fsae.config import load_config
     from fsae.data import build_dataset
+    from fsae.distributed import process_device, shard_indices
     from fsae.infer import infer_seeds
     from fsae.train import model_from_checkpoint
 
@@ -74,33 +99,42 @@ def cmd_cam(args) -> None:
     if checkpoint is None:
         raise FsaeError("fsae cam: pass --checkpoint (or a run directory instead of a config file)")
     out = Path(args.out) if args.out else (run_dir / "seeds" if run_dir else Path("seeds"))
-    device = args.device or cfg.train.device
+    device = process_device(args.device or cfg.train.device)
     model, _ = model_from_checkpoint(checkpoint, cfg, device)
     dataset = build_dataset(cfg.data, args.split or cfg.infer.split)
-    result = infer_seeds(model, dataset, out, cfg.infer.scales, cfg.infer.flip, cfg.infer.batch_size, device)
-    print(f"seeds: {result['out']} ({result['written']} written, {result['skipped']} already there)")
+    shard = _shard(args.shard)
+    result = infer_seeds(model, dataset, out, cfg.infer.scales, cfg.infer.flip, cfg.infer.batch_size, device,
+                         indices=shard_indices(range(len(dataset)), shard))
+    part = f", shard {shard[0]}/{shard[1]}" if shard[1] > 1 else ""
+    print(f"seeds: {result['out']} ({result['written']} written, {result['skipped']} already there{part})")
 
 
 def cmd_eval(args) -> None:
     from fsae.evaluate import (default_thresholds, evaluate_masks, evaluate_seeds, format_scores_table,
                                save_eval)
+    from fsae.distributed import env_world, is_main, process_group
     from fsae.io import read_id_list
 
     source = Path(args.seeds or args.masks)
     suffix = ".npz" if args.seeds else ".png"
-    ids = read_id_list(args.ids) if args.ids else sorted(p.stem for p in source.glob(f"*{suffix}"))
-    if args.seeds:
-        thresholds = default_thresholds(*args.sweep) if args.sweep else [args.threshold]
-        result = evaluate_seeds(source, args.gt, ids, args.num_classes, thresholds)
-    else:
-        result = evaluate_masks(source, args.gt, ids, args.num_classes, ignore_as=args.ignore_as)
-    print(format_scores_table(result))
-    if args.out:
-        print(f"written: {save_eval(args.out, result)}")
+    ids = read_id_list(args.ids) if args.ids else _ids_in(source, suffix)
+    rank, world, _ = env_world()
+    shard = (rank, world) if world > 1 else None  # under torchrun: each process reads 1/N, confusions summed
+    with process_group("cpu"):
+        if args.seeds:
+            thresholds = default_thresholds(*args.sweep) if args.sweep else [args.threshold]
+            result = evaluate_seeds(source, args.gt, ids, args.num_classes, thresholds, shard=shard)
+        else:
+            result = evaluate_masks(source, args.gt, ids, args.num_classes, ignore_as=args.ignore_as, shard=shard)
+        if is_main():
+            print(format_scores_table(result))
+            if args.out:
+                print(f"written: {save_eval(args.out, result)}")
 
 
 def cmd_crf(args) -> None:
     from fsae.config import load_config
+    from fsae.distributed import shard_indices
     from fsae.io import read_id_list
     from fsae.refine import refine_dir
 
@@ -113,15 +147,106 @@ def cmd_crf(args) -> None:
         out = out or run / "crf"
     if not (seeds and images and out):
         raise FsaeError("fsae crf: pass a run directory, or --seeds, --images and --out")
-    ids = read_id_list(args.ids) if args.ids else sorted(p.stem for p in Path(seeds).glob("*.npz"))
-    result = refine_dir(seeds, images, out, ids, threshold=args.threshold, workers=args.workers)
-    print(f"pseudo-masks: {result['out_dir']} ({result['refined']} refined, {result['skipped']} already there)")
+    ids = read_id_list(args.ids) if args.ids else _ids_in(seeds, ".npz")
+    if not ids:
+        raise FsaeError(f"{seeds}: no seed files (<id>.npz) to refine; run `fsae cam` first")
+    shard = _shard(args.shard)
+    mine = shard_indices(ids, shard)
+    part = f", shard {shard[0]}/{shard[1]}" if shard[1] > 1 else ""
+    if not mine:
+        print(f"pseudo-masks: nothing to do for shard {shard[0]}/{shard[1]} of {len(ids)} images")
+        return
+    workers = args.workers
+    if workers is None:  # under torchrun the processes of this machine share its cores
+        workers = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    result = refine_dir(seeds, images, out, mine, threshold=args.threshold, workers=workers)
+    print(f"pseudo-masks: {result['out_dir']} ({result['refined']} refined, {result['skipped']} already there{part})")
+
+
+def cmd_irn(args) -> None:
+    from fsae.config import load_config
+    from fsae.io import read_id_list
+    from fsae.refine.irn import load_irn_config, run_irn
+
+    run = Path(args.run)
+    cfg = load_irn_config(args.config, args.overrides)
+    if args.device:
+        cfg.device = args.device
+    images = args.images or Path(load_config(run / "config.yaml").data.root) / "JPEGImages"
+    ids = read_id_list(args.ids) if args.ids else None
+    result = run_irn(run, cfg, images, ids=ids, seed_dir=args.seeds)
+    labels, masks = result["ir_labels"], result["masks"]
+    print(f"ir labels: {labels['out_dir']} ({labels['written']} written, {labels['skipped']} already there)\n"
+          f"irn checkpoint: {result['checkpoint']}\n"
+          f"pseudo-masks: {masks['out_dir']} ({masks['written']} written, {masks['skipped']} already there)")
+
+
+def cmd_report(args) -> None:
+    from fsae.report import write_report
+
+    path = write_report(args.run, out=args.out, num_images=args.images, embed=args.embed,
+                        compute=not args.no_compute, progress=True)
+    print(f"report: {path.resolve().as_uri()}")
+
+
+def cmd_compare(args) -> None:
+    from fsae.compare import compare_markdown, compare_runs
+    from fsae.io import write_json, write_text
+
+    summaries = compare_runs(args.runs, compute=not args.no_compute, progress=True)
+    text = compare_markdown(summaries)
+    print(text, end="")
+    if args.out:
+        out = Path(args.out)
+        written = write_json(out, summaries) if out.suffix == ".json" else write_text(out, text)
+        print(f"written: {written}")
 
 
 def cmd_demo(args) -> None:
     from fsae.demo import run_demo
 
     run_demo(args.out, seed=args.seed, quick=args.quick)
+
+
+# ------------------------------------------------------------------ fsae seg: DeepLab on pseudo-masks
+
+
+def cmd_seg_train(args) -> None:
+    from fsae.segment.config import load_seg_config
+    from fsae.segment.train import train_segmentation
+
+    cfg = load_seg_config(args.config, args.overrides)
+    if args.masks:
+        cfg.data.mask_dir = str(Path(args.masks).resolve())
+    if args.device:
+        cfg.train.device = args.device
+    run_dir = Path(args.out) if args.out else Path("runs") / cfg.name
+    ckpt = train_segmentation(cfg, run_dir, resume=not args.no_resume)
+    print(f"trained: {ckpt}\nrun dir: {run_dir}")
+
+
+def cmd_seg_infer(args) -> None:
+    from fsae.evaluate import format_scores_table
+    from fsae.segment.config import load_seg_config
+    from fsae.segment.infer import run_seg_inference
+    from fsae.segment.train import seg_model_from_checkpoint
+
+    config_path, run_dir = _run_paths(args.config)
+    cfg = load_seg_config(config_path, args.overrides)
+    checkpoint = args.checkpoint or (run_dir / "checkpoints" / "last.pt" if run_dir else None)
+    if checkpoint is None:
+        raise FsaeError("fsae seg infer: pass --checkpoint (or a run directory instead of a config file)")
+    out = Path(args.out) if args.out else run_dir
+    if out is None:
+        raise FsaeError("fsae seg infer: pass --out (or a run directory instead of a config file)")
+    device = args.device or cfg.train.device
+    model, _ = seg_model_from_checkpoint(checkpoint, cfg.data.num_classes, device)
+    crf = False if args.no_crf else None
+    results = run_seg_inference(model, cfg, out, splits=args.split or None, crf=crf, device=device)
+    for split, result in results.items():
+        print(f"{split}: {', '.join(result['dirs'])} ({result['written']} written, {result['skipped']} already there)")
+        for name, scores in result["eval"].items():
+            print(f"[{name}] " + format_scores_table(scores))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run directory (default runs/<name>)")
     p.add_argument("--device", default=None)
     p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes on this machine (one per GPU): runs `torchrun --standalone --nproc_per_node N`; "
+                        "train.batch_size stays the global batch")
     _add_set(p)
     p.set_defaults(func=cmd_train)
 
@@ -175,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None)
     p.add_argument("--split", default=None)
     p.add_argument("--device", default=None)
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="only images I, I+N, I+2N, ... of the list (split a run over jobs or machines); "
+                        "under torchrun each process also takes its share")
     _add_set(p)
     p.set_defaults(func=cmd_cam)
 
@@ -186,9 +317,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, required=True, help="background score of the unary")
     p.add_argument("--ids", default=None, help="image list (default: every seed file)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="only images I, I+N, I+2N, ... of the list (split a run over jobs or machines); "
+                        "under torchrun each process also takes its share")
     p.set_defaults(func=cmd_crf)
 
-    p = sub.add_parser("eval", help="evaluate seeds (threshold sweep) or pseudo-masks against GT")
+    p = sub.add_parser("irn", help="IRN: seeds -> IR labels -> boundary network -> random-walk pseudo-masks")
+    p.add_argument("run", help="run directory: reads seeds/, writes ir_labels/, irn/irn.pt, irn_masks/")
+    p.add_argument("--config", default=None, help="IRN recipe, e.g. configs/voc/irn.yaml (default: IRN's defaults)")
+    p.add_argument("--images", default=None, help="folder of <id>.jpg images (default: the run's data root)")
+    p.add_argument("--seeds", default=None, help="seed folder (default RUN/seeds)")
+    p.add_argument("--ids", default=None, help="image list (default: every seed file)")
+    p.add_argument("--device", default=None)
+    _add_set(p)
+    p.set_defaults(func=cmd_irn)
+
+    p = sub.add_parser("eval", help="evaluate seeds (threshold sweep) or pseudo-masks against GT "
+                                    "(under torchrun: images split over the processes, confusions summed)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--seeds", help="folder of <id>.npz seeds")
     src.add_argument("--masks", help="folder of <id>.png pseudo-masks")
@@ -201,6 +346,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-as", type=int, default=None)
     p.add_argument("--out", default=None, help="write the result as JSON")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="RUN_DIR/report.html: config, curves, metric tables, per-class IoU, examples")
+    p.add_argument("run", help="run directory (or a folder of runs, e.g. the demo's output)")
+    p.add_argument("--out", default=None, help="HTML file (default RUN/report.html; figures in report_files/ beside it)")
+    p.add_argument("--images", type=int, default=4, help="example images in the grid")
+    p.add_argument("--embed", action="store_true", help="figures inside the HTML (data URIs): one self-contained file")
+    p.add_argument("--no-compute", action="store_true",
+                   help="only show eval/*.json; do not evaluate seeds/ and crf/ that have no evaluation yet")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="runs side by side (seed mIoU / FPR / FNR, pseudo-mask mIoU) with deltas")
+    p.add_argument("runs", nargs="+", help="run directories; the first is the base of the deltas")
+    p.add_argument("--out", default=None, help="write the table (markdown; .json: the numbers)")
+    p.add_argument("--no-compute", action="store_true",
+                   help="only use eval/*.json; do not evaluate seeds/ and crf/ that have no evaluation yet")
+    p.set_defaults(func=cmd_compare)
+
+    seg = sub.add_parser("seg", help="DeepLab V1/V2 on pseudo-masks: train, infer").add_subparsers(
+        dest="seg_cmd", required=True)
+    p = seg.add_parser("train", help="train DeepLab on pseudo-masks (poly LR, resumable)")
+    p.add_argument("config", help="a recipe, e.g. configs/voc/deeplabv2_r101.yaml")
+    p.add_argument("--masks", default=None, help="pseudo-mask folder (sets data.mask_dir)")
+    p.add_argument("--out", default=None, help="run directory (default runs/<name>)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-resume", action="store_true")
+    _add_set(p)
+    p.set_defaults(func=cmd_seg_train)
+    p = seg.add_parser("infer", help="multi-scale + flip (+ CRF) masks for val (evaluated) and test (VOC server layout)")
+    p.add_argument("config", help="a run directory (or a config file with --checkpoint and --out)")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--out", default=None, help="output root (default: the run directory)")
+    p.add_argument("--split", action="append", default=[], help="split(s) to predict (default: data.val_split "
+                   "and data.test_split)")
+    p.add_argument("--no-crf", action="store_true", help="skip the dense CRF")
+    p.add_argument("--device", default=None)
+    _add_set(p)
+    p.set_defaults(func=cmd_seg_infer)
     return parser
 
 

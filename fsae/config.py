@@ -39,6 +39,67 @@ class DataConfig:
     hflip: bool = True
     jitter: list[float] | None = field(default_factory=lambda: [0.3, 0.3, 0.3, 0.1])  # weak view A_w
     workers: int = 0
+    # Training crops: "fsae" (fsae.augment.random_geometry) | "timm" (timm's create_transform at crop_size,
+    # with auto_augment / re_prob; fsae.augment.timm_train_view). MCTformer's recipe uses "timm".
+    transform: str = "fsae"
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"  # "timm" only
+    re_prob: float = 0.25  # "timm" only: random erasing probability
+
+
+@dataclass
+class SIPEConfig:
+    """SIPE (fsae/methods/sipe.py): hierarchical features of a timm ResNet, prototypes, IS-CAM."""
+
+    side_channels: list[int] = field(default_factory=lambda: [128, 128, 256, 256])  # 1x1 side convs
+    channels: list[int] | None = None  # timm ResNet stage widths (None: the model's own; small for tests)
+    freeze_bn: bool = True  # BatchNorm in eval mode (SIPE's FixedBatchNorm)
+    freeze_low_stages: bool = True  # stem, stage 1 and 2 get no gradient (SIPE detaches stage 2's output)
+    score_map: str = "cam"  # FSAE's S: "cam" (CAM with 1 - max background) | "is_cam"
+
+
+@dataclass
+class MCTConfig:
+    """MCTformer V2 (fsae/methods/mctformer.py): timm ViT with C class tokens."""
+
+    img_size: int = 224  # training input size (patch position grid)
+    embed_dim: int | None = None  # None: the timm model's own (small values for tests)
+    depth: int | None = None
+    num_heads: int | None = None
+    drop_path: float = 0.1
+    attention_layers: int = 3  # class-to-patch attention summed over the last n layers at inference
+    patch_refine: bool = True  # patch-to-patch affinity refinement of the fused CAM at inference
+
+
+@dataclass
+class ResNet38Config:
+    """The wide ResNet-38 backbone (``model.backbone: resnet38``, fsae/models/resnet38.py)."""
+
+    width: float = 1.0  # channel multiplier: 1.0 is the real network (the only width the ImageNet weights fit)
+    freeze_bn: bool = True  # BatchNorm in eval mode, affine not trained (PSA/SEAM/EPS/PPC)
+    freeze_stem: bool = True  # conv1a, b2, b2_1, b2_2 not trained (SEAM/PPC)
+
+
+@dataclass
+class EPSConfig:
+    """EPS saliency loss (fsae/methods/eps.py; Lee et al., CVPR 2021)."""
+
+    tau: float = 0.4  # overlap ratio above which a class's CAM counts as foreground (authors' scripts: 0.4)
+    alpha: float = 0.5  # blend of the foreground map and the inverted background map (COCO: 0.9)
+
+
+@dataclass
+class PPCConfig:
+    """Pixel-to-prototype contrast and SEAM terms (fsae/methods/ppc.py; Du et al., CVPR 2022)."""
+
+    view_size: int = 128  # second view: the crop resized bilinearly to view_size x view_size
+    proj_dim: int = 128  # projection head output channels
+    temperature: float = 0.1
+    contrast_weight: float = 0.1  # gamma: weight of each of the three contrast terms
+    bg_score: float = 0.10  # background score of the pseudo-labels for the contrast
+    prototype_divisor: int = 16  # prototypes from the top h*w/16 pixels of each channel
+    ecr_fraction: float = 0.2  # ECR on the top 20% of pixels
+    min_pool_fraction: float = 0.25  # adaptive min-pooling on the lowest h*w/4 pixels
+    pcm_dims: list[int] = field(default_factory=lambda: [64, 128])  # PCM 1x1 projections of conv4, conv5
 
 
 @dataclass
@@ -53,6 +114,11 @@ class ModelConfig:
     background: str = "constant"
     score_scale: float = 10.0  # "sipe": S = scale * [normalised CAMs, 1 - max]
     background_logit: float = 5.0  # "constant": fixed background logit
+    sipe: SIPEConfig = field(default_factory=SIPEConfig)  # method "sipe" only (fsae/methods/sipe.py)
+    mct: MCTConfig = field(default_factory=MCTConfig)  # method "mctformer" only (fsae/methods/mctformer.py)
+    resnet38: ResNet38Config = field(default_factory=ResNet38Config)  # backbone "resnet38" only
+    eps: EPSConfig = field(default_factory=EPSConfig)  # methods "eps" and "ppc" (fsae/methods/eps.py)
+    ppc: PPCConfig = field(default_factory=PPCConfig)  # method "ppc" only (fsae/methods/ppc.py)
 
 
 @dataclass
@@ -64,6 +130,10 @@ class OptimConfig:
     poly_power: float = 0.9
     new_layer_lr_mult: float = 10.0  # the usual 10x LR on layers trained from scratch (the classifier)
     grad_clip: float | None = None
+    schedule: str = "poly"  # poly | cosine (fsae.train.learning_rate)
+    warmup_epochs: float = 0.0  # linear warm-up from warmup_lr to lr
+    warmup_lr: float = 0.0
+    min_lr: float = 0.0  # cosine only: the final learning rate
 
 
 @dataclass
@@ -93,6 +163,11 @@ class TrainConfig:
     val_every: int = 1  # epochs between held-out seed evaluations (0 = off)
     val_scales: list[float] = field(default_factory=lambda: [1.0])
     deterministic: bool = False
+    tensorboard: bool = True  # also log the metrics.csv / epochs.csv rows to RUN_DIR/tb/ (TensorBoard events)
+    # Several processes (torchrun, docs/distributed.md): batch_size is the GLOBAL batch, split evenly.
+    sync_bn: bool = False  # SyncBatchNorm (CUDA only): BN statistics over the global batch when per-GPU batches are small
+    checkpoint_every: int = 0  # also save checkpoints/last.pt every N steps mid-epoch (0 = at epoch ends only)
+    skip_nonfinite: bool = False  # a NaN/Inf loss skips the update (counted in metrics.csv "skipped") instead of stopping
 
 
 @dataclass

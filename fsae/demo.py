@@ -15,11 +15,11 @@ from pathlib import Path
 from fsae.config import Config, save_config
 from fsae.data.synthetic import SyntheticSpec, generate
 from fsae.data.voc import VOCDataset
-from fsae.evaluate import default_thresholds, evaluate_seeds, load_seed
+from fsae.evaluate import default_thresholds, evaluate_seeds, load_seed, save_eval
 from fsae.infer import infer_seeds
 from fsae.io import write_json, write_text
 from fsae.report import (cam_heatmap, colour_mask, markdown_table, overlay, plot_training_curves, read_csv,
-                         save_overlay_grid)
+                         save_overlay_grid, write_report)
 from fsae.train import model_from_checkpoint, train
 
 VARIANTS = {
@@ -93,6 +93,8 @@ def run_demo(out: str | Path = "runs/demo", seed: int | None = None, quick: bool
                     cfg.infer.batch_size, progress=progress)
         ev_val = evaluate_seeds(run_dir / "seeds_val", val_set.mask_dir, val_set.ids, val_set.num_classes,
                                 thresholds, progress=False)
+        save_eval(run_dir / "eval" / "seeds.json", ev)  # read by `fsae report` / `fsae compare`
+        save_eval(run_dir / "eval" / "seeds_val.json", ev_val)
         epochs = read_csv(run_dir / "epochs.csv")
         best_epoch = max(epochs, key=lambda r: r["val_miou"])
         results[variant] = {
@@ -117,8 +119,9 @@ def run_demo(out: str | Path = "runs/demo", seed: int | None = None, quick: bool
     save_overlays(figures / "overlays.png", out, train_set, n=6)
     write_json(out / "results.json", results)
     write_text(out / "report.md", render_report(results))
+    html_report = write_report(out, compute=False)
     print(render_table(results))
-    print(f"report: {out / 'report.md'}\nresults: {out / 'results.json'}\nfigures: {figures}")
+    print(f"report: {out / 'report.md'} and {html_report}\nresults: {out / 'results.json'}\nfigures: {figures}")
     return results
 
 

@@ -19,7 +19,10 @@ prints percent.
 Seed files (written by ``fsae.infer``): ``seeds/<id>.npz`` with ``keys`` (K,) int, the present
 classes in 1..C, and ``cams`` (K, H, W) float16 in [0, 1], per-class max-normalised CAMs at full
 image resolution. A seed becomes a mask by padding a constant background plane of value ``threshold``
-in front of the CAMs and taking the argmax (IRN / SIPE / PPC); ties go to background.
+in front of the CAMs and taking the argmax (IRN / SIPE / PPC); ties go to background. A seed file with
+a third array ``background`` (H, W) (methods that score the background themselves, e.g. SIPE's IS-CAM)
+uses that plane instead of the threshold: the mask is the plain argmax, and every threshold of a
+sweep gives the same confusion for it.
 
 Confusions are plain integer sums, so evaluation shards: each worker fills a ``SeedEvaluator`` (or
 sums ``confusion_matrix`` outputs) over its ids, and the partial ``confusions`` are added
@@ -30,7 +33,6 @@ from __future__ import annotations
 
 import math
 import os
-import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -38,9 +40,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fsae.distributed import all_reduce_sum, rank, shard_indices, world_size
 from fsae.errors import DataError
 from fsae.io import read_mask, write_json
 from fsae.labels import IGNORE_INDEX, VOC_CLASSES
+from fsae.seeds import check_seed, load_seed  # noqa: F401 - re-exported: the seed format's reader
 
 
 def _as_long(x: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -119,64 +123,19 @@ def segmentation_scores(conf: torch.Tensor | np.ndarray) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------- seeds
 
 
-def load_seed(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Read a seed file. Returns keys (K,) int64 in 1..255 and cams (K, H, W) float32.
-
-    Raises DataError naming the file when it is missing, corrupt, lacks ``keys`` / ``cams``, or the
-    two do not agree.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: seed file not found; run `fsae infer` for this image first")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            missing = [k for k in ("keys", "cams") if k not in data.files]
-            if missing:
-                raise DataError(
-                    f"{path}: seed file lacks {missing} (has {data.files}); expected keys 'keys' (K,) "
-                    f"and 'cams' (K, H, W)"
-                )
-            keys, cams = data["keys"], data["cams"]
-    except DataError:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        raise DataError(
-            f"{path}: cannot read seed file ({exc}); it is corrupt or truncated, rerun inference"
-        ) from exc
-    if keys.ndim != 1 or not np.issubdtype(keys.dtype, np.integer):
-        raise DataError(f"{path}: 'keys' must be a 1-D integer array, got {keys.dtype} {keys.shape}")
-    if cams.ndim != 3 or cams.shape[0] != keys.shape[0]:
-        raise DataError(
-            f"{path}: 'cams' must have shape (K, H, W) with K = len(keys) = {keys.shape[0]}, "
-            f"got {cams.shape}"
-        )
-    if keys.size and (keys.min() < 1 or keys.max() > 254):
-        raise DataError(f"{path}: 'keys' {keys.tolist()} must be class labels in 1..C (0 is background)")
-    cams = cams.astype(np.float32)
-    if not np.isfinite(cams).all():
-        raise DataError(f"{path}: 'cams' contains NaN or inf; rerun inference")
-    return keys.astype(np.int64), cams
-
-
-def check_seed(keys: np.ndarray, cams: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    keys = np.asarray(keys, dtype=np.int64).reshape(-1)
-    cams = np.asarray(cams, dtype=np.float32)
-    if cams.ndim != 3 or cams.shape[0] != keys.shape[0]:
-        raise ValueError(f"cams must be (K, H, W) with K = len(keys) = {len(keys)}, got {cams.shape}")
-    if keys.size and (keys.min() < 1 or keys.max() > 254):
-        raise ValueError(f"keys {keys.tolist()} must be class labels in 1..C (0 is background)")
-    return keys, cams
-
-
-def seed_to_mask(keys: np.ndarray, cams: np.ndarray, threshold: float) -> np.ndarray:
+def seed_to_mask(keys: np.ndarray, cams: np.ndarray, threshold: float,
+                 background: np.ndarray | None = None) -> np.ndarray:
     """Seed -> label-space mask: argmax over [background plane = threshold, cams...].
 
     Shape: keys (K,), cams (K, H, W) -> (H, W) uint8 with values in {0} U keys. Ties go to
     background (it comes first); among foreground classes to the first key. With K = 0 the mask is
-    all background.
+    all background. A ``background`` (H, W) plane replaces the constant ``threshold`` plane.
     """
     keys, cams = check_seed(keys, cams)
-    bg = np.full((1, *cams.shape[1:]), threshold, dtype=np.float32)
+    if background is not None:
+        bg = np.asarray(background, dtype=np.float32).reshape(1, *cams.shape[1:])
+    else:
+        bg = np.full((1, *cams.shape[1:]), threshold, dtype=np.float32)
     index = np.argmax(np.concatenate([bg, cams], 0), axis=0)
     labels = np.concatenate([[0], keys]).astype(np.uint8)
     return labels[index]
@@ -263,14 +222,19 @@ class SeedEvaluator:
         self.confusions = torch.zeros(len(self.thresholds), k, k, dtype=torch.long)
         self.count = 0
 
-    def update(self, keys: np.ndarray, cams: np.ndarray, gt: torch.Tensor | np.ndarray) -> None:
-        """Add one image. Shape: keys (K,), cams (K, H, W), gt (H, W)."""
-        self.confusions += sweep_confusions(keys, cams, gt, self.thresholds, self.num_classes)
+    def update(self, keys: np.ndarray, cams: np.ndarray, gt: torch.Tensor | np.ndarray,
+               background: np.ndarray | None = None) -> None:
+        """Add one image. Shape: keys (K,), cams (K, H, W), gt (H, W); optional ``background`` (H, W):
+        the seed's own background plane, the same argmax mask for every threshold."""
+        if background is None:
+            self.confusions += sweep_confusions(keys, cams, gt, self.thresholds, self.num_classes)
+        else:
+            self.confusions += confusion_matrix(seed_to_mask(keys, cams, 0.0, background), gt, self.num_classes)
         self.count += 1
 
     def add_files(self, seed_path: str | os.PathLike, gt_path: str | os.PathLike) -> None:
         """Add one image from its seed ``.npz`` and GT PNG; errors name the files."""
-        keys, cams = load_seed(seed_path)
+        keys, cams, background = load_seed(seed_path, with_background=True)
         gt = read_mask(gt_path, self.num_classes)
         if gt.shape != cams.shape[1:]:
             raise DataError(
@@ -282,7 +246,7 @@ class SeedEvaluator:
                 f"{seed_path}: seed classes {keys.tolist()} exceed num_classes = {self.num_classes}; "
                 f"wrong data set or num_classes"
             )
-        self.update(keys, cams, gt)
+        self.update(keys, cams, gt, background)
 
     def merge(self, other: "SeedEvaluator") -> "SeedEvaluator":
         """Add another evaluator's sums into this one (same classes and thresholds)."""
@@ -325,6 +289,16 @@ def _check_ids(ids: Iterable[str]) -> list[str]:
     return ids
 
 
+def _my_share(ids: list[str], shard: tuple[int, int] | None) -> list[str]:
+    """This process's ids; a shard must be (rank, world size) of the process group that sums the results."""
+    if shard is None:
+        return ids
+    if shard != (rank(), world_size()):
+        raise ValueError(f"shard {shard} is not (rank, world size) = {(rank(), world_size())} of a "
+                         f"torch.distributed process group; the partial confusions could not be summed")
+    return shard_indices(ids, shard)
+
+
 def evaluate_seeds(
     seed_dir: str | os.PathLike,
     gt_dir: str | os.PathLike,
@@ -332,18 +306,24 @@ def evaluate_seeds(
     num_classes: int,
     thresholds: Sequence[float] | None = None,
     progress: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Threshold sweep of ``seed_dir/<id>.npz`` against ``gt_dir/<id>.png``, each file read once.
 
     ``thresholds`` defaults to ``default_thresholds()``. Returns ``SeedEvaluator.result()``:
     ``{"thresholds": [...], "miou": [...], "best": {"threshold", "miou", "fpr", "fnr", "iou"},
-    "count": n}``.
+    "count": n}``. ``shard = (rank, world size)`` in a torch.distributed process group: each process
+    reads ids ``rank, rank + world, ...`` and the confusions are summed over the processes, so every
+    process returns the result of all ``ids``.
     """
     ids = _check_ids(ids)
     seed_dir, gt_dir = Path(seed_dir), Path(gt_dir)
     ev = SeedEvaluator(num_classes, thresholds)
-    for image_id in tqdm(ids, desc="eval seeds", disable=not progress):
+    for image_id in tqdm(_my_share(ids, shard), desc="eval seeds", disable=not progress):
         ev.add_files(seed_dir / f"{image_id}.npz", gt_dir / f"{image_id}.png")
+    if shard is not None:
+        all_reduce_sum(ev.confusions)
+        ev.count = len(ids)
     return ev.result()
 
 
@@ -354,17 +334,19 @@ def evaluate_masks(
     num_classes: int,
     progress: bool = True,
     ignore_as: int | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """``segmentation_scores`` of label-space PNGs ``mask_dir/<id>.png`` against ``gt_dir/<id>.png``.
 
     A pseudo-mask pixel of 255 (left unlabelled) is a DataError unless ``ignore_as`` gives the label
-    to score it as (e.g. 0, background). The result also has ``count``.
+    to score it as (e.g. 0, background). The result also has ``count``. ``shard``: as in
+    ``evaluate_seeds``.
     """
     ids = _check_ids(ids)
     mask_dir, gt_dir = Path(mask_dir), Path(gt_dir)
     k = num_classes + 1
     conf = torch.zeros(k, k, dtype=torch.long)
-    for image_id in tqdm(ids, desc="eval masks", disable=not progress):
+    for image_id in tqdm(_my_share(ids, shard), desc="eval masks", disable=not progress):
         mask_path, gt_path = mask_dir / f"{image_id}.png", gt_dir / f"{image_id}.png"
         pred = read_mask(mask_path, num_classes)
         gt = read_mask(gt_path, num_classes)
@@ -380,6 +362,8 @@ def evaluate_masks(
                 )
             pred = np.where(pred == IGNORE_INDEX, np.uint8(ignore_as), pred)
         conf += confusion_matrix(pred, gt, num_classes)
+    if shard is not None:
+        all_reduce_sum(conf)
     out = segmentation_scores(conf)
     out["count"] = len(ids)
     return out

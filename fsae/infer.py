@@ -6,8 +6,11 @@ summed. Only the classes present in the image-level label are kept, each divided
 (+ 1e-5) so it lies in [0, 1]. Images of the same size are batched at every scale.
 
 Seed file ``seeds/<id>.npz`` (``np.savez_compressed``): ``keys`` int64 (K,) present classes in the label
-space 1..C; ``cams`` float16 (K, H, W) in [0, 1]. The background is not stored: it comes from a
-threshold at evaluation (``fsae.evaluate``).
+space 1..C; ``cams`` float16 (K, H, W) in [0, 1]. The background is usually not stored: it comes from a
+threshold at evaluation (``fsae.evaluate``). A method with ``seed_background = True`` (SIPE) scores the
+background itself: its ``cam(images, labels)`` returns C + 1 channels, background LAST, and the seed file
+gets a third array ``background`` float16 (H, W) in [0, 1] (max-normalised like the classes), which
+evaluation uses in place of the threshold plane (argmax, no threshold).
 """
 
 from __future__ import annotations
@@ -22,8 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fsae.augment import normalize
-from fsae.errors import DataError
-from fsae.io import atomic_write
+from fsae.io import atomic_write, ensure_output_dir
 
 SEED_EPS = 1e-5
 
@@ -34,10 +36,13 @@ def to_tensor_image(image: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def multiscale_cam(model, images: torch.Tensor, scales: Sequence[float] = (1.0,), flip: bool = True) -> torch.Tensor:
+def multiscale_cam(model, images: torch.Tensor, scales: Sequence[float] = (1.0,), flip: bool = True,
+                   labels: torch.Tensor | None = None) -> torch.Tensor:
     """Summed ReLU'd CAMs over scales (and flips) at the input resolution.
 
-    Shape: images (B, 3, H, W) normalised -> (B, C, H, W), non-negative, not normalised.
+    Shape: images (B, 3, H, W) normalised -> (B, C, H, W), non-negative, not normalised. With
+    ``labels`` (B, C) they are passed on, ``model.cam(x, labels)`` (methods with ``seed_background``),
+    and the result has the channels that call returns (C + 1 for SIPE).
     """
     size = images.shape[-2:]
     total = None
@@ -46,7 +51,10 @@ def multiscale_cam(model, images: torch.Tensor, scales: Sequence[float] = (1.0,)
                                                       align_corners=False, recompute_scale_factor=False)
         if flip:
             x = torch.cat([x, x.flip(-1)], dim=0)
-        cams = F.relu(model.cam(x))
+        if labels is None:
+            cams = F.relu(model.cam(x))
+        else:
+            cams = F.relu(model.cam(x, torch.cat([labels, labels]) if flip else labels))
         cams = F.interpolate(cams, size=size, mode="bilinear", align_corners=False)
         if flip:
             b = images.shape[0]
@@ -63,10 +71,13 @@ def normalise_seed(cam: torch.Tensor, label: torch.Tensor) -> tuple[np.ndarray, 
     return (present + 1).cpu().numpy().astype(np.int64), kept.cpu().numpy()
 
 
-def save_seed(path: str | os.PathLike, keys: np.ndarray, cams: np.ndarray) -> Path:
+def save_seed(path: str | os.PathLike, keys: np.ndarray, cams: np.ndarray,
+              background: np.ndarray | None = None) -> Path:
+    extra = {} if background is None else {"background": np.asarray(background).astype(np.float16)}
+
     def write(tmp):
         with open(tmp, "wb") as f:
-            np.savez_compressed(f, keys=keys.astype(np.int64), cams=cams.astype(np.float16))
+            np.savez_compressed(f, keys=keys.astype(np.int64), cams=cams.astype(np.float16), **extra)
 
     return atomic_write(path, write)
 
@@ -92,21 +103,24 @@ def infer_seeds(model, dataset, out_dir: str | os.PathLike, scales: Sequence[flo
 
     Returns {"written": n, "skipped": n, "out": path}.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not os.access(out_dir, os.W_OK):
-        raise DataError(f"{out_dir}: output folder is not writable")
+    out_dir = ensure_output_dir(out_dir)
     model.eval()
     indices = list(range(len(dataset))) if indices is None else list(indices)
     todo = [i for i in indices if not (out_dir / f"{dataset.ids[i]}.npz").exists()]
     written = 0
     bar = tqdm(total=len(todo), desc="cam", disable=not progress, unit="img")
+    with_background = getattr(model, "seed_background", False)
     for group in batches_by_size(dataset, todo, batch_size):
         images = torch.stack([to_tensor_image(s["image"]) for s in group]).to(device)
-        cams = multiscale_cam(model, normalize(images), scales, flip)
+        labels = torch.stack([torch.as_tensor(s["label"]) for s in group]).float().to(device)
+        cams = multiscale_cam(model, normalize(images), scales, flip, labels if with_background else None)
         for sample, cam in zip(group, cams):
+            background = None
+            if with_background:  # channel C: the method's own background score, max-normalised
+                cam, background = cam[:-1], cam[-1] / (cam[-1].max() + SEED_EPS)
+                background = background.cpu().numpy()
             keys, kept = normalise_seed(cam, torch.as_tensor(sample["label"]))
-            save_seed(out_dir / f"{sample['id']}.npz", keys, kept)
+            save_seed(out_dir / f"{sample['id']}.npz", keys, kept, background)
             written += 1
         bar.update(len(group))
     bar.close()

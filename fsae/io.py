@@ -18,7 +18,7 @@ from fsae.labels import voc_palette
 def atomic_write(path: str | os.PathLike, write_fn) -> Path:
     """Call ``write_fn(tmp_path)`` then rename onto ``path``: a killed run leaves no half-written file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_output_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
     os.close(fd)
     try:
@@ -120,3 +120,15 @@ def write_grey_png(path: str | os.PathLike, array: np.ndarray) -> Path:
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def ensure_output_dir(path: str | os.PathLike) -> Path:
+    """Create the output folder ``path`` (with parents) and check it is writable; DataError naming it if not."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file in the way, no permission, a read-only file system
+        raise DataError(f"{path}: cannot create the output folder ({exc.strerror or exc})") from exc
+    if not os.access(path, os.W_OK):
+        raise DataError(f"{path}: output folder is not writable")
+    return path

@@ -11,8 +11,12 @@ them.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is not imported at run time: the CRF workers use this module without it
+    import torch
 
 IGNORE_INDEX = 255
 
@@ -23,16 +27,14 @@ def channel_to_label(channels: torch.Tensor, num_classes: int) -> torch.Tensor:
     Channel ``c < C`` (foreground) becomes label ``c + 1``; channel ``C`` (background) becomes 0.
     Values already equal to ``IGNORE_INDEX`` stay ``IGNORE_INDEX``.
     """
-    out = channels + 1
-    out = torch.where(channels == num_classes, torch.zeros_like(out), out)
-    return torch.where(channels == IGNORE_INDEX, torch.full_like(out, IGNORE_INDEX), out)
+    out = (channels + 1).masked_fill(channels == num_classes, 0)
+    return out.masked_fill(channels == IGNORE_INDEX, IGNORE_INDEX)
 
 
 def label_to_channel(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Segmentation label space -> score-map channel indices (inverse of ``channel_to_label``)."""
-    out = labels - 1
-    out = torch.where(labels == 0, torch.full_like(out, num_classes), out)
-    return torch.where(labels == IGNORE_INDEX, torch.full_like(out, IGNORE_INDEX), out)
+    out = (labels - 1).masked_fill(labels == 0, num_classes)
+    return out.masked_fill(labels == IGNORE_INDEX, IGNORE_INDEX)
 
 
 def voc_palette(n: int = 256) -> np.ndarray:

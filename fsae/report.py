@@ -1,8 +1,28 @@
-"""What people look at: CAM overlays, training curves (the paper's Fig. 6), result tables."""
+"""What people look at: CAM overlays, training curves (the paper's Fig. 6), result tables, the HTML report.
+
+``write_report(RUN_DIR)`` (``fsae report``) writes ``RUN_DIR/report.html`` with its figures as PNG files
+in ``RUN_DIR/report_files/``, referenced by relative links (keep the two together when moving the
+report); ``embed=True`` (``--embed``) puts the PNGs inside the HTML as base64 data URIs instead, one
+file to send around. The report shows what the run directory holds:
+
+- the resolved ``config.yaml``;
+- training curves from ``metrics.csv`` / ``epochs.csv``: loss terms and learning rate per step, and the
+  paper's Fig. 6 (held-out seed mIoU per epoch, pseudo-labelled pixel ratio and accuracy per step);
+- metric tables and a per-class IoU bar chart from ``RUN_DIR/eval/*.json`` (``fsae eval ... --out``
+  results). When ``eval/`` lacks a seed (or pseudo-mask) evaluation but ``seeds/`` (or ``crf/``) and the
+  data set's GT exist, the report runs it and saves it as ``eval/seeds.json`` (``eval/crf.json``);
+- a grid of image / CAM overlay / seed / pseudo-mask / GT for a few images, with the columns present.
+
+A folder of run directories (such as ``fsae demo``'s output) gets one page: the ``fsae compare`` table,
+the runs' Fig. 6 curves overlaid, then a section per run.
+"""
 
 from __future__ import annotations
 
+import base64
 import csv
+import html
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,8 +33,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fsae.io import atomic_write  # noqa: E402
-from fsae.labels import voc_palette  # noqa: E402
+from fsae.config import load_config  # noqa: E402
+from fsae.data import build_dataset  # noqa: E402
+from fsae.data.coco import COCO_CLASSES  # noqa: E402
+from fsae.data.synthetic import META_FILE  # noqa: E402
+from fsae.errors import ConfigError, DataError  # noqa: E402
+from fsae.evaluate import (default_thresholds, evaluate_masks, evaluate_seeds, load_seed, save_eval,  # noqa: E402
+                           seed_to_mask)
+from fsae.io import atomic_write, read_image, read_json, read_mask, write_text  # noqa: E402
+from fsae.labels import VOC_CLASSES, voc_palette  # noqa: E402
 
 
 def read_csv(path: str | os.PathLike) -> list[dict[str, float]]:
@@ -76,7 +103,8 @@ def plot_training_curves(path: str | os.PathLike, runs: dict[str, Path]) -> Path
     axes[2].set(title="pseudo-label accuracy (%)", xlabel="step")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # a base run has no pseudo-label curves
+            ax.legend()
     return save_figure(fig, path)
 
 
@@ -87,3 +115,344 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------ run directories: evaluations
+
+EVAL_DIR = "eval"
+SEED_EVAL = "seeds"  # eval/seeds.json: the seed threshold sweep the report / compare compute when absent
+MASK_EVAL = "crf"  # eval/crf.json: the pseudo-mask evaluation of crf/*.png
+
+
+def output_ids(folder: str | os.PathLike, suffix: str) -> list[str]:
+    """Ids of ``folder/<id><suffix>``, sorted; hidden files (a killed run's partial ``.<name>.*.tmp`` writes)
+    are not outputs."""
+    return sorted(p.stem for p in Path(folder).glob(f"*{suffix}") if not p.name.startswith("."))
+
+
+def is_seed_eval(result: dict) -> bool:
+    """An ``evaluate_seeds`` result (threshold sweep, ``best``) rather than an ``evaluate_masks`` one."""
+    return "best" in result
+
+
+def load_evals(run_dir: str | os.PathLike) -> dict[str, dict]:
+    """``RUN_DIR/eval/*.json`` (``fsae eval --out`` results) by file stem, sorted; DataError names a bad file."""
+    evals = {}
+    for path in sorted(p for p in (Path(run_dir) / EVAL_DIR).glob("*.json") if not p.name.startswith(".")):
+        result = read_json(path)
+        scores = result.get("best", result) if isinstance(result, dict) else None
+        if not isinstance(scores, dict) or "miou" not in scores or "iou" not in scores:
+            raise DataError(f"{path}: not an `fsae eval --out` result (no 'miou' / 'iou' entries)")
+        evals[path.stem] = result
+    return evals
+
+
+def eval_scores(result: dict) -> dict:
+    """The headline numbers of an eval result (fractions; None for a NaN saved as null):
+    ``miou, fpr, fnr, threshold (seeds only, else None), iou (per class), count, kind``."""
+    scores = result["best"] if is_seed_eval(result) else result
+    return {"kind": "seeds" if is_seed_eval(result) else "masks", "miou": scores.get("miou"),
+            "fpr": scores.get("fpr"), "fnr": scores.get("fnr"), "threshold": scores.get("threshold"),
+            "iou": scores.get("iou", []), "count": result.get("count")}
+
+
+def pick_eval(evals: dict[str, dict], kind: str) -> tuple[str, dict] | None:
+    """The run's seed (``kind="seeds"``) or pseudo-mask (``"masks"``) evaluation: ``eval/seeds.json`` /
+    ``eval/crf.json`` when present, else the first of that kind by name; None when there is none."""
+    preferred = SEED_EVAL if kind == "seeds" else MASK_EVAL
+    names = [n for n, r in evals.items() if is_seed_eval(r) == (kind == "seeds")]
+    if not names:
+        return None
+    name = preferred if preferred in names else names[0]
+    return name, evals[name]
+
+
+def load_run_config(run_dir: str | os.PathLike):
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml); pass the folder `fsae train` wrote")
+    return load_config(path)
+
+
+def run_dataset(cfg):
+    """The run's inference split (images, GT masks), or None when the data set is not on this machine."""
+    try:
+        return build_dataset(cfg.data, cfg.infer.split)
+    except DataError:
+        return None
+
+
+def compute_missing_evals(run_dir: str | os.PathLike, cfg, dataset, progress: bool = False) -> list[str]:
+    """Evaluate ``seeds/`` (threshold sweep ``cfg.eval.sweep``) and ``crf/`` into ``eval/seeds.json`` and
+    ``eval/crf.json`` when the run has no evaluation of that kind yet and every GT mask exists.
+
+    Returns one line per evaluation skipped for want of GT (for the report's notes).
+    """
+    run_dir = Path(run_dir)
+    evals = load_evals(run_dir)
+    notes = []
+    for kind, folder, suffix, name in (("seeds", "seeds", ".npz", SEED_EVAL), ("masks", "crf", ".png", MASK_EVAL)):
+        ids = output_ids(run_dir / folder, suffix)
+        if not ids or pick_eval(evals, kind) is not None:
+            continue
+        gt = [dataset.mask_path(i) for i in ids] if dataset is not None else [None]
+        if any(p is None or not p.is_file() for p in gt):
+            notes.append(f"{folder}/ is not evaluated: the ground truth of {cfg.data.root} is not on this machine")
+            continue
+        if kind == "seeds":
+            result = evaluate_seeds(run_dir / folder, dataset.mask_dir, ids, cfg.data.num_classes,
+                                    default_thresholds(*cfg.eval.sweep), progress=progress)
+        else:
+            result = evaluate_masks(run_dir / folder, dataset.mask_dir, ids, cfg.data.num_classes, progress=progress)
+        save_eval(run_dir / EVAL_DIR / f"{name}.json", result)
+    return notes
+
+
+def class_names(cfg) -> list[str]:
+    """Background + the C class names: the synthetic set's meta.json, COCO's or VOC's names, else class<c>."""
+    c = cfg.data.num_classes
+    meta = Path(cfg.data.root) / META_FILE
+    if meta.is_file():
+        names = list(read_json(meta).get("classes", []))
+        if len(names) == c:
+            return ["background", *names]
+    for known in (VOC_CLASSES, COCO_CLASSES):
+        if len(known) == c:
+            return ["background", *known]
+    return ["background", *(f"class{i}" for i in range(1, c + 1))]
+
+
+# ------------------------------------------------------------------------------------------ figures
+
+
+def _finite(values) -> bool:
+    return any(v is not None and not math.isnan(v) for v in values)
+
+
+def plot_loss_curves(path: str | os.PathLike, run_dir: str | os.PathLike) -> Path | None:
+    """Loss terms and learning rate per step from ``metrics.csv``; None when it has no rows."""
+    metrics = Path(run_dir) / "metrics.csv"
+    rows = read_csv(metrics) if metrics.is_file() else []
+    if not rows:
+        return None
+    steps = [r["step"] for r in rows]
+    not_losses = {"step", "epoch", "lr", "pl_accuracy", "skipped"}
+    terms = [k for k in rows[0] if k not in not_losses and not k.endswith("_ratio") and _finite([r[k] for r in rows])]
+    marker = "o" if len(rows) < 20 else None  # a few logged steps: show the points
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    for k in terms:
+        axes[0].plot(steps, [r[k] for r in rows], label=k, marker=marker)
+    axes[0].set(title="loss terms", xlabel="step")
+    axes[0].legend()
+    axes[1].plot(steps, [r["lr"] for r in rows], marker=marker)
+    axes[1].set(title="learning rate", xlabel="step")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def plot_class_iou(path: str | os.PathLike, series: dict[str, Sequence[float | None]], names: Sequence[str]) -> Path:
+    """Grouped bars: per-class IoU (%) of each evaluation in ``series`` (background first, None = no pixels)."""
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(names) * max(1, len(series))), 3.8))
+    width = 0.8 / max(1, len(series))
+    x = np.arange(len(names))
+    for j, (label, iou) in enumerate(series.items()):
+        values = [100 * v if v is not None and not math.isnan(v) else 0.0 for v in iou]
+        ax.bar(x + (j - (len(series) - 1) / 2) * width, values, width, label=label)
+    ax.set_xticks(x, names, rotation=45 if len(names) > 8 else 0, ha="right" if len(names) > 8 else "center")
+    ax.set(ylabel="IoU (%)", ylim=(0, 100), title="per-class IoU")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    return save_figure(fig, path)
+
+
+def example_grid(path: str | os.PathLike, run_dir: str | os.PathLike, dataset, threshold: float,
+                 num_images: int = 4) -> tuple[Path, list[str], list[str]] | None:
+    """Rows of image / CAM overlay / seed / pseudo-mask / GT for the first ``num_images`` seed (or
+    pseudo-mask) ids; a column is shown when every chosen image has it. Returns (path, ids, columns)."""
+    run_dir = Path(run_dir)
+    seeds, crf = run_dir / "seeds", run_dir / "crf"
+    ids = output_ids(seeds, ".npz") or output_ids(crf, ".png")
+    ids = [i for i in ids if dataset is not None and dataset.image_path(i).is_file()][:num_images]
+    if not ids:
+        return None
+    has_seeds = all((seeds / f"{i}.npz").is_file() for i in ids)
+    has_crf = all((crf / f"{i}.png").is_file() for i in ids)
+    has_gt = all(dataset.mask_path(i) is not None and dataset.mask_path(i).is_file() for i in ids)
+    columns = ["image"] + (["CAM", f"seed (t={threshold:.2f})"] if has_seeds else []) + \
+        (["pseudo-mask (CRF)"] if has_crf else []) + (["GT"] if has_gt else [])
+    rows = []
+    for i in ids:
+        image = read_image(dataset.image_path(i))
+        row = [image]
+        if has_seeds:
+            keys, cams = load_seed(seeds / f"{i}.npz")
+            row += [overlay(image, cam_heatmap(cams)), overlay(image, colour_mask(seed_to_mask(keys, cams, threshold)))]
+        if has_crf:
+            row.append(overlay(image, colour_mask(read_mask(crf / f"{i}.png"))))
+        if has_gt:
+            row.append(overlay(image, colour_mask(read_mask(dataset.mask_path(i)))))
+        rows.append(row)
+    return save_overlay_grid(path, rows, columns), ids, columns
+
+
+# ---------------------------------------------------------------------------------------- HTML report
+
+_CSS = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th:first-child,td:first-child{text-align:left}img{max-width:100%}pre{background:#f6f6f6;padding:1em;overflow:auto}
+.note{color:#a50}"""
+
+
+def pct(value: float | None) -> str:
+    """A fraction as percent with one decimal (``n/a`` for None / NaN), as in the paper's tables."""
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
+
+
+def html_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+class _Figures:
+    """Where the report's PNGs go, and how the HTML refers to them (relative link or data URI)."""
+
+    def __init__(self, report_path: Path, embed: bool):
+        self.base = report_path.parent
+        self.dir = self.base / "report_files"
+        self.embed = embed
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    def img(self, png: Path, alt: str) -> str:
+        if self.embed:
+            src = "data:image/png;base64," + base64.b64encode(Path(png).read_bytes()).decode("ascii")
+        else:
+            src = Path(os.path.relpath(png, self.base)).as_posix()
+        return f'<p><img src="{html.escape(src)}" alt="{html.escape(alt)}"></p>'
+
+
+def _run_section(run_dir: Path, figures: _Figures, prefix: str, num_images: int, compute: bool,
+                 progress: bool, level: int = 2) -> str:
+    cfg = load_run_config(run_dir)
+    dataset = run_dataset(cfg)
+    notes = compute_missing_evals(run_dir, cfg, dataset, progress) if compute else []
+    if dataset is None:
+        notes.append(f"data set {cfg.data.root} not found on this machine: no example images")
+    h = f"h{level}"
+    fsae = (("FAE+SAE" if cfg.fsae.use_sae else "FAE only") + f" from epoch {cfg.fsae.start_epoch}"
+            if cfg.fsae.enabled else "off")
+    parts = [f"<p><code>{html.escape(str(run_dir))}</code>: method {html.escape(cfg.model.method)}, backbone "
+             f"{html.escape(cfg.model.backbone)}, FSAE {fsae}, {cfg.train.epochs} epochs of batch "
+             f"{cfg.train.batch_size}, {cfg.data.num_classes} classes, data {html.escape(cfg.data.root)}</p>"]
+
+    # Metrics tables and per-class IoU from eval/*.json.
+    evals = load_evals(run_dir)
+    parts.append(f"<{h}>Metrics</{h}>")
+    if evals:
+        rows = []
+        for name, result in evals.items():
+            s = eval_scores(result)
+            threshold = "" if s["threshold"] is None else f"{s['threshold']:.2f}"
+            rows.append([f"{EVAL_DIR}/{name}.json", s["kind"], s["count"], pct(s["miou"]), pct(s["fpr"]),
+                         pct(s["fnr"]), threshold])
+        parts.append(html_table(["evaluation", "of", "images", "mIoU", "FPR", "FNR", "best threshold"], rows))
+        names = class_names(cfg)
+        ious = {name: eval_scores(r)["iou"] for name, r in evals.items()}
+        if all(len(v) == len(names) for v in ious.values()):
+            rows = [[n, *(pct(v[c]) for v in ious.values())] for c, n in enumerate(names)]
+            parts.append(html_table(["class", *(f"IoU {name}" for name in ious)], rows))
+            bars = plot_class_iou(figures.path(f"{prefix}class_iou.png"), ious, names)
+            parts.append(figures.img(bars, "per-class IoU"))
+        else:
+            notes.append(f"per-class IoU lists do not have {len(names)} entries (background + "
+                         f"{cfg.data.num_classes} classes): table left out")
+    else:
+        parts.append("<p>No evaluation: run <code>fsae cam</code> (and <code>fsae crf</code>) on this run, or "
+                     "<code>fsae eval ... --out RUN_DIR/eval/NAME.json</code>.</p>")
+
+    # Training curves.
+    parts.append(f"<{h}>Training</{h}>")
+    if (run_dir / "tb").is_dir():
+        parts.append(f"<p>Live curves: <code>tensorboard --logdir {html.escape(str(run_dir / 'tb'))}</code></p>")
+    losses = plot_loss_curves(figures.path(f"{prefix}losses.png"), run_dir)
+    if losses is not None:
+        parts.append(figures.img(losses, "loss terms and learning rate"))
+    epochs_csv = run_dir / "epochs.csv"
+    epochs = read_csv(epochs_csv) if epochs_csv.is_file() else []
+    if epochs and (run_dir / "metrics.csv").is_file():
+        curves = plot_training_curves(figures.path(f"{prefix}fig6.png"), {run_dir.name: run_dir})
+        parts.append(figures.img(curves, "held-out seed mIoU, pseudo-label ratio and accuracy"))
+    if epochs:
+        rows = [[int(r["epoch"]), int(r["step"]), f"{r['seconds']:.0f}", pct(r.get("val_miou")),
+                 pct(r.get("val_fpr")), pct(r.get("val_fnr")),
+                 "" if math.isnan(r.get("val_threshold", math.nan)) else f"{r['val_threshold']:.2f}"] for r in epochs]
+        parts.append(html_table(["epoch", "step", "seconds", "val seed mIoU", "FPR", "FNR", "threshold"], rows))
+    if losses is None and not epochs:
+        parts.append("<p>No metrics.csv / epochs.csv in this run directory.</p>")
+
+    # Examples.
+    seed_eval = pick_eval(evals, "seeds")
+    threshold = seed_eval[1]["best"]["threshold"] if seed_eval else cfg.eval.threshold
+    grid = example_grid(figures.path(f"{prefix}examples.png"), run_dir, dataset, threshold, num_images)
+    if grid is not None:
+        parts.append(f"<{h}>Examples</{h}>")
+        parts.append(f"<p>{html.escape(', '.join(grid[1]))}; seed at the best threshold of "
+                     f"{'eval/' + seed_eval[0] + '.json' if seed_eval else 'eval.threshold (no sweep)'}.</p>")
+        parts.append(figures.img(grid[0], "image / CAM / seed / pseudo-mask / GT"))
+
+    parts.append(f"<{h}>Config</{h}>")
+    parts.append(f"<pre>{html.escape((run_dir / 'config.yaml').read_text())}</pre>")
+    if notes:
+        parts.insert(0, "".join(f'<p class="note">{html.escape(n)}</p>' for n in notes))
+    return "\n".join(parts)
+
+
+def find_runs(folder: str | os.PathLike) -> list[Path]:
+    """``folder`` itself when it is a run directory (has config.yaml), else its run subdirectories."""
+    folder = Path(folder)
+    if (folder / "config.yaml").is_file():
+        return [folder]
+    return sorted(p for p in folder.iterdir() if (p / "config.yaml").is_file()) if folder.is_dir() else []
+
+
+def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, num_images: int = 4,
+                 embed: bool = False, compute: bool = True, progress: bool = False) -> Path:
+    """Write ``RUN_DIR/report.html`` (or ``out``) for a run directory, or for a folder of runs (one page
+    with the ``fsae compare`` table and a section per run). Returns the HTML path.
+
+    ``compute``: evaluate ``seeds/`` / ``crf/`` into ``eval/`` first when they have no evaluation
+    (``compute_missing_evals``). ``embed``: PNGs as data URIs instead of files in ``report_files/``.
+    """
+    run_dir = Path(run_dir)
+    runs = find_runs(run_dir)
+    if not runs:
+        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml) and no run directories in it")
+    path = Path(out) if out else run_dir / "report.html"
+    figures = _Figures(path, embed)
+    title = f"fsae report: {run_dir.resolve().name}"
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    if runs == [run_dir]:
+        body.append(_run_section(run_dir, figures, "", num_images, compute, progress))
+    else:
+        from fsae.compare import compare_runs, compare_table
+
+        table = compare_table(compare_runs(runs, compute=compute, progress=progress))
+        body += ["<h2>Comparison</h2>", html_table(table["header"], table["rows"])]
+        with_curves = {r.name: r for r in runs if (r / "epochs.csv").is_file() and (r / "metrics.csv").is_file()}
+        if with_curves:
+            body.append(figures.img(plot_training_curves(figures.path("fig6.png"), with_curves),
+                                    "held-out seed mIoU, pseudo-label ratio and accuracy"))
+        for r in runs:
+            body += [f"<h2>Run {html.escape(r.name)}</h2>",
+                     _run_section(r, figures, f"{r.name}_", num_images, compute=False, progress=progress, level=3)]
+    if embed and figures.dir.is_dir():
+        for png in figures.dir.glob("*.png"):
+            png.unlink()
+        if not any(figures.dir.iterdir()):
+            figures.dir.rmdir()
+    page = (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
+    return write_text(path, page)

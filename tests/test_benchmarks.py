@@ -5,8 +5,10 @@ import math
 import pytest
 import torch
 
-from benchmarks import bench_cam_inference, bench_data_loading, bench_fsae_step, bench_seed_sweep
+from benchmarks import bench_cam_inference, bench_crf, bench_data_loading, bench_fsae_step, bench_seed_sweep
 from benchmarks.common import BenchResult, MismatchError, Row, render_markdown
+from fsae.io import write_mask
+from fsae.train import image_generators
 
 
 def test_seed_sweep_same_miou_every_threshold(tmp_path):
@@ -66,8 +68,8 @@ def test_fsae_step_is_train_step_and_modes_agree(tmp_path):
 def test_fsae_step_check_catches_a_step_unlike_train(tmp_path, monkeypatch):
     real = bench_fsae_step.train_step
 
-    def other_augmentation_seed(model, optimizer, batch, cfg, aug_gen, mode):
-        return real(model, optimizer, batch, cfg, torch.Generator().manual_seed(12345), mode)
+    def other_augmentation_seed(model, optimizer, batch, cfg, generators, mode):
+        return real(model, optimizer, batch, cfg, image_generators(12345, 0, batch["index"]), mode)
 
     monkeypatch.setattr(bench_fsae_step, "train_step", other_augmentation_seed)
     root = bench_fsae_step.generated_set(tmp_path, num_train=4)
@@ -88,3 +90,27 @@ def test_results_markdown_has_machine_and_tables():
     text = render_markdown([result], {"torch": "9.9", "cores available": "2"}, "python -m benchmarks.run", 3.0)
     assert "- torch: 9.9" in text and "- cores available: 2" in text
     assert "| w | 1 s | 0.1 s | 10.00x | >= 20x | passed |" in text
+
+
+def test_crf_workers_give_identical_masks(tmp_path):
+    result = bench_crf.run(num_images=3, height=32, width=40, workers=2, workdir=tmp_path, measure_startup=False)
+    numbers = result.numbers
+    assert numbers["differ"] == [] and numbers["workers"] == 2 and numbers["images"] == 3
+    assert len(numbers["labels"]) > 2  # background and several classes: the masks are not trivial
+    assert numbers["goal_s"] == pytest.approx(1.05 * numbers["single_s"] / 3 * 3 / 2)
+    assert result.rows[0].check.startswith("passed (all 3 pseudo-masks identical")
+
+
+def test_crf_raises_when_the_worker_run_differs(tmp_path, monkeypatch):
+    real = bench_crf.refine_dir
+
+    def one_pixel_off_with_workers(seed_dir, image_dir, out, ids, threshold, workers, progress):
+        real(seed_dir, image_dir, out, ids, threshold, workers=1, progress=progress)  # no pool: fast
+        if workers > 1:
+            mask = bench_crf.read_mask(out / f"{ids[1]}.png")
+            mask[0, 0] = 255 - mask[0, 0]
+            write_mask(out / f"{ids[1]}.png", mask)
+
+    monkeypatch.setattr(bench_crf, "refine_dir", one_pixel_off_with_workers)
+    with pytest.raises(MismatchError, match="1 of 3 masks differ, first img_00001"):
+        bench_crf.run(num_images=3, height=24, width=32, workers=2, workdir=tmp_path, measure_startup=False)

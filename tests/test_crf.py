@@ -1,6 +1,9 @@
 """Dense-CRF refinement: moves a spilled seed to the image edge, matches seed_to_mask at 0 iterations,
 folder runs are worker-independent, resumable and name missing files."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -124,3 +127,10 @@ def test_missing_package_error_says_how_to_install(monkeypatch):
     image, _, keys, cams = edge_scene()
     with pytest.raises(CrfDependencyError, match="pip install pydensecrf2"):
         refine_seed(image, keys, cams, 0.25)
+
+
+def test_crf_module_imports_without_torch():
+    # The worker processes import fsae.refine.crf; importing torch there cost ~5 s per worker (bench_crf).
+    code = "import sys, fsae.refine.crf; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -44,5 +44,6 @@ class Method(nn.Module):
 
     def param_groups(self) -> list[dict]:
         """Parameter groups, each with ``new``: True for layers trained from scratch on top of a
-        backbone (they get ``OptimConfig.new_layer_lr_mult`` times the learning rate)."""
+        backbone (they get ``OptimConfig.new_layer_lr_mult`` times the learning rate); optionally
+        ``lr_mult`` (a further factor, e.g. 2 for biases) and ``weight_decay`` (the group's own)."""
         return [{"params": [p for p in self.parameters() if p.requires_grad], "new": False}]

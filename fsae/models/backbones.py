@@ -1,6 +1,8 @@
 """Backbones by name: ``image (B, 3, H, W) -> feature map (B, D, H/s, W/s)``.
 
 - ``tinycnn``: a small BN-ReLU CNN (the embedded demo's network, trained from scratch).
+- ``resnet38``: the wide ResNet-38 of PSA/SEAM/EPS/PPC (``fsae.models.resnet38``), with its ImageNet
+  weights from a local ``.params`` (MXNet) or ``.pth`` file.
 - any timm model with ``features_only`` (``resnet50``, ``resnet18``, ``tf_efficientnet_lite0``, ...),
   at the requested output stride (timm dilates the last stages); the last feature level is used.
 
@@ -119,8 +121,17 @@ def load_weights(backbone: nn.Module, weights: str | None) -> None:
 
 
 def build_backbone(name: str, output_stride: int = 16, weights: str | None = None, width: int = 32,
-                   depth: int = 6) -> nn.Module:
-    """Create a backbone by name (see module docstring); ``.out_channels`` gives D."""
+                   depth: int = 6, resnet38: dict | None = None) -> nn.Module:
+    """Create a backbone by name (see module docstring); ``.out_channels`` gives D.
+
+    ``resnet38``: options of ``fsae.models.resnet38.build_resnet38`` (width, freeze_bn, freeze_stem).
+    """
+    if name == "resnet38":  # the wide ResNet-38 of PSA/SEAM/EPS/PPC, output stride 8 (fsae/models/resnet38.py)
+        from fsae.models.resnet38 import build_resnet38
+
+        if output_stride != 8:
+            raise ValueError(f"resnet38 has output stride 8, got output_stride={output_stride}")
+        return build_resnet38(weights, **(resnet38 or {}))
     if name == "tinycnn":
         net: nn.Module = TinyCNN(width=width, output_stride=output_stride, depth=depth)
     else:

@@ -28,8 +28,8 @@ import numpy as np
 from tqdm import tqdm
 
 from fsae.errors import DataError, FsaeError
-from fsae.evaluate import check_seed, load_seed
-from fsae.io import read_image, write_mask
+from fsae.seeds import check_seed, load_seed
+from fsae.io import ensure_output_dir, read_image, write_mask
 
 CRF_DEFAULTS = {
     "iterations": 10,
@@ -183,7 +183,7 @@ def refine_dir(
     if not ids:
         raise DataError("no image ids to refine; check the image list")
     seed_dir, image_dir, out_dir = Path(seed_dir), Path(image_dir), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_output_dir(out_dir)
     todo = [i for i in ids if not (out_dir / f"{i}.png").is_file()]
     jobs = [
         (str(seed_dir / f"{i}.npz"), str(image_dir / f"{i}{image_ext}"), str(out_dir / f"{i}.png"),
