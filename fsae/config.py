@@ -251,24 +251,31 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the recipe YAML at ``path`` (if any), then ``overrides``."""
-    cfg = Config()
+def fill_config(cfg: Any, path: str | Path | None = None, overrides: list[str] | None = None,
+                what: str = "config") -> Any:
+    """Apply the recipe YAML at ``path`` (if any), then ``overrides``, to the dataclass ``cfg`` (any of the
+    project's settings dataclasses: ``Config``, ``SegConfig``, ``IRNConfig``). A ``name`` field not set
+    by the file becomes the file's stem."""
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
+            raise ConfigError(f"{path}: {what} file not found")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of config sections")
+            raise ConfigError(f"{path}: expected a mapping of {what} sections")
         _apply(cfg, data, str(path))
-        if "name" not in data:
+        if "name" not in data and any(f.name == "name" for f in fields(cfg)):
             cfg.name = path.stem
     apply_overrides(cfg, overrides or [])
     return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the recipe YAML at ``path`` (if any), then ``overrides``."""
+    return fill_config(Config(), path, overrides)
 
 
 def config_from_dict(data: dict[str, Any], where: str = "checkpoint") -> Config:

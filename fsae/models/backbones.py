@@ -96,6 +96,26 @@ def lite0_package_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return mapped
 
 
+def read_weight_file(path: str | Path, what: str = "weights", unwrap: bool = True) -> dict:
+    """A state dict from a local ``.pt``/``.pth`` file, loaded with ``weights_only=True``; with ``unwrap``,
+    one level of ``state_dict`` / ``model`` nesting (common checkpoint layouts) is removed.
+
+    Raises CheckpointError naming the file when it is missing or cannot be read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: {what} file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is reported with the file name
+        raise CheckpointError(f"{path}: cannot read {what} ({exc})") from exc
+    if unwrap:
+        for key in ("state_dict", "model"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+    return state
+
+
 def load_weights(backbone: nn.Module, weights: str | None) -> None:
     """Load backbone weights from a local file (a state dict, possibly under 'state_dict'/'model')."""
     if weights in (None, "", "timm"):
@@ -104,15 +124,7 @@ def load_weights(backbone: nn.Module, weights: str | None) -> None:
         backbone.net.load_state_dict(lite0_package_state_dict(backbone.net), strict=True)
         return
     path = Path(weights)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: backbone weight file not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - report any unpickling failure with the file name
-        raise CheckpointError(f"{path}: cannot read backbone weights ({exc})") from exc
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
+    state = read_weight_file(path, "backbone weight")
     target = backbone.net if isinstance(backbone, TimmFeatures) else backbone
     missing, unexpected = target.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsae.errors import CheckpointError
+from fsae.models.backbones import read_weight_file
 
 
 def _ch(channels: int, width: float) -> int:
@@ -297,13 +298,7 @@ def resnet38_state_from_file(path: str | Path) -> dict[str, torch.Tensor]:
             if key is not None:
                 state[key] = torch.from_numpy(np.ascontiguousarray(array))
         return state
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is reported with the file name
-        raise CheckpointError(f"{path}: cannot read ResNet-38 weights ({exc})") from exc
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
+    state = read_weight_file(path, "ResNet-38 weight")
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a state dict of ResNet-38 weights")
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from fsae.config import _apply, apply_overrides
+from fsae.config import _apply, fill_config
 from fsae.errors import ConfigError
 
 
@@ -124,21 +124,7 @@ class SegConfig:
 
 def load_seg_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SegConfig:
     """Defaults, then the recipe YAML at ``path`` (if any), then ``overrides`` (``a.b=value``)."""
-    cfg = SegConfig()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of config sections")
-        _apply(cfg, data, str(path))
-        if "name" not in data:
-            cfg.name = path.stem
-    apply_overrides(cfg, overrides or [])
+    cfg = fill_config(SegConfig(), path, overrides)
     check_seg_config(cfg, str(path) if path else "config")
     return cfg
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from fsae.errors import CheckpointError, ConfigError
-from fsae.models.backbones import LITE0_PACKAGE, build_backbone
+from fsae.models.backbones import LITE0_PACKAGE, build_backbone, read_weight_file
 
 
 class ASPP(nn.Module):
@@ -172,15 +172,7 @@ def _backbone_target(backbone: nn.Module) -> nn.Module:
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: weight file not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is reported with the file name
-        raise CheckpointError(f"{path}: cannot read weights ({exc})") from exc
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
+    state = read_weight_file(path, "weight")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: not a state dict of tensors")
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}

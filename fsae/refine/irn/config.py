@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from fsae.config import _apply, apply_overrides
+from fsae.config import fill_config
 from fsae.errors import ConfigError
 
 
@@ -93,19 +93,7 @@ class IRNConfig:
 
 def load_irn_config(path: str | Path | None = None, overrides: list[str] | None = None) -> IRNConfig:
     """IRN defaults, then the YAML at ``path`` (if any), then ``a.b=value`` overrides."""
-    cfg = IRNConfig()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: IRN config file not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of IRN config sections")
-        _apply(cfg, data, str(path))
-    apply_overrides(cfg, overrides or [])
+    cfg = fill_config(IRNConfig(), path, overrides, what="IRN config")
     if cfg.ir_label.bg_threshold > cfg.ir_label.fg_threshold:
         raise ConfigError(f"ir_label.bg_threshold {cfg.ir_label.bg_threshold} must not exceed "
                           f"ir_label.fg_threshold {cfg.ir_label.fg_threshold}")

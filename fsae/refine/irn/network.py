@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsae.errors import CheckpointError
+from fsae.models.backbones import read_weight_file
 
 FEATURE_STRIDE = 4
 
@@ -38,15 +39,7 @@ def _resnet(name: str, weights: str | None) -> nn.Module:
         raise CheckpointError(f"backbone {name!r} is not a torchvision ResNet (resnet18/34/50/101, ...)")
     if weights not in (None, "", "torchvision"):
         path = Path(weights)
-        if not path.is_file():
-            raise CheckpointError(f"{path}: backbone weight file not found")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure, reported with the file name
-            raise CheckpointError(f"{path}: cannot read backbone weights ({exc})") from exc
-        for key in ("state_dict", "model"):
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
+        state = read_weight_file(path, "backbone weight")
         missing, _ = net.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("fc.") and not k.endswith("num_batches_tracked")]
         if missing:
