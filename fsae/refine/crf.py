@@ -18,18 +18,16 @@ build of lucasb-eyer/pydensecrf.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-from tqdm import tqdm
 
 from fsae.errors import DataError, FsaeError
 from fsae.seeds import check_seed, load_seed
 from fsae.io import ensure_output_dir, read_image, write_mask
+from fsae.parallel import map_jobs
 
 CRF_DEFAULTS = {
     "iterations": 10,
@@ -190,20 +188,5 @@ def refine_dir(
          float(threshold), dict(crf_params))
         for i in todo
     ]
-    workers = (os.cpu_count() or 1) if workers is None else workers
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
-    workers = min(workers, max(1, len(jobs)))
-    bar = tqdm(total=len(jobs), desc="crf", disable=not progress)
-    if workers == 1:
-        for job in jobs:
-            _refine_one(job)
-            bar.update()
-    else:
-        chunksize = max(1, min(16, len(jobs) // (4 * workers)))
-        # spawn: workers start clean (no forked torch / OpenMP state), the same on every platform.
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for _ in pool.map(_refine_one, jobs, chunksize=chunksize):
-                bar.update()
-    bar.close()
+    map_jobs(_refine_one, jobs, workers, desc="crf", progress=progress)
     return {"total": len(ids), "refined": len(jobs), "skipped": len(ids) - len(jobs), "out_dir": str(out_dir)}

@@ -17,19 +17,17 @@ compat=10``, 10 iterations.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-from tqdm import tqdm
 
 from fsae.errors import DataError
-from fsae.evaluate import check_seed, load_seed
+from fsae.seeds import check_seed, load_seed
 from fsae.io import read_image, write_mask
 from fsae.labels import IGNORE_INDEX
+from fsae.parallel import map_jobs
 from fsae.refine.crf import crf_inference
 
 IR_CRF_DEFAULTS = {
@@ -116,18 +114,5 @@ def make_ir_labels(seed_dir: str | os.PathLike, image_dir: str | os.PathLike, ou
     todo = [i for i in ids if not (out_dir / f"{i}.png").is_file()]
     jobs = [(str(seed_dir / f"{i}.npz"), str(image_dir / f"{i}{image_ext}"), str(out_dir / f"{i}.png"), params)
             for i in todo]
-    workers = min((os.cpu_count() or 1) if workers is None else workers, max(1, len(jobs)))
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
-    bar = tqdm(total=len(jobs), desc="ir labels", disable=not progress)
-    if workers == 1:
-        for job in jobs:
-            _ir_label_one(job)
-            bar.update()
-    else:
-        chunksize = max(1, min(16, len(jobs) // (4 * workers)))
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for _ in pool.map(_ir_label_one, jobs, chunksize=chunksize):
-                bar.update()
-    bar.close()
+    map_jobs(_ir_label_one, jobs, workers, desc="ir labels", progress=progress)
     return {"total": len(ids), "written": len(jobs), "skipped": len(ids) - len(jobs), "out_dir": str(out_dir)}
