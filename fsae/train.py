@@ -40,6 +40,7 @@ from fsae.fsae import fsae_loss, mask_absent_classes
 from fsae.infer import batches_by_size, multiscale_cam, normalise_seed, to_tensor_image
 from fsae.io import atomic_write, ensure_output_dir
 from fsae.methods import build_method
+from fsae.models.backbones import read_weight_file
 from fsae.tblog import close_writer, log_scalars, open_writer
 
 METRIC_FIELDS = ["step", "epoch", "lr", "loss", "cls", "fsae", "mask_ratio", "confident_ratio",
@@ -218,12 +219,7 @@ def _trim_csv(path: Path, column: str, last: int) -> None:
 def load_checkpoint(path: str | os.PathLike, cfg: Config | None = None) -> dict:
     """Load a checkpoint (weights only); refuse one whose class count or config differs from ``cfg``."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is reported with the file name
-        raise CheckpointError(f"{path}: cannot read checkpoint ({exc})") from exc
+    state = read_weight_file(path, "checkpoint", unwrap=False)
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{path}: not an fsae checkpoint (no 'model'/'config' entries)")
     if cfg is not None:

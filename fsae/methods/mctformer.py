@@ -51,6 +51,7 @@ from torch import nn
 from fsae.errors import CheckpointError
 from fsae.methods.base import Method, Output
 from fsae.methods.cam import sipe_score_map
+from fsae.models.backbones import read_weight_file
 
 BACKGROUNDS = ("constant", "sipe")
 
@@ -141,12 +142,7 @@ class MCTformerV2(Method):
         if weights == "timm":
             state, where = timm.create_model(backbone, pretrained=True).state_dict(), f"timm:{backbone}"
         else:
-            try:
-                state, where = torch.load(weights, map_location="cpu", weights_only=True), weights
-            except FileNotFoundError as exc:
-                raise CheckpointError(f"{weights}: ViT weight file not found") from exc
-            except Exception as exc:  # noqa: BLE001 - any unpickling failure is reported with the file name
-                raise CheckpointError(f"{weights}: cannot read ViT weights ({exc})") from exc
+            state, where = read_weight_file(weights, "ViT weight", unwrap=False), weights
         self.vit.load_state_dict(vit_state_dict(state, self.vit, self.grid, where), strict=False)
         state = state.get("model", state.get("state_dict", state))
         with torch.no_grad():  # the single class token (and its position) repeated for every class

@@ -97,8 +97,9 @@ def lite0_package_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def read_weight_file(path: str | Path, what: str = "weights", unwrap: bool = True) -> dict:
-    """A state dict from a local ``.pt``/``.pth`` file, loaded with ``weights_only=True``; with ``unwrap``,
-    one level of ``state_dict`` / ``model`` nesting (common checkpoint layouts) is removed.
+    """A state dict (or an fsae checkpoint) from a local ``.pt``/``.pth`` file, loaded on the CPU with
+    ``weights_only=True``; with ``unwrap``, one level of ``state_dict`` / ``model`` nesting (common
+    checkpoint layouts) is removed.
 
     Raises CheckpointError naming the file when it is missing or cannot be read.
     """

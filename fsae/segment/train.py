@@ -34,6 +34,7 @@ from fsae.augment import normalize, random_geometry
 from fsae.data import build_dataset
 from fsae.errors import CheckpointError, ConfigError, DataError, FsaeError
 from fsae.labels import IGNORE_INDEX
+from fsae.models.backbones import read_weight_file
 from fsae.segment.config import SegConfig, save_seg_config, seg_config_from_dict
 from fsae.segment.deeplab import DeepLab, build_deeplab
 from fsae.train import poly_lr, save_checkpoint
@@ -128,12 +129,7 @@ def build_seg_optimizer(model: DeepLab, cfg: SegConfig) -> torch.optim.SGD:
 def load_seg_checkpoint(path: str | os.PathLike, num_classes: int | None = None) -> dict:
     """Read a ``fsae seg train`` checkpoint; a CheckpointError naming the file if it is not one or does not fit."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is reported with the file name
-        raise CheckpointError(f"{path}: cannot read checkpoint ({exc})") from exc
+    state = read_weight_file(path, "checkpoint", unwrap=False)
     if not isinstance(state, dict) or state.get("kind") != "segmentation" or "model" not in state:
         raise CheckpointError(f"{path}: not a segmentation checkpoint from `fsae seg train` (no 'kind: "
                               f"segmentation' entry); pass the run's checkpoints/last.pt")

@@ -27,6 +27,7 @@ from fsae.errors import CheckpointError, DataError
 from fsae.infer import to_tensor_image
 from fsae.io import atomic_write, read_image, read_mask
 from fsae.labels import IGNORE_INDEX
+from fsae.models.backbones import read_weight_file
 from fsae.refine.irn.affinity import affinity_from_boundary, affinity_labels, affinity_loss
 from fsae.refine.irn.config import IRNConfig
 from fsae.refine.irn.network import FEATURE_STRIDE, BoundaryNet
@@ -126,7 +127,7 @@ def train_irn(cfg: IRNConfig, image_dir: str | os.PathLike, label_dir: str | os.
                                 weight_decay=tc.weight_decay)
     start_epoch, step = 0, 0
     if checkpoint.is_file():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        state = read_weight_file(checkpoint, "IRN checkpoint", unwrap=False)
         if state.get("config_hash") != cfg.hash():
             raise CheckpointError(f"{checkpoint}: trained with other IRN settings (hash {state.get('config_hash')} "
                                   f"!= {cfg.hash()}); delete it or use another run directory")
@@ -169,10 +170,7 @@ def load_boundary_net(checkpoint: str | os.PathLike, cfg: IRNConfig, device: str
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise CheckpointError(f"{checkpoint}: IRN checkpoint not found; train it first (`fsae irn RUN_DIR`)")
-    try:
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - report any read failure with the file name
-        raise CheckpointError(f"{checkpoint}: cannot read the IRN checkpoint ({exc})") from exc
+    state = read_weight_file(checkpoint, "IRN checkpoint", unwrap=False)
     net = state.get("config", {}).get("net", {})
     model = BoundaryNet(net.get("backbone", cfg.net.backbone), None, net.get("branch_width", cfg.net.branch_width))
     model.load_state_dict(state["model"])
