@@ -202,6 +202,15 @@ def cmd_compare(args) -> None:
         print(f"written: {written}")
 
 
+def cmd_weights(args) -> int:
+    from fsae.weights import recipe_weights, report_lines, weights_folder
+
+    lines, ok = report_lines(recipe_weights(args.configs), hash_it=args.weights_cmd == "check")
+    print(f"weights folder: {weights_folder()} (FSAE_WEIGHTS)")
+    print("\n".join(lines))
+    return 0 if ok or args.weights_cmd == "list" else 1
+
+
 def cmd_demo(args) -> None:
     from fsae.demo import run_demo
 
@@ -383,6 +392,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     _add_set(p)
     p.set_defaults(func=cmd_seg_infer)
+
+    weights = sub.add_parser("weights", help="the pretrained files of every recipe: where, present, intact"
+                             ).add_subparsers(dest="weights_cmd", required=True)
+    for name, text in (("list", "each recipe's weight files and where they are looked for"),
+                       ("check", "as list, with the sha256 of each present file checked; exit 1 if one is missing")):
+        p = weights.add_parser(name, help=text)
+        p.add_argument("--configs", default="configs", help="folder of recipe YAMLs (default configs/)")
+        p.set_defaults(func=cmd_weights)
     return parser
 
 

@@ -40,7 +40,7 @@ from fsae.fsae import fsae_loss, mask_absent_classes
 from fsae.infer import batches_by_size, multiscale_cam, normalise_seed, to_tensor_image
 from fsae.io import atomic_write, ensure_output_dir
 from fsae.methods import build_method
-from fsae.models.backbones import read_weight_file
+from fsae.weights import read_weight_file
 from fsae.tblog import close_writer, log_scalars, open_writer
 
 METRIC_FIELDS = ["step", "epoch", "lr", "loss", "cls", "fsae", "mask_ratio", "confident_ratio",

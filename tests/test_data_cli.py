@@ -50,9 +50,9 @@ def _get(cfg, dotted: str):
 
 COMMON = {
     "model.method": "cam",
-    "model.backbone": "resnet50",
+    "model.backbone": "resnet50_irn",
     "model.output_stride": 16,
-    "model.weights": None,
+    "model.weights": "imagenet",
     "model.background": "constant",
     "optim.name": "sgd",
     "optim.lr": 0.1,

@@ -288,6 +288,7 @@ def test_voc_recipes(name, table):
     transform = timm_train_transform(cfg.data)
     assert transform.transforms[0].size == (224, 224)
     cfg.model.mct.embed_dim, cfg.model.mct.depth, cfg.model.mct.num_heads = 32, 3, 2  # builds; tiny for speed
+    cfg.model.weights = None  # loading the DeiT file: tests/test_weights.py
     model = build_method(cfg.model, cfg.data.num_classes)
     assert isinstance(model, MCTformerV2) and model.class_tokens.shape == (1, 20, 32)
     assert model.vit.patch_embed.patch_size == (16, 16) and model.grid == (14, 14)

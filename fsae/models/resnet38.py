@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsae.errors import CheckpointError
-from fsae.models.backbones import read_weight_file
+from fsae.weights import read_weight_file
 
 
 def _ch(channels: int, width: float) -> int:
@@ -321,15 +321,3 @@ def load_resnet38_weights(model: ResNet38, path: str | Path) -> None:
         raise CheckpointError(f"{path}: ResNet-38 weight {k!r} has shape {got}, the network needs {want} "
                               f"({len(wrong)} mismatched in all; width={model.width} needs width 1.0 weights)")
     model.load_state_dict({k: state[k].to(v.dtype) for k, v in target.items()}, strict=False)
-
-
-def build_resnet38(weights: str | None = None, width: float = 1.0, freeze_bn: bool = True,
-                   freeze_stem: bool = True) -> ResNet38:
-    """ResNet-38 with ImageNet weights from a local ``.params`` / ``.pth`` file (``None``: random init)."""
-    if weights == "timm":
-        raise CheckpointError("ResNet-38 weights are not in timm: give the local path of "
-                              "ilsvrc-cls_rna-a1_cls1000_ep-0001.params or its converted .pth")
-    net = ResNet38(width=width, freeze_bn=freeze_bn, freeze_stem=freeze_stem)
-    if weights:
-        load_resnet38_weights(net, weights)
-    return net

@@ -10,13 +10,16 @@ the logits go straight into ``cross_entropy(..., ignore_index=255)`` against lab
 - DeepLab-V1 LargeFOV (Chen et al., ICLR 2015, sec. 4): fc6 = 3x3 conv with dilation 12 to 1024
   channels, fc7 = 1x1 conv to 1024, each followed by ReLU and dropout, and fc8 = 1x1 conv to C+1.
 
-Backbones by name: a timm model (``resnet101``, ``resnet50``, ``resnet18``, ``tf_efficientnet_lite0``;
-timm dilates the last stages for the output stride), ``torchvision:<name>`` (a torchvision ResNet with
-``replace_stride_with_dilation``), or ``tinycnn`` (``fsae.models.backbones``, for tests).
+Backbones by name (``fsae.models.backbones.create_backbone``): ``resnet101_deeplab`` (DeepLab's MSRA
+ResNet-101 at output stride 8, the recipes'), a timm model (``resnet101``, ``resnet18``, ...; timm dilates
+the last stages), ``torchvision:<name>`` (a dilated torchvision ResNet) or ``tinycnn`` (tests).
 
-Weights (``load_pretrained``): a local file holding an ImageNet backbone state dict (timm / torchvision
-key names; the ``fc.*`` classifier is dropped) or a whole fsae DeepLab checkpoint (e.g. one trained on
-COCO: the backbone is loaded, the head too when its class count matches). Missing, unexpected or
+Weights (``load_pretrained``): ``imagenet`` (for ``resnet101_deeplab``: the COCO-pretrained init of
+deeplab-pytorch, ``deeplabv1_resnet101-coco.pth``, its key names mapped by
+``fsae.models.backbones.deeplab_key_map``; see ``fsae.weights.DEEPLAB_COCO``), a local file holding a
+backbone state dict (torchvision / timm / deeplab-pytorch key names; classifier ``fc`` dropped) or a
+whole fsae DeepLab checkpoint (e.g. one trained on COCO: the backbone is loaded, the head too when its
+class count matches), or the library keywords of ``fsae.models.backbones``. Missing, unexpected or
 wrongly shaped tensors are a ``CheckpointError`` naming the file and the tensors.
 """
 
@@ -28,7 +31,9 @@ import torch
 from torch import nn
 
 from fsae.errors import CheckpointError, ConfigError
-from fsae.models.backbones import LITE0_PACKAGE, build_backbone, read_weight_file
+from fsae.models.backbones import (LIBRARY_WEIGHTS, TimmFeatures, create_backbone, load_pretrained as load_backbone,
+                                  load_state_strict, resnet_state)
+from fsae.weights import read_weight_file, resolve_weights
 
 
 class ASPP(nn.Module):
@@ -75,34 +80,6 @@ class LargeFOV(nn.Module):
         return self.fc8(x)
 
 
-class TorchvisionResNet(nn.Module):
-    """A torchvision ResNet up to ``layer4``, dilated to the output stride. Shape: (B,3,H,W) -> (B,D,H/s,W/s).
-
-    ``.net`` keeps torchvision's module names (conv1, bn1, layer1..4) so ImageNet state dicts load as is.
-    """
-
-    def __init__(self, name: str, output_stride: int = 8):
-        super().__init__()
-        import torchvision
-
-        dilate = {8: [False, True, True], 16: [False, False, True], 32: [False, False, False]}.get(output_stride)
-        if dilate is None:
-            raise ConfigError(f"torchvision backbones support output_stride 8, 16 or 32, got {output_stride}")
-        try:
-            net = torchvision.models.get_model(name, weights=None, replace_stride_with_dilation=dilate)
-        except (ValueError, NotImplementedError) as exc:
-            raise ConfigError(f"torchvision backbone {name!r} at output stride {output_stride}: {exc}") from exc
-        del net.fc, net.avgpool
-        self.net = net
-        self.out_channels = net.layer4[-1].conv1.in_channels
-        self.output_stride = output_stride
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = self.net
-        x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
-        return n.layer4(n.layer3(n.layer2(n.layer1(x))))
-
-
 class DeepLab(nn.Module):
     """Backbone + head. Shape: images (B, 3, H, W) -> logits (B, C+1, h, w), ``h = ceil(H / stride)``."""
 
@@ -140,12 +117,11 @@ class DeepLab(nn.Module):
 def build_seg_backbone(name: str, output_stride: int = 8, weights: str | None = None, width: int = 32,
                        depth: int = 6) -> nn.Module:
     """A backbone by name (module docstring) with ``.out_channels``; only library weights are loaded here."""
-    if name.startswith("torchvision:"):
-        if weights in ("timm", LITE0_PACKAGE):
-            raise CheckpointError(f"weights {weights!r} do not fit torchvision backbone {name!r}; give a file")
-        return TorchvisionResNet(name.split(":", 1)[1], output_stride)
-    library = weights if weights in ("timm", LITE0_PACKAGE) else None
-    return build_backbone(name, output_stride=output_stride, weights=library, width=width, depth=depth)
+    options = {"width": width, "depth": depth} if name == "tinycnn" else {}
+    backbone = create_backbone(name, output_stride, **options)
+    if weights in LIBRARY_WEIGHTS:
+        load_backbone(backbone, name, weights)
+    return backbone
 
 
 def build_deeplab(model_cfg, num_classes: int) -> DeepLab:
@@ -161,41 +137,14 @@ def build_deeplab(model_cfg, num_classes: int) -> DeepLab:
     else:
         raise ConfigError(f"unknown model.arch {model_cfg.arch!r}; expected deeplabv1 or deeplabv2")
     model = DeepLab(backbone, head, freeze_bn=model_cfg.freeze_bn)
-    if model_cfg.weights not in (None, "", "timm", LITE0_PACKAGE):
-        load_pretrained(model, model_cfg.weights)
+    if model_cfg.weights not in (None, "", *LIBRARY_WEIGHTS):
+        load_pretrained(model, resolve_weights(model_cfg.weights, model_cfg.backbone))
     return model
 
 
 def _backbone_target(backbone: nn.Module) -> nn.Module:
     """The module whose state dict uses the library's own key names (timm / torchvision)."""
-    return backbone.net if hasattr(backbone, "net") else backbone
-
-
-def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    state = read_weight_file(path, "weight")
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: not a state dict of tensors")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-
-
-def _check_and_load(target: nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
-    own = {k: v for k, v in target.state_dict().items() if not k.endswith("num_batches_tracked")}
-    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in state and state[k].shape != v.shape]
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} tensors, e.g. {missing[:4]}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensors, e.g. {unexpected[:4]}")
-    if shapes:
-        problems.append(f"{len(shapes)} tensors of the wrong shape (file vs model), e.g. {shapes[:3]}")
-    if problems:
-        raise CheckpointError(f"{path}: does not fit the {what}: " + "; ".join(problems)
-                              + " (is it the right backbone / architecture?)")
-    target.load_state_dict(state, strict=False)
+    return backbone.net if isinstance(backbone, TimmFeatures) else backbone
 
 
 def load_pretrained(model: DeepLab, path: str | Path) -> dict[str, bool]:
@@ -205,16 +154,15 @@ def load_pretrained(model: DeepLab, path: str | Path) -> dict[str, bool]:
     whose head has the same shapes, e.g. not from COCO's 81 classes into VOC's 21).
     """
     path = Path(path)
-    state = _read_state(path)
+    state = resnet_state(path)
     if any(k.startswith("backbone.") for k in state):  # an fsae DeepLab checkpoint
         backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
         head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
-        _check_and_load(model.backbone, backbone, path, "backbone")
+        load_state_strict(model.backbone, backbone, path, "backbone")
         own_head = model.head.state_dict()
         head_fits = set(head) == set(own_head) and all(head[k].shape == v.shape for k, v in own_head.items())
         if head_fits:
             model.head.load_state_dict(head)
         return {"backbone": True, "head": head_fits}
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the ImageNet classifier
-    _check_and_load(_backbone_target(model.backbone), state, path, "backbone")
+    load_state_strict(_backbone_target(model.backbone), state, path, "backbone")
     return {"backbone": True, "head": False}

@@ -34,7 +34,7 @@ from fsae.augment import normalize, random_geometry
 from fsae.data import build_dataset
 from fsae.errors import CheckpointError, ConfigError, DataError, FsaeError
 from fsae.labels import IGNORE_INDEX
-from fsae.models.backbones import read_weight_file
+from fsae.weights import read_weight_file
 from fsae.segment.config import SegConfig, save_seg_config, seg_config_from_dict
 from fsae.segment.deeplab import DeepLab, build_deeplab
 from fsae.train import poly_lr, save_checkpoint

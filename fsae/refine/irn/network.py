@@ -16,37 +16,27 @@ IRN's displacement-field branch serves instance segmentation only and is left ou
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fsae.errors import CheckpointError
-from fsae.models.backbones import read_weight_file
+from fsae.models.backbones import BACKBONES, create_backbone, load_pretrained
+from fsae.weights import IMAGENET
 
 FEATURE_STRIDE = 4
 
 
 def _resnet(name: str, weights: str | None) -> nn.Module:
-    import torchvision
-
-    try:
-        net = torchvision.models.get_model(name, weights="DEFAULT" if weights == "torchvision" else None)
-    except ValueError as exc:
-        raise CheckpointError(f"unknown torchvision backbone {name!r} ({exc})") from exc
-    if not all(hasattr(net, a) for a in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer4")):
-        raise CheckpointError(f"backbone {name!r} is not a torchvision ResNet (resnet18/34/50/101, ...)")
-    if weights not in (None, "", "torchvision"):
-        path = Path(weights)
-        state = read_weight_file(path, "backbone weight")
-        missing, _ = net.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("fc.") and not k.endswith("num_batches_tracked")]
-        if missing:
-            raise CheckpointError(f"{path}: missing {name} weights, e.g. {missing[:5]} ({len(missing)} in all)")
-    for module in net.layer4[0].modules():  # IRN strides (2, 2, 2, 1): layer4 keeps stride 16
-        if isinstance(module, nn.Conv2d) and module.stride == (2, 2):
-            module.stride = (1, 1)
+    """IRN's ResNet (``fsae.models.backbones``: ``resnet50_irn``; a plain torchvision name such as
+    ``resnet18`` means its ``_irn`` variant). ``torchvision`` is the old name of ``imagenet``."""
+    name = name if name.endswith("_irn") else f"{name}_irn"
+    if name not in BACKBONES:
+        raise CheckpointError(f"backbone {name!r}: IRN's network takes one of "
+                              f"{', '.join(k for k in BACKBONES if k.endswith('_irn'))}")
+    net = create_backbone(name)
+    load_pretrained(net, name, IMAGENET if weights == "torchvision" else weights)
     return net
 
 

@@ -27,7 +27,7 @@ from fsae.errors import CheckpointError, DataError
 from fsae.infer import to_tensor_image
 from fsae.io import atomic_write, read_image, read_mask
 from fsae.labels import IGNORE_INDEX
-from fsae.models.backbones import read_weight_file
+from fsae.weights import read_weight_file
 from fsae.refine.irn.affinity import affinity_from_boundary, affinity_labels, affinity_loss
 from fsae.refine.irn.config import IRNConfig
 from fsae.refine.irn.network import FEATURE_STRIDE, BoundaryNet
