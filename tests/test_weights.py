@@ -119,12 +119,31 @@ def test_deeplab_pytorch_coco_init_loads_into_deeplab_v2_through_the_key_map(tmp
     torch.save(state, path)
     cfg = load_seg_config(REPO / "configs/voc/deeplabv2_r101.yaml", [f"model.weights={path}"])
     model = build_deeplab(cfg.model, cfg.data.num_classes)
-    bb = model.backbone
-    assert torch.equal(bb.conv1.weight, state["layer1.conv1.conv.weight"])
-    assert torch.equal(bb.bn1.running_mean, state["layer1.conv1.bn.running_mean"])
+    bb = model.backbone.eval()
+    assert torch.equal(bb.bn1.weight, state["layer1.conv1.bn.weight"])
+    assert torch.equal(bb.bn1.running_var, state["layer1.conv1.bn.running_var"])
     assert torch.equal(bb.layer3[21].conv2.weight, state["layer4.block22.conv3x3.conv.weight"])
     assert torch.equal(bb.layer2[0].downsample[1].running_var, state["layer3.block1.shortcut.bn.running_var"])
     assert torch.equal(bb.layer4[2].bn3.bias, state["layer5.block3.increase.bn.bias"])
+
+    # The stem reads fsae's normalised RGB as deeplab-pytorch's stem reads Caffe's input: a plain
+    # reference of deeplab-pytorch (libs/datasets/base.py: BGR, 0..255, minus configs/voc12.yaml:21-24's
+    # mean; resnet.py:41-45 conv 7x7 stride 2 pad 3, BatchNorm eps 1e-5, ReLU), on a random image.
+    from fsae.augment import IMAGENET_MEAN, IMAGENET_STD
+
+    rgb = torch.rand(1, 3, 40, 48, generator=g)
+    caffe = rgb.flip(1) * 255 - torch.tensor([104.008, 116.669, 122.675]).view(1, 3, 1, 1)
+    ref = torch.nn.functional.conv2d(caffe, state["layer1.conv1.conv.weight"], stride=2, padding=3)
+    ref = torch.nn.functional.batch_norm(ref, state["layer1.conv1.bn.running_mean"],
+                                         state["layer1.conv1.bn.running_var"], state["layer1.conv1.bn.weight"],
+                                         state["layer1.conv1.bn.bias"], training=False, eps=1e-5)
+    x = (rgb - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        got = bb.bn1(bb.conv1(x))
+    interior = (slice(None), slice(None), slice(2, -2), slice(2, -2))  # outputs whose 7x7 window has no padding
+    scale = ref[interior].abs().max()
+    assert (got[interior] - ref[interior]).abs().max() <= 1e-4 * scale
+    assert (got - ref).abs().max() <= 0.05 * scale  # at the border the two paddings differ by < 1 grey level
 
 
 def test_imagenet_resolves_to_the_verified_file_in_the_weights_folder(tmp_path, monkeypatch):

@@ -299,6 +299,32 @@ def is_deeplab_layout(state: dict) -> bool:
     return "layer1.conv1.conv.weight" in state
 
 
+# deeplab-pytorch feeds Caffe's input: BGR in 0..255 minus this mean (configs/voc12.yaml:21-24, B G R order).
+CAFFE_MEAN_BGR = (104.008, 116.669, 122.675)
+
+
+def caffe_stem_to_imagenet_input(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fold Caffe's input convention into ``conv1`` / ``bn1`` so the network reads fsae's input
+    (RGB in [0, 1], ImageNet mean / std normalised: ``fsae.augment.normalise``).
+
+    With ``z_j = 255 * rgb_(2-j) - caffe_mean_j`` and ``rgb_c = std_c * x_c + mean_c``:
+    ``conv(z) = conv'(x) + b`` with ``W'[:, c] = 255 std_c W[:, 2-c]`` and
+    ``b = sum_j,kh,kw W[:, j] (255 mean_(2-j) - caffe_mean_j)``, a constant that BatchNorm absorbs as
+    ``running_mean - b``. Exact except within conv1's 3-pixel zero padding, where the two conventions
+    pad with the ImageNet mean resp. Caffe's mean colour (less than one grey level apart).
+    """
+    from fsae.augment import IMAGENET_MEAN, IMAGENET_STD
+
+    w = state["conv1.weight"].double()  # (64, 3 BGR, 7, 7)
+    mean, std = torch.tensor(IMAGENET_MEAN, dtype=w.dtype), torch.tensor(IMAGENET_STD, dtype=w.dtype)
+    offset_bgr = 255 * mean.flip(0) - torch.tensor(CAFFE_MEAN_BGR, dtype=w.dtype)
+    out = dict(state)
+    out["conv1.weight"] = (w.flip(1) * 255 * std[None, :, None, None]).to(state["conv1.weight"].dtype)
+    shift = (w * offset_bgr[None, :, None, None]).sum(dim=(1, 2, 3))
+    out["bn1.running_mean"] = (state["bn1.running_mean"].double() - shift).to(state["bn1.running_mean"].dtype)
+    return out
+
+
 def load_state_strict(target: nn.Module, state: dict[str, torch.Tensor], path, what: str) -> None:
     """Load ``state`` into ``target``: every tensor present with its shape, nothing extra
     (``num_batches_tracked`` aside); a CheckpointError names the file and the tensors otherwise."""
@@ -323,7 +349,8 @@ def load_state_strict(target: nn.Module, state: dict[str, torch.Tensor], path, w
 
 def resnet_state(path: str | Path) -> dict[str, torch.Tensor]:
     """A torchvision-named ResNet state dict from a torchvision / timm / deeplab-pytorch file: ``module.``
-    prefixes removed, deeplab-pytorch keys mapped (``deeplab_key_map``), the ImageNet ``fc.*`` dropped."""
+    prefixes removed, deeplab-pytorch keys mapped (``deeplab_key_map``) and its Caffe input convention
+    folded into the stem (``caffe_stem_to_imagenet_input``), the ImageNet ``fc.*`` dropped."""
     state = read_weight_file(path, "weight")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: not a state dict of tensors")
@@ -331,6 +358,7 @@ def resnet_state(path: str | Path) -> dict[str, torch.Tensor]:
     if is_deeplab_layout(state):
         state = {deeplab_key_map(k): v for k, v in state.items()}
         state.pop(None, None)
+        state = caffe_stem_to_imagenet_input(state)
     return {k: v for k, v in state.items() if not k.startswith("fc.")}
 
 
