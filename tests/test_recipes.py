@@ -259,7 +259,8 @@ WEIGHT_FILES = {
     "voc/irn.yaml": "resnet50-19c8e357.pth",
     "voc/mctformer.yaml": "deit_small_patch16_224-cd65a155.pth",
     "voc/mctformer_fsae.yaml": "deit_small_patch16_224-cd65a155.pth",
-    **{f"{d}/ppc_eps{s}.yaml": "ilsvrc-cls_rna-a1_cls1000_ep-0001.params" for d in ("voc", "coco") for s in ("", "_fsae")},
+    **{f"{d}/ppc_eps{s}.yaml": "ilsvrc-cls_rna-a1_cls1000_ep-0001.params"
+       for d in ("voc", "coco") for s in ("", "_fsae")},
     **{name: "deeplabv1_resnet101-coco.pth" for name in SEG_TABLES},
 }
 

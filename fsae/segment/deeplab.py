@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fsae.errors import CheckpointError, ConfigError
+from fsae.errors import ConfigError
 from fsae.models.backbones import (LIBRARY_WEIGHTS, TimmFeatures, create_backbone, load_pretrained as load_backbone,
                                   load_state_strict, resnet_state)
-from fsae.weights import read_weight_file, resolve_weights
+from fsae.weights import resolve_weights
 
 
 class ASPP(nn.Module):

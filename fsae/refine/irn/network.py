@@ -16,7 +16,6 @@ IRN's displacement-field branch serves instance segmentation only and is left ou
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
