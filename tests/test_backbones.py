@@ -101,3 +101,5 @@ def test_one_builder_refuses_a_wrong_stride():
 
     with pytest.raises(ConfigError, match="resnet50_irn has output stride 16"):
         create_backbone("resnet50_irn", output_stride=8)
+    with pytest.raises(ConfigError, match=r"'resnet50_irn' takes no options \['channels'\]"):
+        create_backbone("resnet50_irn", channels=(8, 16, 16, 32))

@@ -31,6 +31,7 @@ documented default file, ``fsae.weights.DEFAULTS``), ``"timm"`` (timm's own down
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 from typing import Callable
@@ -234,7 +235,11 @@ def create_backbone(name: str, output_stride: int = 16, out_indices: tuple[int, 
     timm: e.g. channels, stem_width).
     """
     if name in BACKBONES:
-        return BACKBONES[name](output_stride=output_stride, out_indices=out_indices, **options)
+        builder = BACKBONES[name]
+        unknown = sorted(set(options) - set(inspect.signature(builder).parameters))
+        if unknown:  # e.g. sipe.channels (timm's) given to an IRN ResNet
+            raise ConfigError(f"backbone {name!r} takes no options {unknown}")
+        return builder(output_stride=output_stride, out_indices=out_indices, **options)
     if name.startswith("torchvision:"):
         return dilated_resnet(name.split(":", 1)[1], output_stride, out_indices)
     if out_indices is not None:
