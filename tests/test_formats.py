@@ -35,6 +35,8 @@ def _scenes(seed=0):
         background = (rng.integers(0, 65, (h, w)) / 64).astype(np.float32)
         gt = rng.choice(np.concatenate([[0], classes + 1]), (h, w)).astype(np.uint8)
         gt[0, :2] = 255
+        maps[:, -1, :3] = 0.75  # a tie between every present class: the first in class order wins
+        gt[-1, :3] = classes[-1] + 1
         out.append((image_id, gt, maps, background, classes))
     return out
 
