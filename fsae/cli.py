@@ -140,13 +140,14 @@ def cmd_eval(args) -> None:
 
 
 def _seed_format(given: str | None, seed_dir: Path, ids: list[str] | None) -> str:
-    """``--format``, or the format of the folder's first seed file (printed)."""
+    """``--format``, or the format of the folder's first seed file (printed when it is not fsae's)."""
     from fsae.formats import detect_format
 
     if given:
         return given
     seed_format = detect_format(seed_dir, ids)
-    print(f"seed format: {seed_format} (detected; --format sets it)")
+    if seed_format != "fsae":
+        print(f"seed format: {seed_format} (detected; --format sets it)")
     return seed_format
 
 

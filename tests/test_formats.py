@@ -225,10 +225,11 @@ def _bad_files(tmp_path):
         ("psa", {0: ok, 1: ok[:1]}, "class maps differ in size"),
         ("mctformer", {0: np.full((2, 3), np.nan, np.float16)}, "contains NaN or inf"),
         ("psa", {0: _RunsCode(tmp_path / "ran")}, "pickles os.makedirs, not read"),
+        ("psa", {0: ok, 3: 1 - ok}, "a dense-CRF output dict (0 = background)"),  # psa infer_cls.py:98-100
     ]
 
 
-@pytest.mark.parametrize("case", range(14))
+@pytest.mark.parametrize("case", range(15))
 def test_bad_foreign_files_give_one_line_naming_the_file(tmp_path, case, capsys):
     fmt, content, message = _bad_files(tmp_path)[case]
     seeds, gt = tmp_path / "seeds", tmp_path / "gt"
