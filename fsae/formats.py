@@ -1,19 +1,21 @@
 """Seed files of the base methods' own repositories, read as fsae seeds (keys, cams, background).
 
-Each repository writes one ``<id>.npy`` per image, an ``np.save`` of a Python dict:
+``fsae`` is fsae's own ``<id>.npz`` (``fsae.seeds``). Each base repository writes one ``<id>.npy`` per
+image, an ``np.save`` of a Python dict:
 
 ``irn``        ``{"keys": (K,) 0-based foreground class indices (a torch tensor), "cam": (K, h, w)
                stride-4 torch tensor, "high_res": (K, H, W) float32}``, max-normalised
                (jiwoon-ahn/irn step/make_cam.py:46-56). Scored from ``high_res``: a constant
-               background plane = threshold in front, argmax, label = key + 1 (step/eval_cam.py:14-18).
+               background plane = threshold in front, argmax, label = key + 1 (step/eval_cam.py:13-18).
 ``sipe``       ``{"keys": (K+1,) int64 in the label space, 0 = background first, "IS_CAM": (K+1, H, W)
                float32}``, max-normalised, row 0 the background (chenqi1126/SIPE make_cam.py:51-70).
-               Scored by the plain argmax, label = keys[argmax] (eval_cam.py:18-21).
+               Scored by the plain argmax, label = keys[argmax] (eval_cam.py:17-21).
 ``psa``        ``{c: (H, W) float32}`` for the present classes, c the 0-based foreground index,
                max-normalised (jiwoon-ahn/psa infer_cls.py:74-83); SEAM / PPC (usr922/wseg esp
-               contrast_infer.py:202-225) and EPS (halbielee/EPS infer.py:187-204) write the same dict.
+               contrast_infer.py:202-225; the FSAE authors' obeychoi0120/wseg ssl
+               contrast_infer.py:207-238) and EPS (halbielee/EPS infer.py:187-204) write the same dict.
 ``mctformer``  the same dict, min-max normalised, float16 under autocast (xulianuwa/MCTformer@9606597
-               engine.py:191-208). Scored as ``psa``: background plane = threshold, maps at key + 1,
+               engine.py:188-208). Scored as ``psa``: background plane = threshold, maps at key + 1,
                argmax (evaluation.py:28-36).
 
 The readers return fsae's seed representation (``fsae.seeds``): keys (K,) int64 in 1..C, cams
@@ -212,7 +214,12 @@ def _read_class_dict(path: Path, data: dict, num_classes: int | None, seed_forma
     if len({m.shape for m in maps}) > 1:
         raise DataError(f"{path}: class maps differ in size: "
                         f"{ {int(c): m.shape for c, m in zip(classes, maps)} }")
-    return classes + 1, np.stack(maps), None
+    maps = np.stack(maps)
+    if len(classes) > 1 and classes[0] == 0 and np.allclose(maps.sum(0), 1.0, atol=1e-3):
+        # psa infer_cls.py:98-100 / MCTformer engine.py:233-235 save CRF scores as {0: background, c + 1: ...}
+        raise DataError(f"{path}: its maps sum to 1 at every pixel: a dense-CRF output dict (0 = background), "
+                        f"not a CAM dict; evaluate the CAM folder (psa --out_cam, MCTformer --cam-npy-dir)")
+    return classes + 1, maps, None
 
 
 def read_foreign_seed(path: str | os.PathLike, seed_format: str, num_classes: int | None = None):
