@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fsae import __version__
 from fsae.errors import FsaeError
+from fsae.formats import FOREIGN_FORMATS, FORMATS
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
@@ -113,23 +114,54 @@ def cmd_eval(args) -> None:
     from fsae.evaluate import (default_thresholds, evaluate_masks, evaluate_seeds, format_scores_table,
                                save_eval)
     from fsae.distributed import env_world, is_main, process_group
+    from fsae.formats import seed_suffix
     from fsae.io import read_id_list
 
     source = Path(args.seeds or args.masks)
-    suffix = ".npz" if args.seeds else ".png"
-    ids = read_id_list(args.ids) if args.ids else _ids_in(source, suffix)
+    ids = read_id_list(args.ids) if args.ids else None
+    if args.masks and args.format:
+        raise FsaeError("fsae eval: --format applies to --seeds, not --masks")
+    seed_format = _seed_format(args.format, source, ids) if args.seeds else None
+    suffix = seed_suffix(seed_format) if args.seeds else ".png"
+    ids = ids or _ids_in(source, suffix)
     rank, world, _ = env_world()
     shard = (rank, world) if world > 1 else None  # under torchrun: each process reads 1/N, confusions summed
     with process_group("cpu"):
         if args.seeds:
             thresholds = default_thresholds(*args.sweep) if args.sweep else [args.threshold]
-            result = evaluate_seeds(source, args.gt, ids, args.num_classes, thresholds, shard=shard)
+            result = evaluate_seeds(source, args.gt, ids, args.num_classes, thresholds, shard=shard,
+                                    seed_format=seed_format)
         else:
             result = evaluate_masks(source, args.gt, ids, args.num_classes, ignore_as=args.ignore_as, shard=shard)
         if is_main():
             print(format_scores_table(result))
             if args.out:
                 print(f"written: {save_eval(args.out, result)}")
+
+
+def _seed_format(given: str | None, seed_dir: Path, ids: list[str] | None) -> str:
+    """``--format``, or the format of the folder's first seed file (printed when it is not fsae's)."""
+    from fsae.formats import detect_format
+
+    if given:
+        return given
+    seed_format = detect_format(seed_dir, ids)
+    if seed_format != "fsae":
+        print(f"seed format: {seed_format} (detected; --format sets it)")
+    return seed_format
+
+
+def cmd_convert(args) -> None:
+    from fsae.formats import convert_seeds
+    from fsae.io import read_id_list
+
+    ids = read_id_list(args.ids) if args.ids else None
+    seed_format = _seed_format(args.format, Path(args.seeds), ids)
+    if seed_format == "fsae":
+        raise FsaeError(f"{args.seeds}: holds fsae seeds (.npz) already; nothing to convert")
+    ids = ids or _ids_in(args.seeds, ".npy")
+    result = convert_seeds(args.seeds, seed_format, args.out, ids, args.num_classes)
+    print(f"seeds: {result['out']} ({result['written']} written from {seed_format} files)")
 
 
 def cmd_crf(args) -> None:
@@ -353,8 +385,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", nargs=3, type=float, default=None, metavar=("START", "STOP", "STEP"),
                    help="sweep the background threshold, e.g. --sweep 0 0.6 0.01")
     p.add_argument("--ignore-as", type=int, default=None)
+    p.add_argument("--format", choices=FORMATS, default=None,
+                   help="seed files: fsae .npz, or a base repository's .npy (irn, sipe, psa: also SEAM / PPC / "
+                        "EPS, mctformer); default: detected from the first file")
     p.add_argument("--out", default=None, help="write the result as JSON")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("convert", help="a base repository's <id>.npy seed files (irn, sipe, psa, mctformer) "
+                                       "-> fsae seeds <id>.npz")
+    p.add_argument("seeds", help="folder of <id>.npy seed files")
+    p.add_argument("--format", choices=FOREIGN_FORMATS, default=None,
+                   help="their format (default: detected from the first file)")
+    p.add_argument("--out", required=True, help="folder for the fsae seeds")
+    p.add_argument("--ids", default=None, help="image list (default: every .npy file in the folder)")
+    p.add_argument("--num-classes", type=int, default=None, help="foreground classes C: check the class indices")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("report", help="RUN_DIR/report.html: config, curves, metric tables, per-class IoU, examples")
     p.add_argument("run", help="run directory (or a folder of runs, e.g. the demo's output)")

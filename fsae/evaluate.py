@@ -42,9 +42,11 @@ from tqdm import tqdm
 
 from fsae.distributed import all_reduce_sum, rank, shard_indices, world_size
 from fsae.errors import DataError
+from fsae.formats import seed_suffix
 from fsae.io import read_mask, write_json
 from fsae.labels import IGNORE_INDEX, VOC_CLASSES
 from fsae.seeds import check_seed, load_seed  # noqa: F401 - re-exported: the seed format's reader
+from fsae.seeds import read_seed
 
 
 def _as_long(x: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -232,9 +234,11 @@ class SeedEvaluator:
             self.confusions += confusion_matrix(seed_to_mask(keys, cams, 0.0, background), gt, self.num_classes)
         self.count += 1
 
-    def add_files(self, seed_path: str | os.PathLike, gt_path: str | os.PathLike) -> None:
-        """Add one image from its seed ``.npz`` and GT PNG; errors name the files."""
-        keys, cams, background = load_seed(seed_path, with_background=True)
+    def add_files(self, seed_path: str | os.PathLike, gt_path: str | os.PathLike,
+                  seed_format: str = "fsae") -> None:
+        """Add one image from its seed file (``seed_format``: ``fsae.formats.FORMATS``) and GT PNG;
+        errors name the files."""
+        keys, cams, background = read_seed(seed_path, seed_format, self.num_classes)
         gt = read_mask(gt_path, self.num_classes)
         if gt.shape != cams.shape[1:]:
             raise DataError(
@@ -307,8 +311,10 @@ def evaluate_seeds(
     thresholds: Sequence[float] | None = None,
     progress: bool = True,
     shard: tuple[int, int] | None = None,
+    seed_format: str = "fsae",
 ) -> dict[str, Any]:
     """Threshold sweep of ``seed_dir/<id>.npz`` against ``gt_dir/<id>.png``, each file read once.
+    ``seed_format`` reads a base repository's ``<id>.npy`` files instead (``fsae.formats``).
 
     ``thresholds`` defaults to ``default_thresholds()``. Returns ``SeedEvaluator.result()``:
     ``{"thresholds": [...], "miou": [...], "best": {"threshold", "miou", "fpr", "fnr", "iou"},
@@ -320,7 +326,7 @@ def evaluate_seeds(
     seed_dir, gt_dir = Path(seed_dir), Path(gt_dir)
     ev = SeedEvaluator(num_classes, thresholds)
     for image_id in tqdm(_my_share(ids, shard), desc="eval seeds", disable=not progress):
-        ev.add_files(seed_dir / f"{image_id}.npz", gt_dir / f"{image_id}.png")
+        ev.add_files(seed_dir / f"{image_id}{seed_suffix(seed_format)}", gt_dir / f"{image_id}.png", seed_format)
     if shard is not None:
         all_reduce_sum(ev.confusions)
         ev.count = len(ids)

@@ -64,6 +64,18 @@ def load_seed(path: str | os.PathLike, with_background: bool = False):
     return keys.astype(np.int64), cams, background
 
 
+def read_seed(path: str | os.PathLike, seed_format: str = "fsae", num_classes: int | None = None):
+    """One image's seed in any format of ``fsae.formats.FORMATS`` -> keys (K,) int64 in 1..C, cams
+    (K, H, W) float32, background (H, W) float32 or None. ``fsae`` reads ``load_seed``; the base
+    repositories' ``.npy`` files go through ``fsae.formats.read_foreign_seed`` (``num_classes`` bounds
+    their class indices)."""
+    if seed_format == "fsae":
+        return load_seed(path, with_background=True)
+    from fsae.formats import read_foreign_seed
+
+    return read_foreign_seed(path, seed_format, num_classes)
+
+
 def check_seed(keys: np.ndarray, cams: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     keys = np.asarray(keys, dtype=np.int64).reshape(-1)
     cams = np.asarray(cams, dtype=np.float32)
