@@ -42,6 +42,7 @@ from fsae.evaluate import (default_thresholds, evaluate_masks, evaluate_seeds, l
                            seed_to_mask)
 from fsae.io import atomic_write, read_image, read_json, read_mask, write_text  # noqa: E402
 from fsae.labels import VOC_CLASSES, voc_palette  # noqa: E402
+from fsae.protocol import resolve_protocol  # noqa: E402
 
 
 def read_csv(path: str | os.PathLike) -> list[dict[str, float]]:
@@ -201,7 +202,7 @@ def compute_missing_evals(run_dir: str | os.PathLike, cfg, dataset, progress: bo
             continue
         if kind == "seeds":
             result = evaluate_seeds(run_dir / folder, dataset.mask_dir, ids, cfg.data.num_classes,
-                                    default_thresholds(*cfg.eval.sweep), progress=progress)
+                                    default_thresholds(*resolve_protocol(cfg).sweep), progress=progress)
         else:
             result = evaluate_masks(run_dir / folder, dataset.mask_dir, ids, cfg.data.num_classes, progress=progress)
         save_eval(run_dir / EVAL_DIR / f"{name}.json", result)
@@ -395,7 +396,7 @@ def _run_section(run_dir: Path, figures: _Figures, prefix: str, num_images: int,
 
     # Examples.
     seed_eval = pick_eval(evals, "seeds")
-    threshold = seed_eval[1]["best"]["threshold"] if seed_eval else cfg.eval.threshold
+    threshold = seed_eval[1]["best"]["threshold"] if seed_eval else resolve_protocol(cfg).threshold
     grid = example_grid(figures.path(f"{prefix}examples.png"), run_dir, dataset, threshold, num_images)
     if grid is not None:
         parts.append(f"<{h}>Examples</{h}>")
