@@ -125,12 +125,6 @@ def _run_protocol(config: str | None, source: Path):
     return resolve_protocol(cfg), cfg
 
 
-def _protocol_ids(cfg, split: str) -> list[str]:
-    from fsae.data import build_dataset
-
-    return list(build_dataset(cfg.data, split).ids)
-
-
 def cmd_eval(args) -> None:
     from fsae.evaluate import (default_thresholds, evaluate_masks, evaluate_seeds, format_scores_table,
                                save_eval)
@@ -144,7 +138,9 @@ def cmd_eval(args) -> None:
     if args.ids:
         ids = read_id_list(args.ids)
     elif split and cfg is not None:  # the protocol's scored ids (VOC train, 1,464), not every seed file
-        ids = _protocol_ids(cfg, split)
+        from fsae.data import build_dataset
+
+        ids = list(build_dataset(cfg.data, split).ids)
     else:
         ids = _ids_in(source, suffix)
     if args.sweep:

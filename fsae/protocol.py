@@ -131,3 +131,15 @@ def resolve_protocol(cfg, **flags) -> Protocol:
         raise ConfigError(f"unknown protocol field(s) {unknown}")
     changes.update({k: (tuple(v) if k == "sweep" else v) for k, v in flags.items() if v is not None})
     return dataclasses.replace(method_protocol(cfg.model.method), **changes)
+
+
+def protocol_ids(cfg, protocol: Protocol | None = None) -> list[str] | None:
+    """The ids the protocol scores (its ``eval_split`` of the run's data set), or None when that split is
+    not on this machine."""
+    from fsae.data import build_dataset
+    from fsae.errors import DataError
+
+    try:
+        return list(build_dataset(cfg.data, (protocol or resolve_protocol(cfg)).eval_split).ids)
+    except DataError:
+        return None

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fsae.config import load_config, save_config
-from fsae.evaluate import SeedEvaluator, evaluate_seeds, load_seed, pick_best
+from fsae.evaluate import evaluate_seeds, load_seed, pick_best
 from fsae.infer import infer_seeds, normalise_seed, save_seed, scaled_batch, upsample_cam
 from fsae.io import write_image, write_mask
 from fsae.protocol import PROTOCOLS, resolve_protocol
@@ -412,3 +412,22 @@ def test_fsae_eval_scores_the_recipe_threshold_on_the_train_ids_only(tiny_synthe
                               progress=False, mode="fixed")
     assert result["count"] == len(train_ids) and result["thresholds"] == [0.4]
     assert result["best"]["miou"] == pytest.approx(expected["best"]["miou"], abs=1e-12)
+
+
+def test_report_and_compare_score_the_protocol_split_at_the_protocol_threshold(tiny_synthetic, tmp_path):
+    from fsae.data import build_dataset
+    from fsae.report import compute_missing_evals, run_dataset
+
+    root, spec = tiny_synthetic
+    cfg = load_config(REPO / "configs/synthetic/cam.yaml")
+    cfg.data.root = str(root)
+    run = tmp_path / "run"
+    save_config(cfg, run / "config.yaml")
+    train_ids, val_ids = build_dataset(cfg.data, "train").ids, build_dataset(cfg.data, "val").ids
+    rng = np.random.default_rng(10)
+    for image_id in list(train_ids) + list(val_ids):
+        save_seed(run / "seeds" / f"{image_id}.npz", np.array([2]),
+                  rng.random((1, spec.image_size, spec.image_size)).astype(np.float32))
+    compute_missing_evals(run, cfg, run_dataset(cfg))
+    result = json.loads(next((run / "eval").glob("*.json")).read_text())
+    assert result["count"] == len(train_ids) and result["thresholds"] == [0.15]  # IRN's cam_eval_thres

@@ -88,7 +88,8 @@ def propagate(cams: torch.Tensor, boundary: torch.Tensor, radius: int = 5, beta:
 
 
 def strided_cams(cams: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Full-resolution seed CAMs -> the stride-4 grid, each class max-normalised again (IRN's 'cam').
+    """Full-resolution seed CAMs -> the stride-4 grid, each class max-normalised again (an approximation
+    of IRN's 'cam' for seeds that do not store it, ``irn_start_cams``).
 
     Shape: (K, H, W) -> (K, h, w) with (h, w) = ``size``; bilinear, area-antialiased.
     """
