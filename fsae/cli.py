@@ -92,6 +92,7 @@ def cmd_cam(args) -> None:
     from fsae.data import build_dataset
     from fsae.distributed import process_device, shard_indices
     from fsae.infer import infer_seeds
+    from fsae.protocol import resolve_protocol
     from fsae.train import model_from_checkpoint
 
     config_path, run_dir = _run_paths(args.config)
@@ -105,9 +106,24 @@ def cmd_cam(args) -> None:
     dataset = build_dataset(cfg.data, args.split or cfg.infer.split)
     shard = _shard(args.shard)
     result = infer_seeds(model, dataset, out, cfg.infer.scales, cfg.infer.flip, cfg.infer.batch_size, device,
-                         indices=shard_indices(range(len(dataset)), shard))
+                         indices=shard_indices(range(len(dataset)), shard), protocol=resolve_protocol(cfg))
     part = f", shard {shard[0]}/{shard[1]}" if shard[1] > 1 else ""
     print(f"seeds: {result['out']} ({result['written']} written, {result['skipped']} already there{part})")
+
+
+def _run_protocol(config: str | None, source: Path):
+    """The protocol and config of ``--config`` (a run directory or recipe), else of the run directory holding
+    ``source`` (``RUN/seeds``), else (None, None)."""
+    from fsae.config import load_config
+    from fsae.protocol import resolve_protocol
+
+    path = Path(config) if config else source.parent / "config.yaml"
+    if path.is_dir():
+        path = path / "config.yaml"
+    if not config and not path.is_file():
+        return None, None
+    cfg = load_config(path)
+    return resolve_protocol(cfg), cfg
 
 
 def cmd_eval(args) -> None:
@@ -118,19 +134,38 @@ def cmd_eval(args) -> None:
     from fsae.io import read_id_list
 
     source = Path(args.seeds or args.masks)
-    ids = read_id_list(args.ids) if args.ids else None
     if args.masks and args.format:
         raise FsaeError("fsae eval: --format applies to --seeds, not --masks")
+    protocol, cfg = _run_protocol(args.config, source)
+    split = args.split or (protocol.eval_split if protocol else None)
+    if args.ids:
+        ids = read_id_list(args.ids)
+    elif split and cfg is not None:  # the protocol's scored ids (VOC train, 1,464), not every seed file
+        from fsae.data import build_dataset
+
+        ids = list(build_dataset(cfg.data, split).ids)
+    else:
+        ids = None
     seed_format = _seed_format(args.format, source, ids) if args.seeds else None
-    suffix = seed_suffix(seed_format) if args.seeds else ".png"
-    ids = ids or _ids_in(source, suffix)
+    ids = ids or _ids_in(source, seed_suffix(seed_format) if args.seeds else ".png")
+    if args.sweep:
+        thresholds, mode = default_thresholds(*args.sweep), args.mode or "sweep"
+    elif args.threshold is not None:
+        thresholds, mode = [args.threshold], args.mode or "fixed"
+    elif protocol is not None:
+        mode = args.mode or protocol.eval_mode
+        thresholds = protocol.thresholds() if mode == protocol.eval_mode else \
+            ([protocol.threshold] if mode in ("fixed", "argmax") else default_thresholds(*protocol.sweep))
+    else:
+        thresholds, mode = [0.25], args.mode or "fixed"
     rank, world, _ = env_world()
     shard = (rank, world) if world > 1 else None  # under torchrun: each process reads 1/N, confusions summed
     with process_group("cpu"):
         if args.seeds:
-            thresholds = default_thresholds(*args.sweep) if args.sweep else [args.threshold]
             result = evaluate_seeds(source, args.gt, ids, args.num_classes, thresholds, shard=shard,
-                                    seed_format=seed_format)
+                                    seed_format=seed_format, mode=mode)
+            if split:
+                result["split"] = split
         else:
             result = evaluate_masks(source, args.gt, ids, args.num_classes, ignore_as=args.ignore_as, shard=shard)
         if is_main():
@@ -170,13 +205,27 @@ def cmd_crf(args) -> None:
     from fsae.io import read_id_list
     from fsae.refine import refine_dir
 
+    from fsae.protocol import resolve_protocol
+
     seeds, images, out = args.seeds, args.images, args.out
+    protocol = None
     if args.run:
         run = Path(args.run)
         cfg = load_config(run / "config.yaml")
+        protocol = resolve_protocol(cfg, threshold=args.threshold, background=args.background,
+                                    bg_power=args.bg_power, crf_iterations=args.iterations)
         seeds = seeds or run / "seeds"
         images = images or Path(cfg.data.root) / "JPEGImages"
         out = out or run / "crf"
+    threshold = protocol.threshold if protocol else args.threshold
+    background = protocol.background if protocol else (args.background or "threshold")
+    bg_power = protocol.bg_power if protocol else (args.bg_power or 1.0)
+    iterations = protocol.crf_iterations if protocol else args.iterations
+    if background == "own":
+        raise FsaeError("fsae crf: this method's protocol takes its own background plane, and its pseudo-masks "
+                        "come from IRN (`fsae irn`); pass --background threshold or power to run a CRF anyway")
+    if threshold is None and background == "threshold":
+        raise FsaeError("fsae crf: pass --threshold (or a run directory whose recipe gives eval.threshold)")
     if not (seeds and images and out):
         raise FsaeError("fsae crf: pass a run directory, or --seeds, --images and --out")
     ids = read_id_list(args.ids) if args.ids else _ids_in(seeds, ".npz")
@@ -191,7 +240,9 @@ def cmd_crf(args) -> None:
     workers = args.workers
     if workers is None:  # under torchrun the processes of this machine share its cores
         workers = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    result = refine_dir(seeds, images, out, mine, threshold=args.threshold, workers=workers)
+    crf_params = {} if iterations is None else {"iterations": int(iterations)}
+    result = refine_dir(seeds, images, out, mine, threshold=threshold if threshold is not None else 0.0,
+                        workers=workers, background=background, bg_power=bg_power, **crf_params)
     print(f"pseudo-masks: {result['out_dir']} ({result['refined']} refined, {result['skipped']} already there{part})")
 
 
@@ -355,7 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default=None)
     p.add_argument("--images", default=None, help="folder of <id>.jpg images")
     p.add_argument("--out", default=None, help="output folder (default RUN/crf)")
-    p.add_argument("--threshold", type=float, required=True, help="background score of the unary")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="background score of the unary (default: the run's protocol, fsae/protocol.py)")
+    p.add_argument("--background", choices=["threshold", "power"], default=None,
+                   help="background plane: constant threshold, or (1 - max CAM)^bg_power (PSA/EPS/PPC)")
+    p.add_argument("--bg-power", type=float, default=None, help="alpha of the power background (PPC: 8)")
+    p.add_argument("--iterations", type=int, default=None, help="mean-field iterations (PPC: 5, PSA: 10)")
     p.add_argument("--ids", default=None, help="image list (default: every seed file)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--shard", default=None, metavar="I/N",
@@ -381,9 +437,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gt", required=True, help="folder of GT <id>.png masks")
     p.add_argument("--num-classes", type=int, required=True, help="foreground classes C")
     p.add_argument("--ids", default=None, help="image list (default: every file in the folder)")
-    p.add_argument("--threshold", type=float, default=0.25)
+    p.add_argument("--config", default=None, help="run directory or recipe whose protocol (fsae/protocol.py) "
+                   "decides threshold / sweep / mode / scored split (default: the run directory holding --seeds)")
+    p.add_argument("--threshold", type=float, default=None, help="score this one threshold")
     p.add_argument("--sweep", nargs=3, type=float, default=None, metavar=("START", "STOP", "STEP"),
                    help="sweep the background threshold, e.g. --sweep 0 0.6 0.01")
+    p.add_argument("--mode", choices=["fixed", "sweep", "first_drop", "argmax"], default=None,
+                   help="which threshold is reported: the one given, the best of a sweep, MCTformer's first "
+                        "drop, or the seed's own background plane")
+    p.add_argument("--split", default=None, help="score the ids of this split of the run's data set")
     p.add_argument("--ignore-as", type=int, default=None)
     p.add_argument("--format", choices=FORMATS, default=None,
                    help="seed files: fsae .npz, or a base repository's .npy (irn, sipe, psa: also SEAM / PPC / "

@@ -176,12 +176,25 @@ class InferConfig:
     flip: bool = True
     batch_size: int = 4  # same-size images batched per scale; 4 is fastest on CPU (benchmarks/results.md), raise on GPU
     split: str = "train"  # the paper evaluates seeds on the train set
+    # Protocol (fsae/protocol.py; None = the method's own repository's): resize pil_bicubic | bilinear,
+    # upsample strided_up | direct, normalise max | minmax.
+    resize: str | None = None
+    upsample: str | None = None
+    normalise: str | None = None
 
 
 @dataclass
 class EvalConfig:
-    threshold: float = 0.25  # background threshold when no sweep is run
-    sweep: list[float] = field(default_factory=lambda: [0.0, 0.60, 0.01])  # start, stop, step
+    # Protocol (fsae/protocol.py; None = the method's own repository's): the background threshold, the sweep
+    # [start, stop, step], mode fixed | sweep | first_drop | argmax, the split whose ids are scored, and the
+    # CRF pseudo-masks' background form threshold | own | power with its power and CRF iterations.
+    threshold: float | None = None
+    sweep: list[float] | None = None
+    mode: str | None = None
+    split: str | None = None
+    background: str | None = None
+    bg_power: float | None = None
+    crf_iterations: int | None = None
 
 
 @dataclass

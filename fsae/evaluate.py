@@ -208,6 +208,28 @@ def default_thresholds(start: float = 0.0, stop: float = 0.60, step: float = 0.0
     return [round(start + i * step, 2) for i in range(n + 1)]
 
 
+EVAL_MODES = ("fixed", "sweep", "first_drop", "argmax")  # fsae.protocol
+
+
+def pick_best(miou: Sequence[float], mode: str = "sweep") -> int:
+    """Index of the threshold a protocol reports, from the mIoU of each threshold in sweep order.
+
+    ``"sweep"`` (and ``fixed`` / ``argmax``, one threshold): the first maximum (NaN skipped).
+    ``"first_drop"``: MCTformer's curve (``evaluation.py:137-148``): walk in order, keep the best so far,
+    stop at the first threshold whose mIoU is not strictly above it.
+    """
+    values = np.asarray(miou, dtype=np.float64)
+    if mode == "first_drop":
+        best, top = 0, 0.0
+        for i, v in enumerate(values):
+            if v > top:
+                best, top = i, v
+            else:
+                break
+        return best
+    return int(np.nanargmax(values)) if not np.isnan(values).all() else 0
+
+
 class SeedEvaluator:
     """Accumulates ``(T, C+1, C+1)`` seed confusions image by image; partial sums add up.
 
@@ -216,8 +238,11 @@ class SeedEvaluator:
     scores the sum for every threshold and picks the best.
     """
 
-    def __init__(self, num_classes: int, thresholds: Sequence[float] | None = None):
+    def __init__(self, num_classes: int, thresholds: Sequence[float] | None = None, mode: str = "sweep"):
+        if mode not in EVAL_MODES:
+            raise ValueError(f"evaluation mode must be one of {EVAL_MODES}, got {mode!r}")
         self.num_classes = num_classes
+        self.mode = mode
         thresholds = default_thresholds() if thresholds is None else thresholds
         self.thresholds = [float(t) for t in thresholds]
         k = num_classes + 1
@@ -239,6 +264,9 @@ class SeedEvaluator:
         """Add one image from its seed file (``seed_format``: ``fsae.formats.FORMATS``) and GT PNG;
         errors name the files."""
         keys, cams, background = read_seed(seed_path, seed_format, self.num_classes)
+        if self.mode == "argmax" and background is None:
+            raise DataError(f"{seed_path}: the argmax protocol (SIPE) needs seeds with a 'background' plane; "
+                            f"rerun `fsae cam` with the method's model, or pass --mode sweep")
         gt = read_mask(gt_path, self.num_classes)
         if gt.shape != cams.shape[1:]:
             raise DataError(
@@ -254,19 +282,20 @@ class SeedEvaluator:
 
     def merge(self, other: "SeedEvaluator") -> "SeedEvaluator":
         """Add another evaluator's sums into this one (same classes and thresholds)."""
-        if other.thresholds != self.thresholds or other.num_classes != self.num_classes:
+        if (other.thresholds, other.num_classes, other.mode) != (self.thresholds, self.num_classes, self.mode):
             raise ValueError("can only merge evaluators with the same num_classes and thresholds")
         self.confusions += other.confusions
         self.count += other.count
         return self
 
     def result(self) -> dict[str, Any]:
-        """``{"thresholds", "miou" (per threshold), "best": {...}, "count"}``; first best wins ties."""
+        """``{"thresholds", "miou" (per threshold), "best": {...}, "mode", "count"}``; the best threshold
+        is picked by ``pick_best(miou, mode)``."""
         if self.count == 0:
             raise ValueError("no images were evaluated")
         scores = [segmentation_scores(c) for c in self.confusions]
         miou = [s["miou"] for s in scores]
-        best = int(np.nanargmax(np.asarray(miou))) if not all(math.isnan(v) for v in miou) else 0
+        best = pick_best(miou, self.mode)
         b = scores[best]
         fg = self.confusions[best][1:]
         coverage = float(fg[:, 1:].diagonal().sum() / fg.sum().clamp(min=1))
@@ -282,6 +311,7 @@ class SeedEvaluator:
                 # Object coverage: share of GT foreground pixels labelled with their own class.
                 "coverage": coverage,
             },
+            "mode": self.mode,
             "count": self.count,
         }
 
@@ -312,9 +342,12 @@ def evaluate_seeds(
     progress: bool = True,
     shard: tuple[int, int] | None = None,
     seed_format: str = "fsae",
+    mode: str = "sweep",
 ) -> dict[str, Any]:
     """Threshold sweep of ``seed_dir/<id>.npz`` against ``gt_dir/<id>.png``, each file read once.
     ``seed_format`` reads a base repository's ``<id>.npy`` files instead (``fsae.formats``).
+
+    ``mode``: how the reported threshold is picked (``pick_best``; ``fsae.protocol``).
 
     ``thresholds`` defaults to ``default_thresholds()``. Returns ``SeedEvaluator.result()``:
     ``{"thresholds": [...], "miou": [...], "best": {"threshold", "miou", "fpr", "fnr", "iou"},
@@ -324,7 +357,7 @@ def evaluate_seeds(
     """
     ids = _check_ids(ids)
     seed_dir, gt_dir = Path(seed_dir), Path(gt_dir)
-    ev = SeedEvaluator(num_classes, thresholds)
+    ev = SeedEvaluator(num_classes, thresholds, mode)
     for image_id in tqdm(_my_share(ids, shard), desc="eval seeds", disable=not progress):
         ev.add_files(seed_dir / f"{image_id}{seed_suffix(seed_format)}", gt_dir / f"{image_id}.png", seed_format)
     if shard is not None:

@@ -1,16 +1,21 @@
 """Multi-scale + flip CAM inference, dumping the initial seeds.
 
-For an image, at each scale s the network sees the image resized by s and its horizontal flip (one
-batch of 2B); each ReLU'd CAM is resized bilinearly to the image size, flipped back, and all are
-summed. Only the classes present in the image-level label are kept, each divided by its maximum
-(+ 1e-5) so it lies in [0, 1]. Images of the same size are batched at every scale.
+For an image, at each scale s the network sees the image rescaled by s and its horizontal flip (one
+batch of 2B); the flipped CAM is flipped back and added at the network's resolution (as IRN's
+``CAM.forward`` and SIPE's ``CAM`` do), ReLU'd, brought to the image size and summed over scales. Only
+the classes present in the image-level label are kept, each normalised to [0, 1]. Images of the same
+size are batched at every scale. How the image is rescaled, how the CAM is brought to the image size
+and how it is normalised is the method's protocol (``fsae.protocol``: ``resize``, ``upsample``,
+``normalise``).
 
 Seed file ``seeds/<id>.npz`` (``np.savez_compressed``): ``keys`` int64 (K,) present classes in the label
-space 1..C; ``cams`` float16 (K, H, W) in [0, 1]. The background is usually not stored: it comes from a
-threshold at evaluation (``fsae.evaluate``). A method with ``seed_background = True`` (SIPE) scores the
-background itself: its ``cam(images, labels)`` returns C + 1 channels, background LAST, and the seed file
-gets a third array ``background`` float16 (H, W) in [0, 1] (max-normalised like the classes), which
-evaluation uses in place of the threshold plane (argmax, no threshold).
+space 1..C; ``cams`` float16 (K, H, W) in [0, 1]. Optional arrays: ``background`` float16 (H, W) in
+[0, 1], the method's own background score (``seed_background = True``: SIPE, whose
+``cam_with_background(images, labels)`` gives it next to the C foreground channels), max-normalised
+like the classes, which evaluation uses in place of the threshold plane (argmax, no threshold); and
+``strided`` float16 (K, h, w), the stride-4 CAM IRN's random walk starts from (``protocol.strided_cam``,
+IRN ``step/make_cam.py:32,38-49``: every scale's CAM resized to ``((H-1)//4+1, (W-1)//4+1)``, summed,
+max-normalised).
 """
 
 from __future__ import annotations
@@ -22,12 +27,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 from fsae.augment import normalize
 from fsae.io import atomic_write, ensure_output_dir
 
 SEED_EPS = 1e-5
+MINMAX_EPS = 1e-8  # MCTformer engine.py:198
+WALK_STRIDE = 4  # the IRN random walk's grid
 
 
 def to_tensor_image(image: np.ndarray) -> torch.Tensor:
@@ -35,45 +43,134 @@ def to_tensor_image(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
 
 
-@torch.no_grad()
-def multiscale_cam(model, images: torch.Tensor, scales: Sequence[float] = (1.0,), flip: bool = True,
-                   labels: torch.Tensor | None = None) -> torch.Tensor:
-    """Summed ReLU'd CAMs over scales (and flips) at the input resolution.
+def strided_size(size: Sequence[int], stride: int) -> tuple[int, int]:
+    """``ceil(size / stride)`` per side (IRN ``misc/imutils.py:173-174``, get_strided_size)."""
+    return (size[0] - 1) // stride + 1, (size[1] - 1) // stride + 1
 
-    Shape: images (B, 3, H, W) normalised -> (B, C, H, W), non-negative, not normalised. With
-    ``labels`` (B, C) they are passed on, ``model.cam(x, labels)`` (methods with ``seed_background``),
-    and the result has the channels that call returns (C + 1 for SIPE).
+
+def strided_up_size(size: Sequence[int], stride: int) -> tuple[int, int]:
+    """The next multiple of ``stride`` per side (IRN ``misc/imutils.py:177-179``, get_strided_up_size)."""
+    h, w = strided_size(size, stride)
+    return h * stride, w * stride
+
+
+def pil_rescale(image: np.ndarray, scale: float) -> np.ndarray:
+    """uint8 (H, W, 3) -> PIL bicubic to (round(H*s), round(W*s)) (IRN ``misc/imutils.py:8-22``)."""
+    h, w = image.shape[:2]
+    size = (int(np.round(h * scale)), int(np.round(w * scale)))
+    if size == (h, w):
+        return image
+    return np.array(Image.fromarray(image).resize(size[::-1], Image.BICUBIC))  # a writable copy
+
+
+def scaled_batch(images: torch.Tensor, scale: float, resize: str) -> torch.Tensor:
+    """The network input at one scale, normalised (B, 3, h, w).
+
+    ``resize = "pil_bicubic"``: ``images`` uint8 (B, H, W, 3), each rescaled by ``pil_rescale``;
+    ``"bilinear"``: ``images`` normalised (B, 3, H, W), bilinear to floor(H*s) on the tensor.
     """
-    size = images.shape[-2:]
-    total = None
+    if resize == "pil_bicubic":
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"resize 'pil_bicubic' needs uint8 (B, H, W, 3) images, got {images.dtype} "
+                             f"{tuple(images.shape)}")
+        arrays = [pil_rescale(im.cpu().numpy(), scale) for im in images]
+        return normalize(torch.stack([to_tensor_image(a) for a in arrays])).to(images.device)
+    if resize != "bilinear":
+        raise ValueError(f"resize must be 'pil_bicubic' or 'bilinear', got {resize!r}")
+    if scale == 1.0:
+        return images
+    return F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False,
+                         recompute_scale_factor=False)
+
+
+def upsample_cam(cams: torch.Tensor, size: Sequence[int], upsample: str = "direct", stride: int = 16) -> torch.Tensor:
+    """(B, C, h, w) -> (B, C, H, W): bilinear straight to ``size`` (``"direct"``), or to IRN's
+    strided-up size then the top-left crop (``"strided_up"``, IRN ``step/make_cam.py:42-44``)."""
+    if upsample == "direct":
+        return F.interpolate(cams, size=tuple(size), mode="bilinear", align_corners=False)
+    if upsample != "strided_up":
+        raise ValueError(f"upsample must be 'direct' or 'strided_up', got {upsample!r}")
+    up = F.interpolate(cams, size=strided_up_size(size, stride), mode="bilinear", align_corners=False)
+    return up[..., :size[0], :size[1]]
+
+
+@torch.no_grad()
+def multiscale_maps(model, images: torch.Tensor, scales: Sequence[float] = (1.0,), flip: bool = True,
+                    labels: torch.Tensor | None = None, resize: str = "bilinear", upsample: str = "direct",
+                    upsample_stride: int = 16, strided: bool = False) -> dict[str, torch.Tensor | None]:
+    """Summed ReLU'd CAMs over scales (and flips), not normalised.
+
+    Shape: ``images`` as ``scaled_batch`` wants them for ``resize`` -> ``{"cams": (B, C, H, W),
+    "background": (B, H, W) or None, "strided": (B, C, ceil(H/4), ceil(W/4)) or None}``. With
+    ``labels`` (B, C) and a model with ``seed_background``, ``model.cam_with_background(x, labels)``
+    gives the foreground and the method's own background plane.
+    """
+    size = tuple(images.shape[1:3]) if resize == "pil_bicubic" else tuple(images.shape[-2:])
+    b = images.shape[0]
+    with_background = labels is not None and getattr(model, "seed_background", False)
+    sums: dict[str, torch.Tensor] = {}
     for scale in scales:
-        x = images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="bilinear",
-                                                      align_corners=False, recompute_scale_factor=False)
+        x = scaled_batch(images, scale, resize)
         if flip:
             x = torch.cat([x, x.flip(-1)], dim=0)
-        if labels is None:
-            cams = F.relu(model.cam(x))
+        if with_background:
+            fg, bg = model.cam_with_background(x, torch.cat([labels, labels]) if flip else labels)
+            out = torch.cat([fg, bg[:, None]], dim=1)
         else:
-            cams = F.relu(model.cam(x, torch.cat([labels, labels]) if flip else labels))
-        cams = F.interpolate(cams, size=size, mode="bilinear", align_corners=False)
-        if flip:
-            b = images.shape[0]
-            cams = cams[:b] + cams[b:].flip(-1)
-        total = cams if total is None else total + cams
-    return total
+            out = model.cam(x)
+        out = F.relu(out)
+        if flip:  # fused at the network's resolution (IRN net/resnet50_cam.py:68)
+            out = out[:b] + out[b:].flip(-1)
+        parts = {"cams": upsample_cam(out, size, upsample, upsample_stride)}
+        if strided:
+            parts["strided"] = F.interpolate(out, size=strided_size(size, WALK_STRIDE), mode="bilinear",
+                                             align_corners=False)
+        for key, value in parts.items():
+            sums[key] = value if key not in sums else sums[key] + value
+    cams = sums["cams"]
+    background = None
+    if with_background:
+        cams, background = cams[:, :-1], cams[:, -1]
+        if strided:
+            sums["strided"] = sums["strided"][:, :-1]
+    return {"cams": cams, "background": background, "strided": sums.get("strided")}
 
 
-def normalise_seed(cam: torch.Tensor, label: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Keep present classes and max-normalise: (C, H, W), (C,) -> keys (K,) in 1..C, cams (K, H, W)."""
+@torch.no_grad()
+def multiscale_cam(model, images: torch.Tensor, scales: Sequence[float] = (1.0,), flip: bool = True,
+                   **kwargs) -> torch.Tensor:
+    """``multiscale_maps(...)["cams"]``: (B, C, H, W), non-negative, not normalised."""
+    return multiscale_maps(model, images, scales, flip, **kwargs)["cams"]
+
+
+def normalise_maps(maps: torch.Tensor, mode: str = "max") -> torch.Tensor:
+    """Per-map normalisation to [0, 1]. Shape: (K, ...) -> (K, ...).
+
+    ``"max"``: ``m / (max + 1e-5)`` (IRN ``make_cam.py:49-52``); ``"minmax"``:
+    ``(m - min) / (max - min + 1e-8)`` (MCTformer ``engine.py:198``).
+    """
+    flat = maps.flatten(1)
+    shape = (-1,) + (1,) * (maps.ndim - 1)
+    if mode == "max":
+        return maps / (flat.max(dim=1).values.view(shape) + SEED_EPS)
+    if mode == "minmax":
+        low = flat.min(dim=1).values.view(shape)
+        return (maps - low) / (flat.max(dim=1).values.view(shape) - low + MINMAX_EPS)
+    raise ValueError(f"normalise must be 'max' or 'minmax', got {mode!r}")
+
+
+def normalise_seed(cam: torch.Tensor, label: torch.Tensor, mode: str = "max") -> tuple[np.ndarray, np.ndarray]:
+    """Keep present classes and normalise (``normalise_maps``): (C, H, W), (C,) -> keys (K,) in 1..C,
+    cams (K, H, W)."""
     present = torch.nonzero(label > 0.5).flatten()
-    kept = cam[present]
-    kept = kept / (kept.flatten(1).max(dim=1).values[:, None, None] + SEED_EPS)
+    kept = normalise_maps(cam[present], mode) if present.numel() else cam[present]
     return (present + 1).cpu().numpy().astype(np.int64), kept.cpu().numpy()
 
 
 def save_seed(path: str | os.PathLike, keys: np.ndarray, cams: np.ndarray,
-              background: np.ndarray | None = None) -> Path:
-    extra = {} if background is None else {"background": np.asarray(background).astype(np.float16)}
+              background: np.ndarray | None = None, strided: np.ndarray | None = None) -> Path:
+    extra = {name: np.asarray(a).astype(np.float16) for name, a in (("background", background), ("strided", strided))
+             if a is not None}
 
     def write(tmp):
         with open(tmp, "wb") as f:
@@ -98,9 +195,11 @@ def batches_by_size(dataset, indices: Sequence[int], batch_size: int):
 @torch.no_grad()
 def infer_seeds(model, dataset, out_dir: str | os.PathLike, scales: Sequence[float] = (0.5, 1.0, 1.5, 2.0),
                 flip: bool = True, batch_size: int = 16, device: str | torch.device = "cpu",
-                progress: bool = True, indices: Sequence[int] | None = None) -> dict:
+                progress: bool = True, indices: Sequence[int] | None = None, protocol=None) -> dict:
     """Write ``out_dir/<id>.npz`` for every image (or the given ``indices``); skip finished ones.
 
+    ``protocol`` (``fsae.protocol.Protocol``, e.g. ``resolve_protocol(cfg)``) decides resize, upsample,
+    normalisation and the stride-4 CAM; None: bilinear tensor rescale, direct upsample, max.
     Returns {"written": n, "skipped": n, "out": path}.
     """
     out_dir = ensure_output_dir(out_dir)
@@ -110,17 +209,26 @@ def infer_seeds(model, dataset, out_dir: str | os.PathLike, scales: Sequence[flo
     written = 0
     bar = tqdm(total=len(todo), desc="cam", disable=not progress, unit="img")
     with_background = getattr(model, "seed_background", False)
+    resize = protocol.resize if protocol else "bilinear"
+    mode = protocol.normalise if protocol else "max"
+    options = {"resize": resize, "upsample": protocol.upsample if protocol else "direct",
+               "upsample_stride": protocol.upsample_stride if protocol else 16,
+               "strided": bool(protocol and protocol.strided_cam)}
     for group in batches_by_size(dataset, todo, batch_size):
-        images = torch.stack([to_tensor_image(s["image"]) for s in group]).to(device)
+        raw = torch.stack([torch.from_numpy(np.ascontiguousarray(s["image"])) for s in group])
         labels = torch.stack([torch.as_tensor(s["label"]) for s in group]).float().to(device)
-        cams = multiscale_cam(model, normalize(images), scales, flip, labels if with_background else None)
-        for sample, cam in zip(group, cams):
-            background = None
-            if with_background:  # channel C: the method's own background score, max-normalised
-                cam, background = cam[:-1], cam[-1] / (cam[-1].max() + SEED_EPS)
-                background = background.cpu().numpy()
-            keys, kept = normalise_seed(cam, torch.as_tensor(sample["label"]))
-            save_seed(out_dir / f"{sample['id']}.npz", keys, kept, background)
+        images = raw.to(device) if resize == "pil_bicubic" else normalize(
+            torch.stack([to_tensor_image(s["image"]) for s in group]).to(device))
+        maps = multiscale_maps(model, images, scales, flip, labels if with_background else None, **options)
+        for j, sample in enumerate(group):
+            label = torch.as_tensor(sample["label"])
+            keys, kept = normalise_seed(maps["cams"][j], label, mode)
+            background = strided = None
+            if maps["background"] is not None:  # the method's own background score, max-normalised
+                background = normalise_maps(maps["background"][j][None], "max")[0].cpu().numpy()
+            if maps["strided"] is not None:
+                strided = normalise_seed(maps["strided"][j], label, "max")[1]
+            save_seed(out_dir / f"{sample['id']}.npz", keys, kept, background, strided)
             written += 1
         bar.update(len(group))
     bar.close()

@@ -38,10 +38,11 @@ from fsae.data import build_dataset  # noqa: E402
 from fsae.data.coco import COCO_CLASSES  # noqa: E402
 from fsae.data.synthetic import META_FILE  # noqa: E402
 from fsae.errors import ConfigError, DataError  # noqa: E402
-from fsae.evaluate import (default_thresholds, evaluate_masks, evaluate_seeds, load_seed, save_eval,  # noqa: E402
+from fsae.evaluate import (evaluate_masks, evaluate_seeds, load_seed, save_eval,  # noqa: E402
                            seed_to_mask)
 from fsae.io import atomic_write, read_image, read_json, read_mask, write_text  # noqa: E402
 from fsae.labels import VOC_CLASSES, voc_palette  # noqa: E402
+from fsae.protocol import protocol_ids, resolve_protocol  # noqa: E402
 
 
 def read_csv(path: str | os.PathLike) -> list[dict[str, float]]:
@@ -183,7 +184,7 @@ def run_dataset(cfg):
 
 
 def compute_missing_evals(run_dir: str | os.PathLike, cfg, dataset, progress: bool = False) -> list[str]:
-    """Evaluate ``seeds/`` (threshold sweep ``cfg.eval.sweep``) and ``crf/`` into ``eval/seeds.json`` and
+    """Evaluate ``seeds/`` (the run's protocol, ``fsae.protocol``, on its scored split) and ``crf/`` into ``eval/seeds.json`` and
     ``eval/crf.json`` when the run has no evaluation of that kind yet and every GT mask exists.
 
     Returns one line per evaluation skipped for want of GT (for the report's notes).
@@ -191,8 +192,13 @@ def compute_missing_evals(run_dir: str | os.PathLike, cfg, dataset, progress: bo
     run_dir = Path(run_dir)
     evals = load_evals(run_dir)
     notes = []
+    protocol = resolve_protocol(cfg)
+    scored = protocol_ids(cfg, protocol)  # the protocol's split (VOC train), not every file in the folder
     for kind, folder, suffix, name in (("seeds", "seeds", ".npz", SEED_EVAL), ("masks", "crf", ".png", MASK_EVAL)):
         ids = output_ids(run_dir / folder, suffix)
+        if scored is not None:
+            keep = set(scored)
+            ids = [i for i in ids if i in keep]
         if not ids or pick_eval(evals, kind) is not None:
             continue
         gt = [dataset.mask_path(i) for i in ids] if dataset is not None else [None]
@@ -201,7 +207,7 @@ def compute_missing_evals(run_dir: str | os.PathLike, cfg, dataset, progress: bo
             continue
         if kind == "seeds":
             result = evaluate_seeds(run_dir / folder, dataset.mask_dir, ids, cfg.data.num_classes,
-                                    default_thresholds(*cfg.eval.sweep), progress=progress)
+                                    protocol.thresholds(), progress=progress, mode=protocol.eval_mode)
         else:
             result = evaluate_masks(run_dir / folder, dataset.mask_dir, ids, cfg.data.num_classes, progress=progress)
         save_eval(run_dir / EVAL_DIR / f"{name}.json", result)
@@ -395,7 +401,7 @@ def _run_section(run_dir: Path, figures: _Figures, prefix: str, num_images: int,
 
     # Examples.
     seed_eval = pick_eval(evals, "seeds")
-    threshold = seed_eval[1]["best"]["threshold"] if seed_eval else cfg.eval.threshold
+    threshold = seed_eval[1]["best"]["threshold"] if seed_eval else resolve_protocol(cfg).threshold
     grid = example_grid(figures.path(f"{prefix}examples.png"), run_dir, dataset, threshold, num_images)
     if grid is not None:
         parts.append(f"<{h}>Examples</{h}>")

@@ -36,6 +36,7 @@ from fsae.data import build_dataset
 from fsae.data.check import check_dataset, format_problems
 from fsae.errors import CheckpointError, ConfigError, DataError, FsaeError
 from fsae.evaluate import SeedEvaluator, default_thresholds
+from fsae.protocol import resolve_protocol
 from fsae.fsae import fsae_loss, mask_absent_classes
 from fsae.infer import batches_by_size, multiscale_cam, normalise_seed, to_tensor_image
 from fsae.io import atomic_write, ensure_output_dir
@@ -156,7 +157,7 @@ def evaluate_seeds_in_memory(model, dataset, cfg: Config, device, scales=None) -
 
     Under torchrun every process scores its share of the images and the confusions are summed."""
     model.eval()
-    evaluator = SeedEvaluator(cfg.data.num_classes, default_thresholds(*cfg.eval.sweep))
+    evaluator = SeedEvaluator(cfg.data.num_classes, default_thresholds(*resolve_protocol(cfg).sweep))
     share = distributed.shard_indices(range(len(dataset)), (distributed.rank(), distributed.world_size()))
     for group in batches_by_size(dataset, share, cfg.infer.batch_size):
         images = torch.stack([to_tensor_image(s["image"]) for s in group]).to(device)

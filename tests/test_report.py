@@ -233,7 +233,7 @@ def test_compare_computes_seed_scores_when_no_eval(tiny_synthetic, tmp_path):
     assert (runs["blank"] / "eval" / "seeds.json").is_file()  # computed once, kept for reruns
     perfect, blank = summaries
     assert (perfect["seed_miou"], perfect["seed_fpr"], perfect["seed_fnr"]) == (1.0, 0.0, 0.0)
-    assert perfect["threshold"] == 0.0  # every threshold in [0, 1) is perfect; the first wins
+    assert perfect["threshold"] == 0.15  # the plain CAM's protocol (fsae.protocol): IRN's fixed cam_eval_thres
     # blank: all background. Background IoU = bg pixels / valid pixels (FPR = the rest), classes in the
     # GT have IoU 0 and FNR 1; mIoU averages over background + the classes present.
     gt = np.concatenate([g.ravel() for g in gts])

@@ -120,8 +120,10 @@ def test_forward_score_map_and_losses(score_map):
     assert losses["gsc"].item() == pytest.approx(gsc_loss(norm_cam, maps).item(), rel=1e-6)
     model.eval()
     assert model.cam(x).shape == (2, 3, 4, 4)
-    with_bg = model.cam(x, labels)
-    assert with_bg.shape == (2, 4, 4, 4) and (with_bg[0, 1] == 0).all() and (with_bg >= 0).all()
+    fg = model.cam(x, labels)  # C foreground channels, like every method; the background separately
+    assert fg.shape == (2, 3, 4, 4) and (fg[0, 1] == 0).all() and (fg >= 0).all()
+    fg2, bg = model.cam_with_background(x, labels)
+    assert torch.equal(fg, fg2) and bg.shape == (2, 4, 4) and (bg >= 0).all()
 
 
 def test_frozen_batchnorm_and_low_stages():

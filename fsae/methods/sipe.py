@@ -13,12 +13,15 @@ network/resnet50_SIPE.py:16; or a timm name) gives four stage features x1..x4. T
 3. seeds (``structure_seeds``): the cosine correlation of pixel features, ReLU'd, ``corr`` (hw, hw);
    for every channel k the soft IoU of each pixel's correlation row with norm_cam_k,
    ``inter = corr @ m_k``, ``union = corr.sum(-1) + m_k.sum() - inter``; the background IoU is halved;
-   a pixel's seed is the argmax channel, gated by the label (the background is always present);
+   a pixel's seed is the argmax channel, gated by the label after the argmax (the background is always
+   present); in training the map is label-gated before as well (SIPE's ``valid_mask``), at inference
+   it is not (SIPE ``network/resnet50_SIPE.py:143-149``);
 4. prototypes: the mean hierarchical feature under each seed (``seed_prototypes``; mean over all
    h*w pixels, the cosine below does not care about the scale);
 5. IS-CAM: ``ReLU(cos(feature, prototype_k))`` for every channel (``is_cam``);
 6. losses: multi-label soft margin on the GAP scores, and the general-specific consistency (GSC)
-   ``mean |norm_cam - IS_cam / max_hw IS_cam|`` (the max detached), on valid (non-padding) pixels.
+   ``mean |norm_cam - IS_cam / max_hw IS_cam|`` (the max not detached, SIPE
+   ``train_resnet50_SIPE.py:151-152``), on valid (non-padding) pixels.
 
 SIPE's own layout puts the background at channel 0; here it is LAST everywhere (``fsae.labels``), so
 no conversion is needed. SIPE computes the training seeds from the last stage feature x4 and the
@@ -31,11 +34,12 @@ Training recipe (SIPE's ``train_resnet50_SIPE.py``): frozen BatchNorm (``freeze_
 stages 1-2 without gradient (``freeze_low_stages``: SIPE detaches stage 2's output, so those layers
 never change), the classifier and side convs as the 10x-lr "new" layers, gradient-norm clipping 1.
 
-Inference (``cam(images, labels)``, SIPE's ``make_cam.py``): the IS-CAM with background at scales
-1.0/0.5/1.5/2.0 + flip, summed, every channel max-normalised, evaluated by argmax with no threshold;
-``seed_background = True`` makes ``fsae.infer`` store the background plane in the seed file.
-``cam(images)`` without labels is the plain ReLU'd classifier CAM (used for the in-training
-held-out evaluation, which sweeps a threshold).
+Inference (SIPE's ``make_cam.py``): ``cam_with_background(images, labels)`` gives the IS-CAM's C
+foreground channels and its background plane; at scales 1.0/0.5/1.5/2.0 + flip, summed, every channel
+max-normalised, evaluated by argmax with no threshold. ``seed_background = True`` makes ``fsae.infer``
+call it and store the background plane in the seed file. ``cam(images, labels)`` is the C foreground
+channels of the IS-CAM, like every method's ``cam``; ``cam(images)`` without labels is the plain
+ReLU'd classifier CAM (used for the in-training held-out evaluation, which sweeps a threshold).
 
 FSAE's (C + 1)-channel score map S (``score_map``; the FSAE authors did not publish their SIPE code):
 - ``"cam"``: ``S = score_scale * norm_cam`` (CAM with SIPE's 1 - max background), gradient through the
@@ -132,11 +136,12 @@ def is_cam(prototypes: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
 
 
 def gsc_loss(norm_cam: torch.Tensor, is_cams: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """General-specific consistency: mean |norm_cam - IS_cam / (max_hw IS_cam (detached) + 1e-5)|.
+    """General-specific consistency: mean |norm_cam - IS_cam / (max_hw IS_cam + 1e-5)|, the max not
+    detached (SIPE ``train_resnet50_SIPE.py:151-152``).
 
     Shape: (B, K, h, w) both; optional ``valid`` (B, h, w) bool restricts the mean to valid pixels.
     """
-    target = is_cams / (F.adaptive_max_pool2d(is_cams.detach(), 1) + EPS)
+    target = is_cams / (F.adaptive_max_pool2d(is_cams, 1) + EPS)
     diff = (norm_cam - target).abs()
     if valid is None:
         return diff.mean()
@@ -145,7 +150,7 @@ def gsc_loss(norm_cam: torch.Tensor, is_cams: torch.Tensor, valid: torch.Tensor 
 
 
 class SIPE(Method):
-    seed_background = True  # cam(images, labels) scores the background itself (fsae.infer)
+    seed_background = True  # cam_with_background(images, labels) scores the background itself (fsae.infer)
 
     def __init__(self, num_classes: int, backbone: str = "resnet50", weights: str | None = None,
                  side_channels=(128, 128, 256, 256), channels=None, freeze_bn: bool = True,
@@ -187,8 +192,9 @@ class SIPE(Method):
         """-> cams (B, C, h, w), norm_cam (B, C+1, h, w), IS-CAM (B, C+1, h, w)."""
         x4, hie = self._trunk(images)
         cams = self.classifier(x4)
-        norm_cam = F.interpolate(sipe_norm_cam(cams, labels), size=hie.shape[-2:], mode="bilinear",
-                                 align_corners=True)
+        # SIPE gates the map by the label before the seeds in training only (valid_mask), after the argmax always
+        norm_cam = F.interpolate(sipe_norm_cam(cams, labels if training else None), size=hie.shape[-2:],
+                                 mode="bilinear", align_corners=True)
         gate = torch.cat([labels, labels.new_ones(labels.shape[0], 1)], dim=1)
         seeds = structure_seeds(norm_cam, gate, x4 if training else hie)  # SIPE: x4 in training
         return cams, norm_cam, is_cam(seed_prototypes(seeds, hie), hie)
@@ -215,15 +221,19 @@ class SIPE(Method):
 
     @torch.no_grad()
     def cam(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Without labels: ReLU'd classifier CAM (B, C, h, w). With labels (B, C): the IS-CAM with the
-        background LAST (B, C+1, h, w), absent classes zero."""
+        """Without labels: ReLU'd classifier CAM (B, C, h, w). With labels (B, C): the IS-CAM's C
+        foreground channels (B, C, h, w), absent classes zero."""
         if labels is None:
             x4, _ = self._trunk(images)
             return F.relu(self.classifier(x4))
+        return self.cam_with_background(images, labels)[0]
+
+    @torch.no_grad()
+    def cam_with_background(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The IS-CAM: foreground (B, C, h, w), absent classes zero, and SIPE's background plane (B, h, w)."""
         labels = labels.to(images.dtype)
         _, _, is_cams = self._maps(images, labels, training=False)
-        gate = torch.cat([labels, labels.new_ones(labels.shape[0], 1)], dim=1)
-        return is_cams * gate[:, :, None, None]
+        return is_cams[:, :-1] * labels[:, :, None, None], is_cams[:, -1]
 
     def param_groups(self) -> list[dict]:
         new = list(self.classifier.parameters()) + list(self.sides.parameters())

@@ -92,38 +92,54 @@ def crf_inference(
     return np.asarray(q, dtype=np.float32).reshape(k, h, w)
 
 
-def seed_to_probs(keys: np.ndarray, cams: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """Seed -> CRF input: probabilities over ``[background, keys...]`` and the label of each plane.
+def seed_to_probs(keys: np.ndarray, cams: np.ndarray, threshold: float, background: str = "threshold",
+                  bg_power: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Seed -> CRF input: scores over ``[background, keys...]`` and the label of each plane.
 
     Shape: keys (K,), cams (K, H, W) in [0, 1] -> probs (K+1, H, W) float32, labels (K+1,) uint8
     ``[0, *keys]``.
 
-    The background score is the constant ``threshold`` (as in ``fsae.evaluate.seed_to_mask``); the
-    scores ``[threshold, cams...]`` are clipped to ``>= 1e-5`` and divided by their per-pixel sum.
-    Dividing by a positive number keeps the order of the scores, so ``probs.argmax(0)`` (and the
-    argmax of ``crf_inference(..., iterations=0)``) equals ``seed_to_mask`` except where two scores
-    tie after clipping or float32 rounding. (Softmax would also keep the order but flattens CAM
-    scores in [0, 1] to nearly uniform probabilities.)
+    ``background = "threshold"``: the background score is the constant ``threshold`` (as in
+    ``fsae.evaluate.seed_to_mask``); the scores ``[threshold, cams...]`` are clipped to ``>= 1e-5`` and
+    divided by their per-pixel sum. Dividing by a positive number keeps the order of the scores, so
+    ``probs.argmax(0)`` (and the argmax of ``crf_inference(..., iterations=0)``) equals ``seed_to_mask``
+    except where two scores tie after clipping or float32 rounding. (Softmax would also keep the order but
+    flattens CAM scores in [0, 1] to nearly uniform probabilities.)
+
+    ``background = "power"``: the background plane ``(1 - max_k cams_k) ** bg_power`` and the CAMs as
+    they are, not renormalised (PSA / EPS / PPC ``_crf_with_alpha``, usr922/wseg esp
+    ``contrast_infer.py:154-158``, whose ``unary_from_softmax`` takes ``-log(clip(p, 1e-5))``);
+    ``threshold`` is unused.
     """
     keys, cams = check_seed(keys, cams)
+    labels = np.concatenate([[0], keys]).astype(np.uint8)
+    if background == "power":
+        if not np.isfinite(bg_power) or bg_power <= 0:
+            raise ValueError(f"bg_power must be a positive number, got {bg_power}")
+        peak = cams.max(0, keepdims=True) if len(keys) else np.zeros((1, *cams.shape[1:]), np.float32)
+        bg = np.power(np.clip(1.0 - peak, 0.0, None), bg_power)
+        return np.concatenate([bg, cams], 0).astype(np.float32), labels
+    if background != "threshold":
+        raise ValueError(f"CRF background must be 'threshold' or 'power', got {background!r}")
     if not np.isfinite(threshold):
         raise ValueError(f"threshold must be a finite number, got {threshold}")
     bg = np.full((1, *cams.shape[1:]), threshold, dtype=np.float32)
     scores = np.maximum(np.concatenate([bg, cams], 0), np.float32(PROB_CLIP))
     probs = scores / scores.sum(0, keepdims=True)
-    labels = np.concatenate([[0], keys]).astype(np.uint8)
     return probs.astype(np.float32), labels
 
 
 def refine_seed(
-    image: np.ndarray, keys: np.ndarray, cams: np.ndarray, threshold: float, **crf_params: Any
+    image: np.ndarray, keys: np.ndarray, cams: np.ndarray, threshold: float, background: str = "threshold",
+    bg_power: float = 1.0, **crf_params: Any
 ) -> np.ndarray:
     """Seed + image -> CRF-refined label-space mask.
 
     Shape: image (H, W, 3) uint8, keys (K,), cams (K, H, W) -> (H, W) uint8 with values in {0} U keys.
-    ``crf_params`` are ``crf_inference``'s keywords. With K = 0 the mask is all background.
+    ``background`` / ``bg_power``: ``seed_to_probs``; ``crf_params`` are ``crf_inference``'s keywords.
+    With K = 0 the mask is all background.
     """
-    probs, labels = seed_to_probs(keys, cams, threshold)
+    probs, labels = seed_to_probs(keys, cams, threshold, background, bg_power)
     if probs.shape[1:] != np.asarray(image).shape[:2]:
         raise ValueError(f"image size {np.asarray(image).shape[:2]} does not match CAM size {probs.shape[1:]}")
     if len(labels) == 1:
@@ -164,9 +180,13 @@ def refine_dir(
     workers: int | None = None,
     progress: bool = True,
     image_ext: str = ".jpg",
+    background: str = "threshold",
+    bg_power: float = 1.0,
     **crf_params: Any,
 ) -> dict[str, Any]:
     """CRF-refine ``seed_dir/<id>.npz`` with ``image_dir/<id><image_ext>`` into ``out_dir/<id>.png``.
+
+    ``background`` / ``bg_power``: the unary's background plane (``seed_to_probs``).
 
     Each PNG (VOC palette, label space) is written atomically; ids whose PNG exists are skipped, so a
     killed run resumes where it stopped. ``workers`` processes (default ``os.cpu_count()``; 1 runs
@@ -176,6 +196,7 @@ def refine_dir(
     Returns ``{"total", "refined", "skipped", "out_dir"}``.
     """
     _check_crf_params(crf_params)
+    seed_to_probs(np.zeros(0, np.int64), np.zeros((0, 1, 1), np.float32), threshold, background, bg_power)  # check
     _densecrf()  # fail before any work when the package is missing
     ids = [str(i) for i in ids]
     if not ids:
@@ -185,7 +206,7 @@ def refine_dir(
     todo = [i for i in ids if not (out_dir / f"{i}.png").is_file()]
     jobs = [
         (str(seed_dir / f"{i}.npz"), str(image_dir / f"{i}{image_ext}"), str(out_dir / f"{i}.png"),
-         float(threshold), dict(crf_params))
+         float(threshold), dict(crf_params, background=background, bg_power=float(bg_power)))
         for i in todo
     ]
     map_jobs(_refine_one, jobs, workers, desc="crf", progress=progress)

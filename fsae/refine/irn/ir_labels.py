@@ -9,6 +9,11 @@ For a seed (``keys`` (K,) in 1..C, ``cams`` (K, H, W) in [0, 1]):
 3. combined as IRN does: a class where (1) says foreground; 0 where both say background; 255 (ignore)
    where (1) says background and (2) foreground.
 
+A seed with its own background plane (SIPE's IS-CAM, ``background`` in the seed file) takes SIPE's
+variant (``cam2ir.py:26-40``): (1) the plain argmax over ``[background, cams...]``, (2) the argmax with
+the background plane scaled by 0.5 (``SIPE_BG_SCALE``), each CRF-refined, combined as above; the
+thresholds are not used.
+
 The CRF is ``fsae.refine.crf.crf_inference`` with IRN's ``crf_inference_label`` settings: the unary of
 a hard label map (``gt_prob`` = 0.7 on the label, the rest spread evenly over the other labels, as
 pydensecrf's ``unary_from_labels``), Gaussian ``sxy=3, compat=3``, bilateral ``sxy=50, srgb=5,
@@ -57,11 +62,16 @@ def crf_label(image: np.ndarray, index: np.ndarray, n_labels: int, gt_prob: floa
     return np.argmax(crf_inference(image, probs, **params), axis=0)
 
 
+SIPE_BG_SCALE = 0.5  # SIPE cam2ir.py:32, the background plane for the confident background
+
+
 def ir_label(image: np.ndarray, keys: np.ndarray, cams: np.ndarray, fg_threshold: float = 0.30,
-             bg_threshold: float = 0.05, gt_prob: float = 0.7, **crf_params: Any) -> np.ndarray:
+             bg_threshold: float = 0.05, gt_prob: float = 0.7, background: np.ndarray | None = None,
+             **crf_params: Any) -> np.ndarray:
     """IR label map of one seed (module docstring).
 
-    Shape: image (H, W, 3) uint8, keys (K,), cams (K, H, W) -> (H, W) uint8 in {0, 255} U keys.
+    Shape: image (H, W, 3) uint8, keys (K,), cams (K, H, W), optional ``background`` (H, W) (SIPE's
+    variant) -> (H, W) uint8 in {0, 255} U keys.
     """
     keys, cams = check_seed(keys, cams)
     if np.asarray(image).shape[:2] != cams.shape[1:]:
@@ -70,11 +80,15 @@ def ir_label(image: np.ndarray, keys: np.ndarray, cams: np.ndarray, fg_threshold
         raise ValueError(f"bg_threshold {bg_threshold} must not exceed fg_threshold {fg_threshold}")
     labels = np.concatenate([[0], keys]).astype(np.uint8)
 
-    def confident(threshold: float) -> np.ndarray:
-        scores = np.concatenate([np.full((1, *cams.shape[1:]), threshold, np.float32), cams])
+    def confident(plane: np.ndarray) -> np.ndarray:
+        scores = np.concatenate([np.broadcast_to(plane, (1, *cams.shape[1:])).astype(np.float32), cams])
         return labels[crf_label(image, np.argmax(scores, axis=0), len(labels), gt_prob, **crf_params)]
 
-    fg_conf, bg_conf = confident(fg_threshold), confident(bg_threshold)
+    if background is None:  # IRN cam_to_ir_label.py:27-35: constant background planes
+        fg_conf, bg_conf = confident(np.float32(fg_threshold)), confident(np.float32(bg_threshold))
+    else:  # SIPE cam2ir.py:26-35: its own background plane, then halved
+        background = np.asarray(background, dtype=np.float32).reshape(1, *cams.shape[1:])
+        fg_conf, bg_conf = confident(background), confident(background * np.float32(SIPE_BG_SCALE))
     out = fg_conf.copy()
     out[fg_conf == 0] = IGNORE_INDEX
     out[(fg_conf == 0) & (bg_conf == 0)] = 0
@@ -83,12 +97,12 @@ def ir_label(image: np.ndarray, keys: np.ndarray, cams: np.ndarray, fg_threshold
 
 def _ir_label_one(job: tuple[str, str, str, dict[str, Any]]) -> str:
     seed_path, image_path, out_path, params = job
-    keys, cams = load_seed(seed_path)
+    keys, cams, background = load_seed(seed_path, with_background=True)
     image = read_image(image_path)
     if image.shape[:2] != cams.shape[1:]:
         raise DataError(f"{seed_path}: CAM size {cams.shape[1:]} does not match image {image_path} "
                         f"size {image.shape[:2]}; seeds must be at full image resolution")
-    write_mask(out_path, ir_label(image, keys, cams, **params))
+    write_mask(out_path, ir_label(image, keys, cams, background=background, **params))
     return Path(out_path).stem
 
 

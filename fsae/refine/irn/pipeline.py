@@ -28,21 +28,29 @@ from fsae.refine.irn.config import IRNConfig, save_irn_config
 from fsae.refine.irn.ir_labels import make_ir_labels
 from fsae.refine.irn.network import FEATURE_STRIDE, BoundaryNet, boundary_map
 from fsae.refine.irn.train import load_boundary_net, train_irn
-from fsae.refine.irn.walk import propagate, strided_cams, walk_to_mask
+from fsae.refine.irn.walk import irn_start_cams, load_strided, propagate, sipe_start_cams, walk_to_mask
 
 
 def pseudo_mask(model: BoundaryNet, image: np.ndarray, keys: np.ndarray, cams: np.ndarray, cfg: IRNConfig,
-                device: str | torch.device = "cpu") -> np.ndarray:
-    """One image's IRN pseudo-mask. Shape: image (H, W, 3) uint8, keys (K,), cams (K, H, W) -> (H, W) uint8."""
+                device: str | torch.device = "cpu", background: np.ndarray | None = None,
+                strided: np.ndarray | None = None) -> np.ndarray:
+    """One image's IRN pseudo-mask. Shape: image (H, W, 3) uint8, keys (K,), cams (K, H, W) -> (H, W) uint8.
+    ``strided``: the seed's stride-4 CAM (IRN's walk start); ``background``: SIPE's plane (its variant)."""
     height, width = image.shape[:2]
     if cams.shape[1:] != (height, width):
         raise ValueError(f"CAM size {cams.shape[1:]} does not match image size {(height, width)}")
     if len(keys) == 0:
         return np.zeros((height, width), dtype=np.uint8)
     boundary = boundary_map(model, normalize(to_tensor_image(image)).to(device), pad_to=cfg.train.crop_size)
-    small = strided_cams(torch.from_numpy(cams).float().to(device), tuple(boundary.shape))
+    full = torch.from_numpy(cams).float().to(device)
+    if background is not None:  # SIPE make_seg_labels.py
+        small = sipe_start_cams(full, torch.from_numpy(background).float().to(device), tuple(boundary.shape))
+    else:
+        start = None if strided is None else torch.from_numpy(np.asarray(strided, np.float32)).to(device)
+        small = irn_start_cams(full, start, tuple(boundary.shape))
     walked = propagate(small, boundary, cfg.walk.radius, cfg.walk.beta, cfg.walk.exp_times)
-    return walk_to_mask(walked, keys, (height, width), cfg.walk.bg_threshold, FEATURE_STRIDE)
+    return walk_to_mask(walked, keys, (height, width), cfg.walk.bg_threshold, FEATURE_STRIDE,
+                        own_background=background is not None)
 
 
 @torch.no_grad()
@@ -57,13 +65,14 @@ def make_pseudo_masks(model: BoundaryNet, seed_dir: str | os.PathLike, image_dir
     model.eval()
     todo = [i for i in ids if not (out_dir / f"{i}.png").is_file()]
     for image_id in tqdm(todo, desc="irn masks", disable=not progress):
-        keys, cams = load_seed(seed_dir / f"{image_id}.npz")
+        keys, cams, background = load_seed(seed_dir / f"{image_id}.npz", with_background=True)
+        strided = load_strided(seed_dir / f"{image_id}.npz")
         image_path = image_dir / f"{image_id}{image_ext}"
         image = read_image(image_path)
         if image.shape[:2] != cams.shape[1:]:
             raise DataError(f"{seed_dir / (image_id + '.npz')}: CAM size {cams.shape[1:]} does not match image "
                             f"{image_path} size {image.shape[:2]}")
-        write_mask(out_dir / f"{image_id}.png", pseudo_mask(model, image, keys, cams, cfg, device))
+        write_mask(out_dir / f"{image_id}.png", pseudo_mask(model, image, keys, cams, cfg, device, background, strided))
     return {"total": len(ids), "written": len(todo), "skipped": len(ids) - len(todo), "out_dir": str(out_dir)}
 
 

@@ -2,7 +2,8 @@
 
 A sample (``AffinityCrops``, IRN's ``VOC12AffinityDataset``): the image and its IR label rescaled by a
 random factor in ``scale_range`` (bicubic / nearest, PIL), flipped, normalised, randomly cropped to
-``crop_size`` (image padded with 0, label with 255), and the label reduced to stride 4 (nearest); the
+``crop_size`` (``random_crop_box``: a smaller side sits at a random place of the crop; image padded with 0,
+label with 255), and the label reduced to stride 4 (nearest); the
 pair labels (``affinity_labels``) are made from that reduced label in the training step.
 
 Loop: SGD on the branch only (the backbone is frozen), ``lr`` with poly decay over all steps,
@@ -41,6 +42,23 @@ def _rescale(array: np.ndarray, scale: float, resample: int) -> np.ndarray:
     return np.asarray(Image.fromarray(array).resize(size, resample))
 
 
+def random_crop_box(size: tuple[int, int], crop: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """IRN's random crop (``misc/imutils.py:55-78``): per axis (container offset, image offset, extent).
+
+    An axis longer than ``crop`` is cut at a random image offset; a shorter one is placed at a random
+    offset inside the crop-sized container (not top-left). Draws the width offset first, as IRN does.
+    """
+
+    def axis(length: int) -> tuple[int, int, int]:
+        space = length - crop
+        if space > 0:
+            return 0, random.randrange(space + 1), crop
+        return random.randrange(-space + 1), 0, length
+
+    width = axis(size[1])
+    return axis(size[0]), width
+
+
 class AffinityCrops(Dataset):
     """Images + IR labels -> training crops (module docstring).
 
@@ -72,18 +90,18 @@ class AffinityCrops(Dataset):
         scale = lo + random.random() * (hi - lo)
         image = _rescale(image, scale, Image.BICUBIC)
         label = _rescale(label, scale, Image.NEAREST)
-        if self.hflip and random.random() < 0.5:
+        if self.hflip and bool(random.getrandbits(1)):  # IRN misc/imutils.py:45-53
             image, label = image[:, ::-1], label[:, ::-1]
         x = normalize(to_tensor_image(np.array(image)))  # a writable copy (PIL arrays are read-only)
         y = torch.from_numpy(np.array(label)).long()
         s = self.crop_size
-        h, w = y.shape
-        # pad to at least the crop (image 0 after normalisation, label ignore), then a random crop
-        x = torch.nn.functional.pad(x, (0, max(0, s - w), 0, max(0, s - h)), value=0.0)
-        y = torch.nn.functional.pad(y, (0, max(0, s - w), 0, max(0, s - h)), value=IGNORE_INDEX)
-        top = random.randint(0, y.shape[0] - s)
-        left = random.randint(0, y.shape[1] - s)
-        x, y = x[:, top:top + s, left:left + s], y[top:top + s, left:left + s]
+        (ct, it, ch), (cl, il, cw) = random_crop_box(tuple(y.shape), s)
+        # the crop in a container of the crop size (image 0 after normalisation, label ignore)
+        cx = x.new_zeros((3, s, s))
+        cy = y.new_full((s, s), IGNORE_INDEX)
+        cx[:, ct:ct + ch, cl:cl + cw] = x[:, it:it + ch, il:il + cw]
+        cy[ct:ct + ch, cl:cl + cw] = y[it:it + ch, il:il + cw]
+        x, y = cx, cy
         small = Image.fromarray(y.numpy().astype(np.uint8)).resize((s // FEATURE_STRIDE,) * 2, Image.NEAREST)
         return {"id": image_id, "image": x, "label": torch.from_numpy(np.asarray(small, dtype=np.int64))}
 
