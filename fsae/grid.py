@@ -387,7 +387,8 @@ def plot_field(path: Path, rows: Sequence[dict], vary: Vary) -> Path:
             continue
         others = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in r["values"].items() if k != vary.key)
         lines.setdefault(others, []).append(r)
-    for metric, label, style in (("seed_miou", "seed mIoU", "o-"), ("mask_miou", "pseudo-mask mIoU", "s--")):
+    for metric, label, style, colour in (("seed_miou", "seed mIoU", "o-", "C0"), ("mask_miou", "pseudo-mask mIoU", "s--",
+                                                                                "C1")):
         for others, members in lines.items():
             points = [(xs[m["values"][vary.key]], m[metric]) for m in members if m[metric]["n"]]
             if not points:
@@ -395,12 +396,12 @@ def plot_field(path: Path, rows: Sequence[dict], vary: Vary) -> Path:
             points.sort(key=lambda p: p[0])
             ax.errorbar([p[0] for p in points], [100 * p[1]["mean"] for p in points],
                         yerr=[100 * (p[1]["std"] or 0.0) for p in points], fmt=style, capsize=4,
-                        label=label + (f" ({others})" if others else ""))
+                        color=colour if len(lines) == 1 else None, label=label + (f" ({others})" if others else ""))
         base = next((r for r in rows if r["setting"] == "base" and r[metric]["n"]), None)
         if base is not None:
             mean, std = 100 * base[metric]["mean"], 100 * (base[metric]["std"] or 0.0)
-            ax.axhline(mean, color="grey", linestyle=":", label=f"base {label}")
-            ax.axhspan(mean - std, mean + std, color="grey", alpha=0.15)
+            ax.axhline(mean, color=colour, linestyle=":", label=f"base {label}")
+            ax.axhspan(mean - std, mean + std, color=colour, alpha=0.1)
     if not numeric:
         ax.set_xticks(list(xs.values()), list(xs))
     ax.set(xlabel=vary.key, ylabel="mIoU (%)", title=f"mIoU vs {vary.key} (mean ± std over seeds)")

@@ -136,7 +136,8 @@ def prediction_figure(path: Path, image: np.ndarray, keys: np.ndarray, cams: np.
     panels.append((f"seed (t={threshold:.2f})", overlay(image, colour_mask(seed))))
     if crf is not None:
         panels.append(("CRF mask", overlay(image, colour_mask(crf))))
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.2), squeeze=False)
+    height = 2.6 * image.shape[0] / image.shape[1] + 1.0  # a panel 2.6 inches wide, room for titles and legend
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), height), squeeze=False)
     for ax, (title, picture) in zip(axes[0], panels):
         ax.imshow(picture)
         ax.set_title(title, fontsize=9)
@@ -147,7 +148,7 @@ def prediction_figure(path: Path, image: np.ndarray, keys: np.ndarray, cams: np.
                ncol=len(shown), fontsize=9, frameon=False)
     if note:
         fig.suptitle(note, fontsize=9)
-    fig.tight_layout(rect=(0, 0.1, 1, 0.95 if note else 1))
+    fig.tight_layout(rect=(0, 0.45 / height, 1, 1 - 0.3 / height if note else 1))
     return save_figure(fig, path)
 
 
