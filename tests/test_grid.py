@@ -16,7 +16,7 @@ import pytest
 
 from fsae import grid as grid_module
 from fsae.cli import main as cli
-from fsae.compare import compare_markdown, compare_runs, seed_group_table
+from fsae.compare import compare_markdown, compare_runs, seed_group_table, seed_groups
 from fsae.data.synthetic import SyntheticSpec, generate
 from fsae.errors import ConfigError
 from fsae.grid import GridSpec, parse_vary, plan_grid, run_jobs
@@ -135,6 +135,7 @@ def killed_grid(recipe, tmp_path_factory):
     deadline = time.time() + 900
     while not third.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
+    _wait(lambda: _children(proc.pid))  # the log is opened just before the job's fork
     jobs = _children(proc.pid)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait() == -9, proc.stderr.read().decode()[-2000:]
@@ -228,6 +229,8 @@ def test_compare_adds_median_and_std_over_seeds_of_one_setting(killed_grid):
     out = killed_grid["out"]
     runs = [out / s / f"seed={seed}" for s in SETTINGS for seed in (0, 1)]
     summaries = compare_runs(runs, compute=False)
+    assert [[s["run_dir"] for s in g] for g in seed_groups(summaries)] == [[str(r) for r in runs[:2]],
+                                                                           [str(r) for r in runs[2:]]]
     groups = seed_group_table(summaries)
     assert [r[:2] for r in groups["rows"]] == [[SETTINGS[0], 2], [SETTINGS[1], 2]]
     for setting, row in zip(SETTINGS, groups["rows"]):
