@@ -6,6 +6,8 @@ mIoU, from the run's ``eval/*.json`` (``eval/seeds.json`` / ``eval/crf.json`` pr
 against its data set's GT and saved there (``fsae.report.compute_missing_evals``), unless
 ``compute=False``. Numbers are percent with one decimal; a run after the first shows
 ``value (+delta)``, the delta taken from the unrounded values (``+`` = higher than the first run).
+Runs whose configs differ only in ``train.seed`` (several seeds of one setting) also get a row of
+median (mean ± std) over those seeds (``seed_group_table``; ``fsae grid`` uses the same cells).
 """
 
 from __future__ import annotations
