@@ -387,8 +387,8 @@ def plot_field(path: Path, rows: Sequence[dict], vary: Vary) -> Path:
             continue
         others = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in r["values"].items() if k != vary.key)
         lines.setdefault(others, []).append(r)
-    for metric, label, style, colour in (("seed_miou", "seed mIoU", "o-", "C0"), ("mask_miou", "pseudo-mask mIoU", "s--",
-                                                                                "C1")):
+    series = (("seed_miou", "seed mIoU", "o-", "C0"), ("mask_miou", "pseudo-mask mIoU", "s--", "C1"))
+    for metric, label, style, colour in series:
         for others, members in lines.items():
             points = [(xs[m["values"][vary.key]], m[metric]) for m in members if m[metric]["n"]]
             if not points:
