@@ -6,12 +6,16 @@ mIoU, from the run's ``eval/*.json`` (``eval/seeds.json`` / ``eval/crf.json`` pr
 against its data set's GT and saved there (``fsae.report.compute_missing_evals``), unless
 ``compute=False``. Numbers are percent with one decimal; a run after the first shows
 ``value (+delta)``, the delta taken from the unrounded values (``+`` = higher than the first run).
+Runs whose configs differ only in ``train.seed`` (several seeds of one setting) also get a row of
+median (mean ± std) over those seeds (``seed_group_table``; ``fsae grid`` uses the same cells).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import statistics
 from pathlib import Path
 
 from fsae.errors import ConfigError
@@ -89,4 +93,68 @@ def compare_markdown(summaries: list[dict]) -> str:
     table = compare_table(summaries)
     note = (f"Percent; (+x) = difference from the first run, {summaries[0]['name']}. Seeds at their best "
             f"background threshold.")
-    return markdown_table(table["header"], table["rows"]) + "\n\n" + note + "\n"
+    text = markdown_table(table["header"], table["rows"]) + "\n\n" + note + "\n"
+    seeds = seed_group_table(summaries)
+    if seeds is not None:
+        text += ("\n" + markdown_table(seeds["header"], seeds["rows"]) + "\n\nOver training seeds: median "
+                 "(mean ± std, sample std), percent; threshold: the median of the runs' best thresholds.\n")
+    return text
+
+
+# ------------------------------------------------------------------ several training seeds of one setting
+
+
+def seed_spread(values) -> dict:
+    """``{"n", "median", "mean", "std", "values"}`` of the values that are not missing (None / NaN);
+    ``std`` is the sample standard deviation (n - 1), None for fewer than two values."""
+    present = [float(v) for v in values if not _missing(v)]
+    if not present:
+        return {"n": 0, "median": None, "mean": None, "std": None, "values": []}
+    return {"n": len(present), "median": statistics.median(present), "mean": statistics.fmean(present),
+            "std": statistics.stdev(present) if len(present) > 1 else None, "values": present}
+
+
+def spread_cell(key: str, spread: dict) -> str:
+    """``"80.1 (79.9 ± 0.4)"``: median (mean ± std) in percent; one value alone; the threshold's median."""
+    if not spread["n"]:
+        return "n/a"
+    if key == "threshold":
+        return f"{spread['median']:.2f}"
+    if spread["n"] == 1:
+        return f"{100 * spread['median']:.1f}"
+    return f"{100 * spread['median']:.1f} ({100 * spread['mean']:.1f} ± {100 * spread['std']:.1f})"
+
+
+def _setting_key(run_dir: str) -> str:
+    """A run's config without what differs between training seeds of one setting (name, seed, device)."""
+    d = load_run_config(run_dir).to_dict()
+    d.pop("name")
+    d["train"].pop("seed")
+    d["train"].pop("device")
+    return json.dumps(d, sort_keys=True)
+
+
+def seed_groups(summaries: list[dict]) -> list[list[dict]]:
+    """Runs whose configs differ only in ``train.seed`` (and name / device), in first-seen order; only
+    groups of two or more runs."""
+    groups: dict[str, list[dict]] = {}
+    for s in summaries:
+        groups.setdefault(_setting_key(s["run_dir"]), []).append(s)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _group_name(group: list[dict]) -> str:
+    parents = {Path(s["run_dir"]).resolve().parent for s in group}
+    return parents.pop().name if len(parents) == 1 else ", ".join(s["name"] for s in group)
+
+
+def seed_group_table(summaries: list[dict]) -> dict | None:
+    """``{"header", "rows"}``: one row per group of seeds of one setting, median (mean ± std) per column;
+    None when no two runs share a setting."""
+    groups = seed_groups(summaries)
+    if not groups:
+        return None
+    columns = [(k, title) for k, title in COLUMNS if any(not _missing(s[k]) for s in summaries)]
+    rows = [[_group_name(g), len(g), *(spread_cell(k, seed_spread([s[k] for s in g])) for k, _ in columns)]
+            for g in groups]
+    return {"header": ["Setting (runs differing only in train.seed)", "seeds", *(t for _, t in columns)], "rows": rows}
