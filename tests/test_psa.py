@@ -220,7 +220,7 @@ def test_training_crop_pools_scores_before_the_argmax(tmp_path):
     """voc12/data.py:205-229 with train_aff.py:45-62: crop, then 8 x 8 means of the scores, then the argmax."""
     la = np.zeros((2, 16, 16), np.float32)
     la[0], la[1] = 0.6, 0.4
-    la[1, :8, :3] = 1.0  # 3 of 8 columns of the top-left block: mean (3 * 1.0 + 5 * 0.4) / 8 = 0.625 > 0.6
+    la[1, :8, 5:8] = 1.0  # 3 of 8 columns of the top-left block: mean (3 * 1.0 + 5 * 0.4) / 8 = 0.625 > 0.6
     ha = la.copy()
     ha[0] = 0.1  # ha says foreground everywhere
     folder = write_label_pair(tmp_path, la, ha, np.array([2]))
@@ -281,23 +281,28 @@ def test_affinity_net_shapes_and_psa_head():
     assert net.f8_5.weight.shape[:2] == (256, 256) and net.f9.weight.shape[:2] == (448, 448)
     assert all(m.bias is None for m in (net.f8_3, net.f8_4, net.f8_5, net.f9))
     assert not net.backbone.conv1a.weight.requires_grad  # PSA's not_training layers
+    x = torch.randn(1, 3, 48, 72)
     with torch.no_grad():
-        out = net.eval()(torch.randn(1, 3, 48, 72))
-    assert out.shape == (1, 448, 6, 9) and (out >= -1).all()  # ELU
+        out = net.eval()(x)
+        d = net.backbone.forward_features(x)  # resnet38_aff.py:36-41
+        want = F.elu(net.f9(torch.cat([F.elu(net.f8_3(d["conv4"])), F.elu(net.f8_4(d["conv5"])),
+                                       F.elu(net.f8_5(d["conv6"]))], dim=1)))
+    assert out.shape == (1, 448, 6, 9)
+    torch.testing.assert_close(out, want)
 
 
 # ------------------------------------------------------------------------------------ the walk
 
 
-@pytest.mark.parametrize("background", ["power", "constant"])
-def test_walk_matches_psa(background):
+@pytest.mark.parametrize("background, logt", [("power", 2), ("constant", 8)])
+def test_walk_matches_psa(background, logt):
     torch.manual_seed(0)
     net = AffinityNet(width=0.0625, feature_channels=(8, 8, 8)).eval()
     rng = np.random.default_rng(2)
     image = rng.integers(0, 255, (43, 77, 3), dtype=np.uint8)  # not multiples of 8: padded as PSA
     keys = np.array([1, 4])
     cams = rng.random((2, 43, 77)).astype(np.float32)
-    cfg = PSAWalkConfig(background=background, alpha=16, bg_threshold=0.39, beta=8, logt=8)
+    cfg = PSAWalkConfig(background=background, alpha=16, bg_threshold=0.39, beta=8, logt=logt)
     with torch.no_grad():
         from fsae.augment import normalize
         from fsae.infer import to_tensor_image
@@ -308,7 +313,7 @@ def test_walk_matches_psa(background):
     full = np.zeros((3, 43, 77), np.float32)
     full[1:] = cams
     full[0] = (1 - full[1:].max(0)) ** 16 if background == "power" else 0.39
-    want_pred, want_rw = psa_walk(full, features, beta=8, logt=8, radius=5)
+    want_pred, want_rw = psa_walk(full, features, beta=8, logt=logt, radius=5)
     got = propagate(walk_scores(torch.from_numpy(cams), cfg), features[0], cfg)
     torch.testing.assert_close(got, want_rw, rtol=1e-4, atol=1e-6)
     mask = psa_mask(net, image, keys, cams, cfg)
