@@ -343,6 +343,8 @@ def test_voc_recipe_is_mctformers_psa():
         load_psa_config(overrides=["walk.background=otsu"])
     with pytest.raises(ConfigError, match="multiple of 8"):
         load_psa_config(overrides=["train.crop_size=100"])
+    with pytest.raises(ConfigError, match="at least 72 px"):  # 8 columns < 2 * 4 + 1 of PSA's window
+        load_psa_config(overrides=["train.crop_size=64"])
 
 
 # ------------------------------------------------------------------ the stage on a tiny data set

@@ -109,6 +109,10 @@ def load_psa_config(path: str | Path | None = None, overrides: list[str] | None 
                           f"aff_label.high_alpha {cfg.aff_label.high_alpha}")
     if cfg.train.crop_size % FEATURE_STRIDE:
         raise ConfigError(f"train.crop_size must be a multiple of {FEATURE_STRIDE}, got {cfg.train.crop_size}")
+    side, r = cfg.train.crop_size // FEATURE_STRIDE, cfg.train.radius - 1
+    if side < 2 * r + 1:
+        raise ConfigError(f"train.crop_size {cfg.train.crop_size} is too small for PSA's pairs of radius "
+                          f"{cfg.train.radius}: it needs at least {FEATURE_STRIDE * (2 * r + 1)} px")
     if cfg.walk.background not in ("power", "constant"):
         raise ConfigError(f"walk.background must be 'power' or 'constant', got {cfg.walk.background!r}")
     if len(cfg.net.feature_channels) != 3:

@@ -53,7 +53,11 @@ def make_psa_masks(model: AffinityNet, seed_dir: str | os.PathLike, image_dir: s
         if image.shape[:2] != cams.shape[1:]:
             raise DataError(f"{seed_dir / (image_id + '.npz')}: CAM size {cams.shape[1:]} does not match image "
                             f"{image_path} size {image.shape[:2]}")
-        write_mask(out_dir / f"{image_id}.png", psa_mask(model, image, keys, cams, cfg.walk, device))
+        try:
+            mask = psa_mask(model, image, keys, cams, cfg.walk, device)
+        except ValueError as exc:  # an image too small for the pair window
+            raise DataError(f"{image_path}: {exc}") from exc
+        write_mask(out_dir / f"{image_id}.png", mask)
 
 
 def run_psa(run_dir: str | os.PathLike, cfg: PSAConfig, image_dir: str | os.PathLike,

@@ -32,7 +32,7 @@ from fsae.io import atomic_write, read_image
 from fsae.models.backbones import read_weight_file
 from fsae.refine.irn.affinity import affinity_loss
 from fsae.refine.psa.aff_labels import affinity_label_map, load_aff_label
-from fsae.refine.psa.affinity import pair_affinity, pair_window, psa_affinity_labels
+from fsae.refine.psa.affinity import pair_affinity, psa_affinity_labels
 from fsae.refine.psa.config import FEATURE_STRIDE, AffNetConfig, PSAConfig
 from fsae.refine.psa.network import AffinityNet
 
@@ -129,7 +129,6 @@ def train_psa(cfg: PSAConfig, image_dir: str | os.PathLike, label_dir: str | os.
     tc = cfg.train
     checkpoint = Path(checkpoint)
     device = torch.device(cfg.device)
-    pair_window((tc.crop_size // FEATURE_STRIDE,) * 2, tc.radius)  # the crop must hold PSA's pairs
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
     np.random.seed(tc.seed)
