@@ -95,7 +95,8 @@ def psa_dense_affinity(features, radius):
     area = h * w
     indices = torch.cat([torch.stack([ind_from_exp, ind_to]), torch.stack([torch.arange(area)] * 2),
                          torch.stack([ind_to, ind_from_exp])], dim=1)
-    return torch.sparse_coo_tensor(indices, torch.cat([aff, torch.ones(area), aff]), (area, area)).to_dense()
+    dense = torch.zeros(area, area)  # sparse.FloatTensor(...).to_dense(): duplicates would be summed
+    return dense.index_put_((indices[0], indices[1]), torch.cat([aff, torch.ones(area), aff]), accumulate=True)
 
 
 def psa_loss(aff, bg_label, fg_label, neg_label):
