@@ -29,7 +29,8 @@ def pair_window(size: tuple[int, int], radius: int, device: torch.device | str =
     r = radius - 1
     if h <= r or w <= 2 * r:
         raise ValueError(f"a {h} x {w} feature map is too small for PSA's pairs of radius {radius}: it needs at "
-                         f"least {r + 1} rows and {2 * r + 1} columns (an image of {8 * (r + 1)} x {8 * (2 * r + 1)} px)")
+                         f"least {r + 1} rows and {2 * r + 1} columns "
+                         f"(an image of {8 * (r + 1)} x {8 * (2 * r + 1)} px)")
     inside = torch.zeros((h, w), dtype=torch.bool, device=device)
     inside[: h - r, r: w - r] = True
     return inside.expand(len(pair_set(radius).directions), h, w)

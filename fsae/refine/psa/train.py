@@ -178,7 +178,8 @@ def train_psa(cfg: PSAConfig, image_dir: str | os.PathLike, label_dir: str | os.
             bar.set_postfix(loss=f"{terms['total'].item():.3f}", neg=f"{terms['neg'].item():.3f}")
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                  "step": step, "config_hash": cfg.hash(), "config": cfg.to_dict(),
-                 "py_random": random.getstate(), "torch_random": torch.get_rng_state(), "loader_random": generator.get_state()}
+                 "py_random": random.getstate(), "torch_random": torch.get_rng_state(),
+                 "loader_random": generator.get_state()}
         atomic_write(checkpoint, lambda tmp: torch.save(state, tmp))
     bar.close()
     return checkpoint

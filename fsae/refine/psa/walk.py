@@ -48,10 +48,12 @@ def dense_affinity(pair_aff: torch.Tensor, radius: int) -> torch.Tensor:
 
 def walk_scores(cams: torch.Tensor, cfg: PSAWalkConfig) -> torch.Tensor:
     """``[background, cams...]`` at full resolution (step 3). Shape: cams (K, H, W) -> (K+1, H, W)."""
-    if cfg.background == "power":
-        background = (1 - cams.amax(dim=0, keepdim=True)).pow(cfg.alpha) if len(cams) else cams.new_ones(1, *cams.shape[1:])
-    else:
+    if cfg.background == "constant":
         background = cams.new_full((1, *cams.shape[1:]), cfg.bg_threshold)
+    elif len(cams):
+        background = (1 - cams.amax(dim=0, keepdim=True)).pow(cfg.alpha)
+    else:
+        background = cams.new_ones(1, *cams.shape[1:])
     return torch.cat([background, cams])
 
 
