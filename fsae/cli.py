@@ -264,6 +264,32 @@ def cmd_irn(args) -> None:
           f"pseudo-masks: {masks['out_dir']} ({masks['written']} written, {masks['skipped']} already there)")
 
 
+def cmd_psa(args) -> None:
+    from fsae.config import load_config
+    from fsae.io import read_id_list
+    from fsae.refine.psa import load_psa_config, run_psa
+    from fsae.refine.psa.pipeline import STEPS
+
+    run = Path(args.run)
+    cfg = load_psa_config(args.config, args.overrides)
+    if args.device:
+        cfg.device = args.device
+    images = args.images or Path(load_config(run / "config.yaml").data.root) / "JPEGImages"
+    ids = read_id_list(args.ids) if args.ids else None
+    shard = _shard(args.shard)
+    steps = STEPS if args.step == "all" else (args.step,)
+    result = run_psa(run, cfg, images, ids=ids, seed_dir=args.seeds, steps=steps, shard=shard)
+    part = f", shard {shard[0]}/{shard[1]}" if shard[1] > 1 else ""
+    if "labels" in result:
+        r = result["labels"]
+        print(f"affinity labels: {r['out_dir']} ({r['written']} written, {r['skipped']} already there{part})")
+    if "train" in result:
+        print(f"psa checkpoint: {result['train']}")
+    if "masks" in result:
+        r = result["masks"]
+        print(f"pseudo-masks: {r['out_dir']} ({r['written']} written, {r['skipped']} already there{part})")
+
+
 def cmd_report(args) -> None:
     from fsae.report import write_report
 
@@ -454,6 +480,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     _add_set(p)
     p.set_defaults(func=cmd_irn)
+
+    p = sub.add_parser("psa", help="PSA: seeds -> affinity labels -> AffinityNet -> random-walk pseudo-masks")
+    p.add_argument("run", help="run directory: reads seeds/, writes aff_labels/, psa/psa.pt, psa_masks/")
+    p.add_argument("--config", default=None, help="PSA recipe, e.g. configs/voc/psa.yaml (default: PSA's defaults)")
+    p.add_argument("--images", default=None, help="folder of <id>.jpg images (default: the run's data root)")
+    p.add_argument("--seeds", default=None, help="seed folder (default RUN/seeds)")
+    p.add_argument("--ids", default=None, help="image list (default: every seed file)")
+    p.add_argument("--step", choices=["all", "labels", "train", "masks"], default="all",
+                   help="run one step only (default: all three in turn)")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="labels / masks steps: only images I, I+N, I+2N, ... of the list (training takes all)")
+    p.add_argument("--device", default=None)
+    _add_set(p)
+    p.set_defaults(func=cmd_psa)
 
     p = sub.add_parser("eval", help="evaluate seeds (threshold sweep) or pseudo-masks against GT "
                                     "(under torchrun: images split over the processes, confusions summed)")

@@ -1,0 +1,111 @@
+"""The PSA stage from seeds to pseudo-masks: affinity labels -> AffinityNet -> random walk.
+
+``run_psa(run_dir, cfg, image_dir)`` reads ``run_dir/seeds/<id>.npz`` and the images, and writes::
+
+    run_dir/aff_labels/<id>.npz    la / ha CRF posteriors (``fsae.refine.psa.aff_labels``)
+    run_dir/psa/psa.pt             AffinityNet checkpoint; psa/config.yaml the resolved PSA config
+    run_dir/psa_masks/<id>.png     pseudo-masks (VOC palette, 0 bg, 1..C)
+
+Each step can run alone (``steps``); the per-image steps (labels, masks) split over jobs with
+``shard``, training needs every label. Every step skips finished work on a rerun (``pending`` for the
+per-image outputs, the checkpoint's epoch for training) and writes atomically.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from tqdm import tqdm
+
+from fsae.distributed import shard_indices
+from fsae.errors import DataError, FsaeError
+from fsae.io import ensure_output_dir, read_image, write_mask
+from fsae.refine.psa.aff_labels import make_aff_labels
+from fsae.refine.psa.config import PSAConfig, save_psa_config
+from fsae.refine.psa.network import AffinityNet
+from fsae.refine.psa.train import load_affinity_net, train_psa
+from fsae.refine.psa.walk import psa_mask
+from fsae.seeds import load_seed
+
+STEPS = ("labels", "train", "masks")
+
+
+def pending(out_dir: Path, ids: Iterable[str], suffix: str) -> list[str]:
+    """The ids whose per-image output is not written yet: the one place the stage decides what to skip."""
+    return [i for i in ids if not (out_dir / f"{i}{suffix}").is_file()]
+
+
+@torch.no_grad()
+def make_psa_masks(model: AffinityNet, seed_dir: str | os.PathLike, image_dir: str | os.PathLike,
+                   out_dir: str | os.PathLike, ids: Iterable[str], cfg: PSAConfig, progress: bool = True,
+                   image_ext: str = ".jpg") -> None:
+    """Random-walk pseudo-masks ``out_dir/<id>.png`` for every id given."""
+    seed_dir, image_dir, out_dir = Path(seed_dir), Path(image_dir), Path(out_dir)
+    device = next(model.parameters()).device
+    model.eval()
+    for image_id in tqdm(list(ids), desc="psa masks", disable=not progress):
+        keys, cams = load_seed(seed_dir / f"{image_id}.npz")
+        image_path = image_dir / f"{image_id}{image_ext}"
+        image = read_image(image_path)
+        if image.shape[:2] != cams.shape[1:]:
+            raise DataError(f"{seed_dir / (image_id + '.npz')}: CAM size {cams.shape[1:]} does not match image "
+                            f"{image_path} size {image.shape[:2]}")
+        try:
+            mask = psa_mask(model, image, keys, cams, cfg.walk, device)
+        except ValueError as exc:  # an image too small for the pair window
+            raise DataError(f"{image_path}: {exc}") from exc
+        write_mask(out_dir / f"{image_id}.png", mask)
+
+
+def run_psa(run_dir: str | os.PathLike, cfg: PSAConfig, image_dir: str | os.PathLike,
+            ids: list[str] | None = None, seed_dir: str | os.PathLike | None = None,
+            steps: Iterable[str] = STEPS, shard: tuple[int, int] = (0, 1), progress: bool = True,
+            image_ext: str = ".jpg") -> dict[str, Any]:
+    """The PSA steps for a run directory (module docstring). ``ids`` default: every seed file.
+
+    Returns per step ``{"total", "written", "skipped", "out_dir"}`` (labels, masks: this shard's ids) or
+    the checkpoint path (train).
+    """
+    run_dir = Path(run_dir)
+    steps = list(steps)
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown:
+        raise FsaeError(f"unknown PSA step(s) {unknown}; choose from {list(STEPS)}")
+    if "train" in steps and shard[1] > 1:
+        raise FsaeError("PSA training needs every affinity label: run `--step train` without --shard "
+                        "(shard the labels and masks steps)")
+    seed_dir = Path(seed_dir) if seed_dir else run_dir / "seeds"
+    if ids is None:
+        ids = sorted(p.stem for p in seed_dir.glob("*.npz") if not p.name.startswith("."))
+    if not ids:
+        raise DataError(f"{seed_dir}: no seed files; run `fsae cam {run_dir}` first")
+    label_dir, psa_dir, mask_dir = run_dir / "aff_labels", run_dir / "psa", run_dir / "psa_masks"
+    mine = shard_indices(list(ids), shard)
+    result: dict[str, Any] = {}
+    if "labels" in steps:
+        todo = pending(ensure_output_dir(label_dir), mine, ".npz")
+        lc = cfg.aff_label
+        make_aff_labels(seed_dir, image_dir, label_dir, todo, lc.low_alpha, lc.high_alpha, lc.workers, progress,
+                        image_ext, **lc.crf_params())
+        result["labels"] = {"total": len(mine), "written": len(todo), "skipped": len(mine) - len(todo),
+                            "out_dir": str(label_dir)}
+    checkpoint = psa_dir / "psa.pt"
+    if "train" in steps:
+        missing = pending(label_dir, ids, ".npz")
+        if missing:
+            raise DataError(f"{label_dir}: {len(missing)} of {len(ids)} affinity labels missing (e.g. {missing[0]}); "
+                            f"run the labels step for every shard first")
+        train_psa(cfg, image_dir, label_dir, list(ids), checkpoint, progress, image_ext)
+        save_psa_config(cfg, psa_dir / "config.yaml")
+        result["train"] = str(checkpoint)
+    if "masks" in steps:
+        todo = pending(ensure_output_dir(mask_dir), mine, ".png")
+        if todo:
+            model = load_affinity_net(checkpoint, cfg, cfg.device)
+            make_psa_masks(model, seed_dir, image_dir, mask_dir, todo, cfg, progress, image_ext)
+        result["masks"] = {"total": len(mine), "written": len(todo), "skipped": len(mine) - len(todo),
+                           "out_dir": str(mask_dir)}
+    return result
