@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fsae.augment import normalize
-from fsae.io import atomic_write, ensure_output_dir
+from fsae.io import atomic_write
+from fsae.seeds import load_seed
+from fsae.stamps import make_stamp, prepare_output, weights_digest
 
 SEED_EPS = 1e-5
 
@@ -95,15 +97,27 @@ def batches_by_size(dataset, indices: Sequence[int], batch_size: int):
     yield from pending.values()
 
 
+def seed_stamp(model, scales: Sequence[float], flip: bool, source: dict | None = None) -> dict:
+    """The stamp of a seed folder: ``source`` (what the model came from; default the digest of its weights)
+    and the inference settings that decide a seed file."""
+    source = {"weights": weights_digest(model)} if source is None else source
+    return make_stamp("cam", source, {"scales": [float(s) for s in scales], "flip": bool(flip)})
+
+
 @torch.no_grad()
 def infer_seeds(model, dataset, out_dir: str | os.PathLike, scales: Sequence[float] = (0.5, 1.0, 1.5, 2.0),
                 flip: bool = True, batch_size: int = 16, device: str | torch.device = "cpu",
-                progress: bool = True, indices: Sequence[int] | None = None) -> dict:
+                progress: bool = True, indices: Sequence[int] | None = None, source: dict | None = None,
+                force: bool = False) -> dict:
     """Write ``out_dir/<id>.npz`` for every image (or the given ``indices``); skip finished ones.
 
-    Returns {"written": n, "skipped": n, "out": path}.
+    The folder is stamped (``fsae.stamps``) with ``seed_stamp(model, scales, flip, source)``; the CLI passes
+    ``source = {"checkpoint": file_digest(checkpoint)}``. A folder made otherwise is refused
+    (``StaleOutputError``) unless ``force``, which deletes its seeds first; a seed file that no longer reads
+    is written again. Returns {"written": n, "skipped": n, "out": path}.
     """
-    out_dir = ensure_output_dir(out_dir)
+    out_dir = Path(out_dir)
+    prepare_output(out_dir, seed_stamp(model, scales, flip, source), force, ("*.npz",), load_seed)
     model.eval()
     indices = list(range(len(dataset))) if indices is None else list(indices)
     todo = [i for i in indices if not (out_dir / f"{dataset.ids[i]}.npz").exists()]
