@@ -22,7 +22,13 @@ A stage calls ``prepare_output(folder, stamp, force, patterns)`` once before wri
 - ``force``: the folder's outputs (the files matching ``patterns``) and partial writes are deleted and the
   new stamp is written.
 
-An evaluation records ``folder_digest`` of the folder it scored (``fsae.evaluate.save_eval``), so
+A new stage needs three calls (``fsae.refine.crf.refine_dir`` is one)::
+
+    stamp = make_stamp("psa", {"seeds": folder_digest(seed_dir)}, {"beta": beta, "exp_times": exp_times})
+    prepare_output(out_dir, stamp, force, ("*.png",), read=fsae.io.read_mask)
+    todo = [i for i in ids if not (out_dir / f"{i}.png").is_file()]   # then write each atomically
+
+and its CLI command a ``--force`` flag. An evaluation records ``folder_digest`` of the folder it scored (``fsae.evaluate.save_eval``), so
 ``fsae report`` / ``fsae compare`` see when it is stale (``fsae.rundir``).
 """
 
