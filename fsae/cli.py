@@ -30,6 +30,11 @@ def _shard(text: str | None) -> tuple[int, int]:
     return current_shard(parse_shard(text))
 
 
+def _no_force_with_shards(force: bool, shard: tuple[int, int], out) -> None:
+    if force and shard[1] > 1:  # each shard would delete the outputs the others had just written
+        raise FsaeError(f"--force with --shard: remove {out} first, then start the shards without --force")
+
+
 def _run_paths(target: str):
     """A run directory or a config file -> (config path, run dir or None)."""
     path = Path(target)
@@ -93,6 +98,7 @@ def cmd_cam(args) -> None:
     from fsae.distributed import process_device, shard_indices
     from fsae.infer import infer_seeds
     from fsae.protocol import resolve_protocol
+    from fsae.stamps import file_digest
     from fsae.train import model_from_checkpoint
 
     config_path, run_dir = _run_paths(args.config)
@@ -105,8 +111,10 @@ def cmd_cam(args) -> None:
     model, _ = model_from_checkpoint(checkpoint, cfg, device)
     dataset = build_dataset(cfg.data, args.split or cfg.infer.split)
     shard = _shard(args.shard)
+    _no_force_with_shards(args.force, shard, out)
     result = infer_seeds(model, dataset, out, cfg.infer.scales, cfg.infer.flip, cfg.infer.batch_size, device,
-                         indices=shard_indices(range(len(dataset)), shard), protocol=resolve_protocol(cfg))
+                         indices=shard_indices(range(len(dataset)), shard), protocol=resolve_protocol(cfg),
+                         source={"checkpoint": file_digest(checkpoint)}, force=args.force)
     part = f", shard {shard[0]}/{shard[1]}" if shard[1] > 1 else ""
     print(f"seeds: {result['out']} ({result['written']} written, {result['skipped']} already there{part})")
 
@@ -171,7 +179,9 @@ def cmd_eval(args) -> None:
         if is_main():
             print(format_scores_table(result))
             if args.out:
-                print(f"written: {save_eval(args.out, result)}")
+                written = save_eval(args.out, result, scored=source, gt_dir=args.gt, ids=ids,
+                                    ignore_as=None if args.seeds else args.ignore_as)
+                print(f"written: {written}")
 
 
 def _seed_format(given: str | None, seed_dir: Path, ids: list[str] | None) -> str:
@@ -232,6 +242,7 @@ def cmd_crf(args) -> None:
     if not ids:
         raise FsaeError(f"{seeds}: no seed files (<id>.npz) to refine; run `fsae cam` first")
     shard = _shard(args.shard)
+    _no_force_with_shards(args.force, shard, out)
     mine = shard_indices(ids, shard)
     part = f", shard {shard[0]}/{shard[1]}" if shard[1] > 1 else ""
     if not mine:
@@ -242,7 +253,7 @@ def cmd_crf(args) -> None:
         workers = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     crf_params = {} if iterations is None else {"iterations": int(iterations)}
     result = refine_dir(seeds, images, out, mine, threshold=threshold if threshold is not None else 0.0,
-                        workers=workers, background=background, bg_power=bg_power, **crf_params)
+                        workers=workers, background=background, bg_power=bg_power, force=args.force, **crf_params)
     print(f"pseudo-masks: {result['out_dir']} ({result['refined']} refined, {result['skipped']} already there{part})")
 
 
@@ -257,7 +268,7 @@ def cmd_irn(args) -> None:
         cfg.device = args.device
     images = args.images or Path(load_config(run / "config.yaml").data.root) / "JPEGImages"
     ids = read_id_list(args.ids) if args.ids else None
-    result = run_irn(run, cfg, images, ids=ids, seed_dir=args.seeds)
+    result = run_irn(run, cfg, images, ids=ids, seed_dir=args.seeds, force=args.force)
     labels, masks = result["ir_labels"], result["masks"]
     print(f"ir labels: {labels['out_dir']} ({labels['written']} written, {labels['skipped']} already there)\n"
           f"irn checkpoint: {result['checkpoint']}\n"
@@ -374,6 +385,7 @@ def cmd_seg_infer(args) -> None:
     from fsae.segment.config import load_seg_config
     from fsae.segment.infer import run_seg_inference
     from fsae.segment.train import seg_model_from_checkpoint
+    from fsae.stamps import file_digest
 
     config_path, run_dir = _run_paths(args.config)
     cfg = load_seg_config(config_path, args.overrides)
@@ -386,7 +398,8 @@ def cmd_seg_infer(args) -> None:
     device = args.device or cfg.train.device
     model, _ = seg_model_from_checkpoint(checkpoint, cfg.data.num_classes, device)
     crf = False if args.no_crf else None
-    results = run_seg_inference(model, cfg, out, splits=args.split or None, crf=crf, device=device)
+    results = run_seg_inference(model, cfg, out, splits=args.split or None, crf=crf, device=device,
+                                source={"checkpoint": file_digest(checkpoint)}, force=args.force)
     for split, result in results.items():
         print(f"{split}: {', '.join(result['dirs'])} ({result['written']} written, {result['skipped']} already there)")
         for name, scores in result["eval"].items():
@@ -447,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None)
     p.add_argument("--split", default=None)
     p.add_argument("--device", default=None)
+    p.add_argument("--force", action="store_true", help="delete the seeds already in the output folder and redo them (needed when they were made otherwise)")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="only images I, I+N, I+2N, ... of the list (split a run over jobs or machines); "
                         "under torchrun each process also takes its share")
@@ -466,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=None, help="mean-field iterations (PPC: 5, PSA: 10)")
     p.add_argument("--ids", default=None, help="image list (default: every seed file)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--force", action="store_true", help="delete the pseudo-masks already in the output folder and redo them (needed when they were made otherwise)")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="only images I, I+N, I+2N, ... of the list (split a run over jobs or machines); "
                         "under torchrun each process also takes its share")
@@ -478,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default=None, help="seed folder (default RUN/seeds)")
     p.add_argument("--ids", default=None, help="image list (default: every seed file)")
     p.add_argument("--device", default=None)
+    p.add_argument("--force", action="store_true", help="delete ir_labels/, irn/ and irn_masks/ outputs and redo them (needed when they were made otherwise)")
     _add_set(p)
     p.set_defaults(func=cmd_irn)
 
@@ -598,6 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", action="append", default=[], help="split(s) to predict (default: data.val_split "
                    "and data.test_split)")
     p.add_argument("--no-crf", action="store_true", help="skip the dense CRF")
+    p.add_argument("--force", action="store_true", help="delete the masks already in the output folders and redo them (needed when they were made otherwise)")
     p.add_argument("--device", default=None)
     _add_set(p)
     p.set_defaults(func=cmd_seg_infer)

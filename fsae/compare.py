@@ -2,9 +2,10 @@
 
 Per run: seed mIoU / FPR / FNR at the best background threshold, the threshold, and the pseudo-mask
 mIoU, from the run's ``eval/*.json`` (``eval/seeds.json`` / ``eval/crf.json`` preferred, see
-``fsae.report.pick_eval``). A run whose ``seeds/`` (``crf/``) has no evaluation yet is evaluated first
-against its data set's GT and saved there (``fsae.report.compute_missing_evals``), unless
-``compute=False``. Numbers are percent with one decimal; a run after the first shows
+``fsae.rundir.pick_eval``). Stale evaluations (their folder was made again since) are recomputed, and a
+run whose ``seeds/`` (``crf/``) has no evaluation yet is evaluated first against its data set's GT and
+saved there (``fsae.rundir.update_evals``), unless ``compute=False``; a stale evaluation that was not
+recomputed is not shown (``notes``). Numbers are percent with one decimal; a run after the first shows
 ``value (+delta)``, the delta taken from the unrounded values (``+`` = higher than the first run).
 Runs whose configs differ only in ``train.seed`` (several seeds of one setting) also get a row of
 median (mean ± std) over those seeds (``seed_group_table``; ``fsae grid`` uses the same cells).
@@ -16,26 +17,36 @@ import json
 import math
 import os
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 
 from fsae.errors import ConfigError
-from fsae.report import (compute_missing_evals, eval_scores, load_evals, load_run_config, markdown_table, pick_eval,
-                         run_dataset)
+from fsae.rundir import current_evals, eval_scores, load_run_config, pick_eval, run_dataset, update_evals
 
 # (key, column title); values are fractions in 0..1 except the threshold.
 COLUMNS = [("seed_miou", "Seed mIoU"), ("seed_fpr", "FPR"), ("seed_fnr", "FNR"),
            ("threshold", "best threshold"), ("mask_miou", "Pseudo-mask mIoU")]
 
 
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    def cell(v):
+        return f"{v:.1f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def run_summary(run_dir: str | os.PathLike, compute: bool = True, progress: bool = False) -> dict:
     """``{"name", "run_dir", "seed_eval", "mask_eval", "seed_miou", "seed_fpr", "seed_fnr", "threshold",
-    "mask_miou", "mask_fpr", "mask_fnr"}`` of one run; numbers are fractions or None when absent."""
+    "mask_miou", "mask_fpr", "mask_fnr", "notes"}`` of one run; numbers are fractions or None when absent;
+    ``notes``: evaluations left out (stale and not recomputed)."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
-    if compute:
-        compute_missing_evals(run_dir, cfg, run_dataset(cfg), progress)
-    evals = load_evals(run_dir)
-    out = {"name": run_dir.name, "run_dir": str(run_dir), "seed_eval": None, "mask_eval": None}
+    notes = update_evals(run_dir, cfg, run_dataset(cfg), progress) if compute else []
+    evals, hidden = current_evals(run_dir)
+    out = {"name": run_dir.name, "run_dir": str(run_dir), "seed_eval": None, "mask_eval": None,
+           "notes": notes if compute else hidden}
     out.update({k: None for k in ("seed_miou", "seed_fpr", "seed_fnr", "threshold", "mask_miou", "mask_fpr",
                                   "mask_fnr")})
     seeds = pick_eval(evals, "seeds")
@@ -93,7 +104,8 @@ def compare_markdown(summaries: list[dict]) -> str:
     table = compare_table(summaries)
     note = (f"Percent; (+x) = difference from the first run, {summaries[0]['name']}. Seeds at their best "
             f"background threshold.")
-    text = markdown_table(table["header"], table["rows"]) + "\n\n" + note + "\n"
+    left_out = [f"{s['name']}: {n}" for s in summaries for n in s.get("notes", [])]
+    text = markdown_table(table["header"], table["rows"]) + "\n\n" + "\n".join([note, *left_out]) + "\n"
     seeds = seed_group_table(summaries)
     if seeds is not None:
         text += ("\n" + markdown_table(seeds["header"], seeds["rows"]) + "\n\nOver training seeds: median "

@@ -18,8 +18,9 @@ from fsae.data.voc import VOCDataset
 from fsae.evaluate import default_thresholds, evaluate_seeds, load_seed, save_eval
 from fsae.infer import infer_seeds
 from fsae.io import write_json, write_text
-from fsae.report import (cam_heatmap, colour_mask, markdown_table, overlay, plot_training_curves, read_csv,
-                         save_overlay_grid, write_report)
+from fsae.compare import markdown_table
+from fsae.report import (cam_heatmap, colour_mask, overlay, plot_training_curves, read_csv, save_overlay_grid,
+                         write_report)
 from fsae.train import model_from_checkpoint, train
 
 VARIANTS = {
@@ -93,8 +94,10 @@ def run_demo(out: str | Path = "runs/demo", seed: int | None = None, quick: bool
                     cfg.infer.batch_size, progress=progress)
         ev_val = evaluate_seeds(run_dir / "seeds_val", val_set.mask_dir, val_set.ids, val_set.num_classes,
                                 thresholds, progress=False)
-        save_eval(run_dir / "eval" / "seeds.json", ev)  # read by `fsae report` / `fsae compare`
-        save_eval(run_dir / "eval" / "seeds_val.json", ev_val)
+        save_eval(run_dir / "eval" / "seeds.json", ev, scored=run_dir / "seeds", gt_dir=train_set.mask_dir,
+                  ids=train_set.ids)  # read by `fsae report` / `fsae compare`
+        save_eval(run_dir / "eval" / "seeds_val.json", ev_val, scored=run_dir / "seeds_val", gt_dir=val_set.mask_dir,
+                  ids=val_set.ids)
         epochs = read_csv(run_dir / "epochs.csv")
         best_epoch = max(epochs, key=lambda r: r["val_miou"])
         results[variant] = {

@@ -47,6 +47,7 @@ from fsae.io import read_mask, write_json
 from fsae.labels import IGNORE_INDEX, VOC_CLASSES
 from fsae.seeds import check_seed, load_seed  # noqa: F401 - re-exported: the seed format's reader
 from fsae.seeds import read_seed
+from fsae.stamps import folder_digest
 
 
 def _as_long(x: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -421,8 +422,32 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def save_eval(path: str | os.PathLike, result: dict[str, Any]) -> Path:
-    """Write a result dict as JSON, atomically; NaN (class with empty union) becomes null."""
+def output_ids(folder: str | os.PathLike, suffix: str) -> list[str]:
+    """Ids of ``folder/<id><suffix>``, sorted; hidden files (a killed run's partial ``.<name>.*.tmp``
+    writes) are not outputs."""
+    return sorted(p.stem for p in Path(folder).glob(f"*{suffix}") if not p.name.startswith("."))
+
+
+def save_eval(path: str | os.PathLike, result: dict[str, Any], scored: str | os.PathLike | None = None,
+              gt_dir: str | os.PathLike | None = None, ids: Sequence[str] | None = None,
+              ignore_as: int | None = None) -> Path:
+    """Write a result dict as JSON, atomically; NaN (class with empty union) becomes null.
+
+    With ``scored`` (the seed or mask folder evaluated, against ``gt_dir``, over ``ids``) the JSON also
+    records what it scored, so ``fsae report`` / ``fsae compare`` can tell when it is stale and redo it::
+
+        "scored": {"dir": path from the JSON's folder, "stamp": fsae.stamps.folder_digest(dir),
+                   "gt": absolute GT folder, "ids": null (every output file of dir) or [ids...],
+                   "ignore_as": ...}
+    """
+    path = Path(path)
+    result = dict(result)
+    if scored is not None:
+        suffix = ".npz" if "best" in result else ".png"
+        ids = None if ids is None or sorted(ids) == output_ids(scored, suffix) else list(ids)
+        result["scored"] = {"dir": os.path.relpath(Path(scored).absolute(), path.parent.absolute()),
+                            "stamp": folder_digest(scored), "gt": str(Path(gt_dir).absolute()),
+                            "ids": ids, "ignore_as": ignore_as}
     return write_json(path, _json_safe(result))
 
 

@@ -360,7 +360,7 @@ NOTE = ("Percent; each cell is the median over the training seeds, then mean ± 
 
 
 def grid_markdown(rows: Sequence[dict], title: str) -> str:
-    from fsae.report import markdown_table
+    from fsae.compare import markdown_table
 
     main, per_run = table(rows), runs_table(rows)
     return (f"# {title}\n\n{markdown_table(main['header'], main['rows'])}\n\n{NOTE}\n\n## Runs\n\n"

@@ -31,7 +31,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from fsae.augment import normalize
-from fsae.io import atomic_write, ensure_output_dir
+from fsae.io import atomic_write
+from fsae.seeds import load_seed
+from fsae.stamps import make_stamp, prepare_output, weights_digest
 
 SEED_EPS = 1e-5
 MINMAX_EPS = 1e-8  # MCTformer engine.py:198
@@ -192,28 +194,43 @@ def batches_by_size(dataset, indices: Sequence[int], batch_size: int):
     yield from pending.values()
 
 
+def seed_stamp(model, scales: Sequence[float], flip: bool, source: dict | None = None,
+               protocol: dict | None = None) -> dict:
+    """The stamp of a seed folder: ``source`` (what the model came from; default the digest of its weights)
+    and the inference settings that decide a seed file (scales, flip, the protocol's resize / upsample /
+    normalisation / stride-4 CAM)."""
+    source = {"weights": weights_digest(model)} if source is None else source
+    return make_stamp("cam", source, {"scales": [float(s) for s in scales], "flip": bool(flip), **(protocol or {})})
+
+
 @torch.no_grad()
 def infer_seeds(model, dataset, out_dir: str | os.PathLike, scales: Sequence[float] = (0.5, 1.0, 1.5, 2.0),
                 flip: bool = True, batch_size: int = 16, device: str | torch.device = "cpu",
-                progress: bool = True, indices: Sequence[int] | None = None, protocol=None) -> dict:
+                progress: bool = True, indices: Sequence[int] | None = None, protocol=None,
+                source: dict | None = None, force: bool = False) -> dict:
     """Write ``out_dir/<id>.npz`` for every image (or the given ``indices``); skip finished ones.
 
     ``protocol`` (``fsae.protocol.Protocol``, e.g. ``resolve_protocol(cfg)``) decides resize, upsample,
     normalisation and the stride-4 CAM; None: bilinear tensor rescale, direct upsample, max.
-    Returns {"written": n, "skipped": n, "out": path}.
+    The folder is stamped (``fsae.stamps``) with ``seed_stamp(...)``; the CLI passes
+    ``source = {"checkpoint": file_digest(checkpoint)}``. A folder made otherwise is refused
+    (``StaleOutputError``) unless ``force``, which deletes its seeds first; a seed file that no longer reads
+    is written again. Returns {"written": n, "skipped": n, "out": path}.
     """
-    out_dir = ensure_output_dir(out_dir)
+    resize = protocol.resize if protocol else "bilinear"
+    mode = protocol.normalise if protocol else "max"
+    options = {"resize": resize, "upsample": protocol.upsample if protocol else "direct",
+               "upsample_stride": protocol.upsample_stride if protocol else 16,
+               "strided": bool(protocol and protocol.strided_cam)}
+    out_dir = Path(out_dir)
+    stamp = seed_stamp(model, scales, flip, source, {**options, "normalise": mode})
+    prepare_output(out_dir, stamp, force, ("*.npz",), load_seed)
     model.eval()
     indices = list(range(len(dataset))) if indices is None else list(indices)
     todo = [i for i in indices if not (out_dir / f"{dataset.ids[i]}.npz").exists()]
     written = 0
     bar = tqdm(total=len(todo), desc="cam", disable=not progress, unit="img")
     with_background = getattr(model, "seed_background", False)
-    resize = protocol.resize if protocol else "bilinear"
-    mode = protocol.normalise if protocol else "max"
-    options = {"resize": resize, "upsample": protocol.upsample if protocol else "direct",
-               "upsample_stride": protocol.upsample_stride if protocol else 16,
-               "strided": bool(protocol and protocol.strided_cam)}
     for group in batches_by_size(dataset, todo, batch_size):
         raw = torch.stack([torch.from_numpy(np.ascontiguousarray(s["image"])) for s in group])
         labels = torch.stack([torch.as_tensor(s["label"]) for s in group]).float().to(device)

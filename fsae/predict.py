@@ -46,7 +46,8 @@ class Predictor:
 
 def load_predictor(target: str | os.PathLike, device: str = "cpu", threshold: float | None = None) -> Predictor:
     """A run directory (its ``checkpoints/last.pt``) or a checkpoint file -> model, config, threshold, names."""
-    from fsae.report import class_names, load_evals, pick_eval
+    from fsae.report import class_names
+    from fsae.rundir import load_evals, pick_eval
     from fsae.train import model_from_checkpoint
 
     target = Path(target)

@@ -9,8 +9,9 @@ file to send around. The report shows what the run directory holds:
 - training curves from ``metrics.csv`` / ``epochs.csv``: loss terms and learning rate per step, and the
   paper's Fig. 6 (held-out seed mIoU per epoch, pseudo-labelled pixel ratio and accuracy per step);
 - metric tables and a per-class IoU bar chart from ``RUN_DIR/eval/*.json`` (``fsae eval ... --out``
-  results). When ``eval/`` lacks a seed (or pseudo-mask) evaluation but ``seeds/`` (or ``crf/``) and the
-  data set's GT exist, the report runs it and saves it as ``eval/seeds.json`` (``eval/crf.json``);
+  results). Stale evaluations (their folder was made again since) are recomputed, and when ``eval/``
+  lacks a seed (or pseudo-mask) evaluation but ``seeds/`` (or ``crf/``) and the data set's GT exist, the
+  report runs it and saves it as ``eval/seeds.json`` (``eval/crf.json``): ``fsae.rundir.update_evals``;
 - a grid of image / CAM overlay / seed / pseudo-mask / GT for a few images, with the columns present.
 
 A folder of run directories (such as ``fsae demo``'s output) gets one page: the ``fsae compare`` table,
@@ -33,16 +34,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fsae.config import load_config  # noqa: E402
-from fsae.data import build_dataset  # noqa: E402
+from fsae.compare import compare_runs, compare_table  # noqa: E402
 from fsae.data.coco import COCO_CLASSES  # noqa: E402
 from fsae.data.synthetic import META_FILE  # noqa: E402
-from fsae.errors import ConfigError, DataError  # noqa: E402
-from fsae.evaluate import (evaluate_masks, evaluate_seeds, load_seed, save_eval,  # noqa: E402
-                           seed_to_mask)
+from fsae.errors import ConfigError  # noqa: E402
+from fsae.evaluate import load_seed, output_ids, seed_to_mask  # noqa: E402
 from fsae.io import atomic_write, read_image, read_json, read_mask, write_text  # noqa: E402
 from fsae.labels import VOC_CLASSES, voc_palette  # noqa: E402
-from fsae.protocol import protocol_ids, resolve_protocol  # noqa: E402
+from fsae.protocol import resolve_protocol  # noqa: E402
+from fsae.rundir import (EVAL_DIR, current_evals, eval_scores, load_run_config, pick_eval, run_dataset,  # noqa: E402
+                         update_evals)
 
 
 def read_csv(path: str | os.PathLike) -> list[dict[str, float]]:
@@ -107,111 +108,6 @@ def plot_training_curves(path: str | os.PathLike, runs: dict[str, Path]) -> Path
         if ax.get_legend_handles_labels()[0]:  # a base run has no pseudo-label curves
             ax.legend()
     return save_figure(fig, path)
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    def cell(v):
-        return f"{v:.1f}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------ run directories: evaluations
-
-EVAL_DIR = "eval"
-SEED_EVAL = "seeds"  # eval/seeds.json: the seed threshold sweep the report / compare compute when absent
-MASK_EVAL = "crf"  # eval/crf.json: the pseudo-mask evaluation of crf/*.png
-
-
-def output_ids(folder: str | os.PathLike, suffix: str) -> list[str]:
-    """Ids of ``folder/<id><suffix>``, sorted; hidden files (a killed run's partial ``.<name>.*.tmp`` writes)
-    are not outputs."""
-    return sorted(p.stem for p in Path(folder).glob(f"*{suffix}") if not p.name.startswith("."))
-
-
-def is_seed_eval(result: dict) -> bool:
-    """An ``evaluate_seeds`` result (threshold sweep, ``best``) rather than an ``evaluate_masks`` one."""
-    return "best" in result
-
-
-def load_evals(run_dir: str | os.PathLike) -> dict[str, dict]:
-    """``RUN_DIR/eval/*.json`` (``fsae eval --out`` results) by file stem, sorted; DataError names a bad file."""
-    evals = {}
-    for path in sorted(p for p in (Path(run_dir) / EVAL_DIR).glob("*.json") if not p.name.startswith(".")):
-        result = read_json(path)
-        scores = result.get("best", result) if isinstance(result, dict) else None
-        if not isinstance(scores, dict) or "miou" not in scores or "iou" not in scores:
-            raise DataError(f"{path}: not an `fsae eval --out` result (no 'miou' / 'iou' entries)")
-        evals[path.stem] = result
-    return evals
-
-
-def eval_scores(result: dict) -> dict:
-    """The headline numbers of an eval result (fractions; None for a NaN saved as null):
-    ``miou, fpr, fnr, threshold (seeds only, else None), iou (per class), count, kind``."""
-    scores = result["best"] if is_seed_eval(result) else result
-    return {"kind": "seeds" if is_seed_eval(result) else "masks", "miou": scores.get("miou"),
-            "fpr": scores.get("fpr"), "fnr": scores.get("fnr"), "threshold": scores.get("threshold"),
-            "iou": scores.get("iou", []), "count": result.get("count")}
-
-
-def pick_eval(evals: dict[str, dict], kind: str) -> tuple[str, dict] | None:
-    """The run's seed (``kind="seeds"``) or pseudo-mask (``"masks"``) evaluation: ``eval/seeds.json`` /
-    ``eval/crf.json`` when present, else the first of that kind by name; None when there is none."""
-    preferred = SEED_EVAL if kind == "seeds" else MASK_EVAL
-    names = [n for n, r in evals.items() if is_seed_eval(r) == (kind == "seeds")]
-    if not names:
-        return None
-    name = preferred if preferred in names else names[0]
-    return name, evals[name]
-
-
-def load_run_config(run_dir: str | os.PathLike):
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml); pass the folder `fsae train` wrote")
-    return load_config(path)
-
-
-def run_dataset(cfg):
-    """The run's inference split (images, GT masks), or None when the data set is not on this machine."""
-    try:
-        return build_dataset(cfg.data, cfg.infer.split)
-    except DataError:
-        return None
-
-
-def compute_missing_evals(run_dir: str | os.PathLike, cfg, dataset, progress: bool = False) -> list[str]:
-    """Evaluate ``seeds/`` (the run's protocol, ``fsae.protocol``, on its scored split) and ``crf/`` into ``eval/seeds.json`` and
-    ``eval/crf.json`` when the run has no evaluation of that kind yet and every GT mask exists.
-
-    Returns one line per evaluation skipped for want of GT (for the report's notes).
-    """
-    run_dir = Path(run_dir)
-    evals = load_evals(run_dir)
-    notes = []
-    protocol = resolve_protocol(cfg)
-    scored = protocol_ids(cfg, protocol)  # the protocol's split (VOC train), not every file in the folder
-    for kind, folder, suffix, name in (("seeds", "seeds", ".npz", SEED_EVAL), ("masks", "crf", ".png", MASK_EVAL)):
-        ids = output_ids(run_dir / folder, suffix)
-        if scored is not None:
-            keep = set(scored)
-            ids = [i for i in ids if i in keep]
-        if not ids or pick_eval(evals, kind) is not None:
-            continue
-        gt = [dataset.mask_path(i) for i in ids] if dataset is not None else [None]
-        if any(p is None or not p.is_file() for p in gt):
-            notes.append(f"{folder}/ is not evaluated: the ground truth of {cfg.data.root} is not on this machine")
-            continue
-        if kind == "seeds":
-            result = evaluate_seeds(run_dir / folder, dataset.mask_dir, ids, cfg.data.num_classes,
-                                    protocol.thresholds(), progress=progress, mode=protocol.eval_mode)
-        else:
-            result = evaluate_masks(run_dir / folder, dataset.mask_dir, ids, cfg.data.num_classes, progress=progress)
-        save_eval(run_dir / EVAL_DIR / f"{name}.json", result)
-    return notes
 
 
 def class_names(cfg) -> list[str]:
@@ -344,7 +240,9 @@ def _run_section(run_dir: Path, figures: _Figures, prefix: str, num_images: int,
                  progress: bool, level: int = 2) -> str:
     cfg = load_run_config(run_dir)
     dataset = run_dataset(cfg)
-    notes = compute_missing_evals(run_dir, cfg, dataset, progress) if compute else []
+    notes = update_evals(run_dir, cfg, dataset, progress) if compute else []
+    evals, hidden = current_evals(run_dir)
+    notes += [] if compute else hidden
     if dataset is None:
         notes.append(f"data set {cfg.data.root} not found on this machine: no example images")
     h = f"h{level}"
@@ -354,8 +252,7 @@ def _run_section(run_dir: Path, figures: _Figures, prefix: str, num_images: int,
              f"{html.escape(cfg.model.backbone)}, FSAE {fsae}, {cfg.train.epochs} epochs of batch "
              f"{cfg.train.batch_size}, {cfg.data.num_classes} classes, data {html.escape(cfg.data.root)}</p>"]
 
-    # Metrics tables and per-class IoU from eval/*.json.
-    evals = load_evals(run_dir)
+    # Metrics tables and per-class IoU from eval/*.json (the stale ones left out, see fsae.rundir).
     parts.append(f"<{h}>Metrics</{h}>")
     if evals:
         rows = []
@@ -429,8 +326,8 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     """Write ``RUN_DIR/report.html`` (or ``out``) for a run directory, or for a folder of runs (one page
     with the ``fsae compare`` table and a section per run). Returns the HTML path.
 
-    ``compute``: evaluate ``seeds/`` / ``crf/`` into ``eval/`` first when they have no evaluation
-    (``compute_missing_evals``). ``embed``: PNGs as data URIs instead of files in ``report_files/``.
+    ``compute``: recompute stale evaluations and evaluate ``seeds/`` / ``crf/`` into ``eval/`` first when
+    they have no evaluation (``fsae.rundir.update_evals``); without it stale ones are left out. ``embed``: PNGs as data URIs instead of files in ``report_files/``.
     """
     run_dir = Path(run_dir)
     runs = find_runs(run_dir)
@@ -443,8 +340,6 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     if runs == [run_dir]:
         body.append(_run_section(run_dir, figures, "", num_images, compute, progress))
     else:
-        from fsae.compare import compare_runs, compare_table
-
         table = compare_table(compare_runs(runs, compute=compute, progress=progress))
         body += ["<h2>Comparison</h2>", html_table(table["header"], table["rows"])]
         with_curves = {r.name: r for r in runs if (r / "epochs.csv").is_file() and (r / "metrics.csv").is_file()}

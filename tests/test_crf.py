@@ -113,9 +113,9 @@ def test_refine_dir_errors_name_the_file(tmp_path):
     write_image(tmp_path / "images" / f"{ids[1]}.png", np.zeros((10, 10, 3), np.uint8))
     with pytest.raises(DataError, match=f"{ids[1]}.npz: CAM size .* does not match image"):
         refine_dir(tmp_path / "seeds", tmp_path / "images", tmp_path / "out", ids, image_ext=".png", **kw)
-    (tmp_path / "seeds" / f"{ids[1]}.npz").unlink()
+    (tmp_path / "seeds" / f"{ids[1]}.npz").unlink()  # the seed folder changed: out/ is refused, so a new folder
     with pytest.raises(DataError, match=f"{ids[1]}.npz: seed file not found"):
-        refine_dir(tmp_path / "seeds", tmp_path / "images", tmp_path / "out", ids, image_ext=".png", **kw)
+        refine_dir(tmp_path / "seeds", tmp_path / "images", tmp_path / "out3", ids, image_ext=".png", **kw)
     with pytest.raises(ValueError, match="unknown CRF parameter"):
         refine_dir(tmp_path / "seeds", tmp_path / "images", tmp_path / "out", ids, iters=3, **kw)
 

@@ -416,7 +416,7 @@ def test_fsae_eval_scores_the_recipe_threshold_on_the_train_ids_only(tiny_synthe
 
 def test_report_and_compare_score_the_protocol_split_at_the_protocol_threshold(tiny_synthetic, tmp_path):
     from fsae.data import build_dataset
-    from fsae.report import compute_missing_evals, run_dataset
+    from fsae.rundir import run_dataset, update_evals
 
     root, spec = tiny_synthetic
     cfg = load_config(REPO / "configs/synthetic/cam.yaml")
@@ -428,6 +428,6 @@ def test_report_and_compare_score_the_protocol_split_at_the_protocol_threshold(t
     for image_id in list(train_ids) + list(val_ids):
         save_seed(run / "seeds" / f"{image_id}.npz", np.array([2]),
                   rng.random((1, spec.image_size, spec.image_size)).astype(np.float32))
-    compute_missing_evals(run, cfg, run_dataset(cfg))
+    update_evals(run, cfg, run_dataset(cfg))
     result = json.loads(next((run / "eval").glob("*.json")).read_text())
     assert result["count"] == len(train_ids) and result["thresholds"] == [0.15]  # IRN's cam_eval_thres

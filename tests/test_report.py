@@ -4,6 +4,9 @@
 import base64
 import csv
 import json
+import os
+import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -245,3 +248,12 @@ def test_compare_computes_seed_scores_when_no_eval(tiny_synthetic, tmp_path):
     assert blank["seed_fnr"] == pytest.approx(len(present) / (1 + len(present)))
     row = compare_table(summaries)["rows"][1]
     assert row[1] == f"{100 * blank['seed_miou']:.1f} ({100 * (blank['seed_miou'] - 1):+.1f})"
+
+
+def test_compare_does_not_import_the_html_report():
+    """The run-directory helpers live in fsae.rundir: compare -> rundir, report -> compare, never back."""
+    code = ("import sys, fsae.compare, fsae.rundir; print(sorted(m for m in ('fsae.report', 'matplotlib') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert out.stdout.strip() == "[]"

@@ -26,8 +26,9 @@ import numpy as np
 
 from fsae.errors import DataError, FsaeError
 from fsae.seeds import check_seed, load_seed
-from fsae.io import ensure_output_dir, read_image, write_mask
+from fsae.io import read_image, read_mask, write_mask
 from fsae.parallel import map_jobs
+from fsae.stamps import folder_digest, make_stamp, prepare_output
 
 CRF_DEFAULTS = {
     "iterations": 10,
@@ -182,14 +183,17 @@ def refine_dir(
     image_ext: str = ".jpg",
     background: str = "threshold",
     bg_power: float = 1.0,
+    force: bool = False,
     **crf_params: Any,
 ) -> dict[str, Any]:
     """CRF-refine ``seed_dir/<id>.npz`` with ``image_dir/<id><image_ext>`` into ``out_dir/<id>.png``.
 
     ``background`` / ``bg_power``: the unary's background plane (``seed_to_probs``).
 
-    Each PNG (VOC palette, label space) is written atomically; ids whose PNG exists are skipped, so a
-    killed run resumes where it stopped. ``workers`` processes (default ``os.cpu_count()``; 1 runs
+    Each PNG (VOC palette, label space) is written atomically; ids whose PNG exists (and reads) are
+    skipped, so a killed run resumes where it stopped. ``out_dir`` is stamped (``fsae.stamps``) with the
+    seed folder's stamp, ``threshold``, the background form and the CRF parameters: a folder made otherwise
+    is refused unless ``force``, which deletes its PNGs first. ``workers`` processes (default ``os.cpu_count()``; 1 runs
     in this process) share the ids in chunks; the output does not depend on ``workers``.
     ``crf_params``: ``crf_inference`` keywords. Errors name the seed or image file.
 
@@ -202,7 +206,10 @@ def refine_dir(
     if not ids:
         raise DataError("no image ids to refine; check the image list")
     seed_dir, image_dir, out_dir = Path(seed_dir), Path(image_dir), Path(out_dir)
-    ensure_output_dir(out_dir)
+    stamp = make_stamp("crf", {"seeds": folder_digest(seed_dir)},
+                       {"threshold": float(threshold), "background": background, "bg_power": float(bg_power),
+                        **CRF_DEFAULTS, **crf_params})
+    prepare_output(out_dir, stamp, force, ("*.png",), read_mask)
     todo = [i for i in ids if not (out_dir / f"{i}.png").is_file()]
     jobs = [
         (str(seed_dir / f"{i}.npz"), str(image_dir / f"{i}{image_ext}"), str(out_dir / f"{i}.png"),

@@ -6,8 +6,10 @@ probabilities (softmax), flipped back, and all 2 x len(scales) probability maps 
 (``multiscale_probs``). The mask is their argmax, or, with the CRF on, the argmax of
 ``fsae.refine.crf.crf_inference(image, probs)`` (DeepLab's CRF parameters in ``SegInferConfig.crf``).
 
-Outputs below the run directory (every PNG a VOC-palette label-space mask written atomically; images
-whose outputs exist are skipped, so reruns resume)::
+Outputs below the run directory (every PNG a VOC-palette label-space mask written atomically; each
+folder stamped (``fsae.stamps``) with the checkpoint's content hash, the scales, the flip and the CRF
+parameters: a rerun with the same stamp skips the images whose outputs exist and read, another stamp is
+refused unless ``force``)::
 
     segment/<val split>/<id>.png        multi-scale + flip argmax
     segment/<val split>_crf/<id>.png    ... then dense CRF (when infer.crf.enabled)
@@ -32,8 +34,9 @@ from fsae.augment import normalize
 from fsae.errors import DataError
 from fsae.evaluate import evaluate_masks, save_eval
 from fsae.infer import to_tensor_image
-from fsae.io import read_id_list, read_image, write_mask
+from fsae.io import read_id_list, read_image, read_mask, write_mask
 from fsae.refine.crf import crf_inference
+from fsae.stamps import make_stamp, prepare_output, weights_digest
 
 TEST_SERVER_DIR = Path("results") / "VOC2012" / "Segmentation" / "comp6_test_cls"
 
@@ -87,13 +90,18 @@ def predict_masks(model, image: np.ndarray, scales: Sequence[float], flip: bool,
 
 def predict_split(model, items: Sequence[tuple[str, Path]], out_dir: Path | None, crf_dir: Path | None,
                   scales: Sequence[float], flip: bool, crf_params: dict | None, device="cpu",
-                  progress: bool = True, desc: str = "seg infer") -> dict:
-    """Write ``out_dir/<id>.png`` (argmax) and/or ``crf_dir/<id>.png`` (CRF) for every item; skip finished ids."""
+                  progress: bool = True, desc: str = "seg infer", source: dict | None = None,
+                  force: bool = False) -> dict:
+    """Write ``out_dir/<id>.png`` (argmax) and/or ``crf_dir/<id>.png`` (CRF) for every item; skip finished ids.
+
+    ``source``: what the model came from, recorded in the folders' stamps (default: its weights' digest).
+    """
+    source = {"weights": weights_digest(model)} if source is None else source
+    settings = {"scales": [float(s) for s in scales], "flip": bool(flip)}
     dirs = [d for d in (out_dir, crf_dir) if d is not None]
     for d in dirs:
-        d.mkdir(parents=True, exist_ok=True)
-        if not os.access(d, os.W_OK):
-            raise DataError(f"{d}: output folder is not writable")
+        stamp = make_stamp("seg infer", source, {**settings, "crf": crf_params if d is crf_dir else None})
+        prepare_output(d, stamp, force, ("*.png",), read_mask)
     todo = [(i, p) for i, p in items if not all((d / f"{i}.png").is_file() for d in dirs)]
     model.eval()
     for image_id, path in tqdm(todo, desc=desc, disable=not progress, unit="img"):
@@ -107,11 +115,13 @@ def predict_split(model, items: Sequence[tuple[str, Path]], out_dir: Path | None
 
 
 def run_seg_inference(model, cfg, run_dir: str | os.PathLike, splits: Sequence[str] | None = None,
-                      crf: bool | None = None, device="cpu", progress: bool = True) -> dict:
+                      crf: bool | None = None, device="cpu", progress: bool = True, source: dict | None = None,
+                      force: bool = False) -> dict:
     """Predict the val split (evaluated) and the test split (test-server layout) of ``cfg.data``.
 
     ``splits`` defaults to ``[data.val_split, data.test_split]`` (empty names skipped); ``crf`` to
-    ``infer.crf.enabled``. Returns ``{split: {"dirs": [...], "written", "skipped", "eval": {name: result}}}``.
+    ``infer.crf.enabled``; ``source`` and ``force`` as in ``predict_split`` (the CLI passes the
+    checkpoint's ``file_digest``). Returns ``{split: {"dirs": [...], "written", "skipped", "eval": {name: result}}}``.
     """
     run_dir = Path(run_dir)
     crf = cfg.infer.crf.enabled if crf is None else crf
@@ -127,7 +137,7 @@ def run_seg_inference(model, cfg, run_dir: str | os.PathLike, splits: Sequence[s
             plain = run_dir / "segment" / split
             refined = run_dir / "segment" / f"{split}_crf" if crf else None
         result = predict_split(model, items, plain, refined, cfg.infer.scales, cfg.infer.flip, crf_params,
-                               device, progress, desc=f"seg {split}")
+                               device, progress, desc=f"seg {split}", source=source, force=force)
         result["dirs"] = [str(d) for d in (plain, refined) if d is not None]
         result["eval"] = {}
         if split == cfg.data.val_split:
@@ -139,7 +149,7 @@ def run_seg_inference(model, cfg, run_dir: str | os.PathLike, splits: Sequence[s
                 scores = evaluate_masks(folder, gt_dir, ids, cfg.data.num_classes, progress=progress)
                 scores["split"] = split
                 scores["crf"] = folder is refined
-                save_eval(run_dir / "eval" / f"seg_{name}.json", scores)
+                save_eval(run_dir / "eval" / f"seg_{name}.json", scores, scored=folder, gt_dir=gt_dir, ids=ids)
                 result["eval"][name] = scores
         out[split] = result
     return out

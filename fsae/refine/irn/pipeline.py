@@ -6,7 +6,11 @@
     run_dir/irn/irn.pt             boundary network checkpoint; irn/config.yaml the resolved IRN config
     run_dir/irn_masks/<id>.png     pseudo-masks (0 bg, 1..C)
 
-Every step skips finished work on a rerun and writes atomically.
+Each of the three outputs is stamped (``fsae.stamps``): ``ir_labels/`` with the seed folder's stamp and the
+IR-label settings, ``irn/`` with ``ir_labels/``'s stamp and the network and training settings,
+``irn_masks/`` with the seeds', ``irn/``'s stamps and the walk settings. A rerun resumes each step (finished
+files that still read are skipped) when its stamp matches, and stops naming the change otherwise;
+``force`` redoes all three. Every file is written atomically.
 """
 
 from __future__ import annotations
@@ -23,12 +27,13 @@ from fsae.augment import normalize
 from fsae.errors import DataError
 from fsae.evaluate import load_seed
 from fsae.infer import to_tensor_image
-from fsae.io import read_image, write_mask
+from fsae.io import read_image, read_mask, write_mask
 from fsae.refine.irn.config import IRNConfig, save_irn_config
 from fsae.refine.irn.ir_labels import make_ir_labels
 from fsae.refine.irn.network import FEATURE_STRIDE, BoundaryNet, boundary_map
 from fsae.refine.irn.train import load_boundary_net, train_irn
 from fsae.refine.irn.walk import irn_start_cams, load_strided, propagate, sipe_start_cams, walk_to_mask
+from fsae.stamps import folder_digest, make_stamp, prepare_output
 
 
 def pseudo_mask(model: BoundaryNet, image: np.ndarray, keys: np.ndarray, cams: np.ndarray, cfg: IRNConfig,
@@ -60,7 +65,6 @@ def make_pseudo_masks(model: BoundaryNet, seed_dir: str | os.PathLike, image_dir
     """Random-walk pseudo-masks ``out_dir/<id>.png`` for the seeds; finished ids are skipped."""
     ids = [str(i) for i in ids]
     seed_dir, image_dir, out_dir = Path(seed_dir), Path(image_dir), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     model.eval()
     todo = [i for i in ids if not (out_dir / f"{i}.png").is_file()]
@@ -76,22 +80,37 @@ def make_pseudo_masks(model: BoundaryNet, seed_dir: str | os.PathLike, image_dir
     return {"total": len(ids), "written": len(todo), "skipped": len(ids) - len(todo), "out_dir": str(out_dir)}
 
 
+def _settings(section) -> dict[str, Any]:
+    """A config section's fields, without the number of worker processes (it does not change the output)."""
+    d = dict(vars(section))
+    d.pop("workers", None)
+    return d
+
+
 def run_irn(run_dir: str | os.PathLike, cfg: IRNConfig, image_dir: str | os.PathLike,
             ids: list[str] | None = None, seed_dir: str | os.PathLike | None = None,
-            progress: bool = True, image_ext: str = ".jpg") -> dict[str, Any]:
+            progress: bool = True, image_ext: str = ".jpg", force: bool = False) -> dict[str, Any]:
     """All three IRN steps for a run directory (module docstring). ``ids`` default: every seed file."""
     run_dir = Path(run_dir)
     seed_dir = Path(seed_dir) if seed_dir else run_dir / "seeds"
     if ids is None:
-        ids = sorted(p.stem for p in seed_dir.glob("*.npz"))
+        ids = sorted(p.stem for p in seed_dir.glob("*.npz") if not p.name.startswith("."))
     if not ids:
         raise DataError(f"{seed_dir}: no seed files; run `fsae cam {run_dir}` first")
     label_dir, irn_dir, mask_dir = run_dir / "ir_labels", run_dir / "irn", run_dir / "irn_masks"
+    seeds = folder_digest(seed_dir)
+    prepare_output(label_dir, make_stamp("ir_labels", {"seeds": seeds}, _settings(cfg.ir_label)), force,
+                   ("*.png",), read_mask)
     lc = cfg.ir_label
     labels = make_ir_labels(seed_dir, image_dir, label_dir, ids, lc.fg_threshold, lc.bg_threshold, lc.gt_prob,
                             workers=lc.workers, progress=progress, image_ext=image_ext, **lc.crf_params())
+    train_stamp = make_stamp("irn", {"ir_labels": folder_digest(label_dir)},
+                             {"net": vars(cfg.net), "train": _settings(cfg.train)})
+    prepare_output(irn_dir, train_stamp, force, ("irn.pt", "config.yaml"))
     checkpoint = train_irn(cfg, image_dir, label_dir, ids, irn_dir / "irn.pt", progress, image_ext)
     save_irn_config(cfg, irn_dir / "config.yaml")
     model = load_boundary_net(checkpoint, cfg, cfg.device)
+    prepare_output(mask_dir, make_stamp("irn_masks", {"seeds": seeds, "irn": folder_digest(irn_dir)},
+                                        {"walk": vars(cfg.walk)}), force, ("*.png",), read_mask)
     masks = make_pseudo_masks(model, seed_dir, image_dir, mask_dir, ids, cfg, progress, image_ext)
     return {"ir_labels": labels, "checkpoint": str(checkpoint), "masks": masks}
