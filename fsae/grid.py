@@ -194,8 +194,10 @@ def run_job(run: GridRun, spec: GridSpec, device: str | None = None) -> None:
 
     from fsae.data import build_dataset
     from fsae.distributed import launch
-    from fsae.evaluate import default_thresholds, evaluate_masks, evaluate_seeds, save_eval
+    from fsae.evaluate import evaluate_masks, evaluate_seeds, save_eval
     from fsae.infer import infer_seeds
+    from fsae.protocol import resolve_protocol
+    from fsae.stamps import file_digest
     from fsae.train import model_from_checkpoint, train
 
     cfg = dataclasses.replace(run.cfg, train=dataclasses.replace(run.cfg.train, device=device or run.cfg.train.device))
@@ -206,22 +208,25 @@ def run_job(run: GridRun, spec: GridSpec, device: str | None = None) -> None:
     else:
         train(cfg, run_dir, progress=False)
     device = cfg.train.device
-    model, _ = model_from_checkpoint(run_dir / "checkpoints" / "last.pt", cfg, device)
+    checkpoint = run_dir / "checkpoints" / "last.pt"
+    model, _ = model_from_checkpoint(checkpoint, cfg, device)
     dataset = build_dataset(cfg.data, cfg.infer.split)
     if dataset.mask_dir is None:
         raise ConfigError(f"{cfg.data.root}: no ground-truth mask folder (data.mask_dir) to evaluate against")
+    protocol = resolve_protocol(cfg)  # the method's own inference and evaluation (fsae.protocol)
     infer_seeds(model, dataset, run_dir / "seeds", cfg.infer.scales, cfg.infer.flip, cfg.infer.batch_size, device,
-                progress=False)
+                progress=False, protocol=protocol, source={"checkpoint": file_digest(checkpoint)})
     ids, classes = dataset.ids, cfg.data.num_classes
-    seeds = evaluate_seeds(run_dir / "seeds", dataset.mask_dir, ids, classes, default_thresholds(*cfg.eval.sweep),
-                           progress=False)
-    save_eval(run_dir / "eval" / "seeds.json", seeds)
+    seeds = evaluate_seeds(run_dir / "seeds", dataset.mask_dir, ids, classes, protocol.thresholds(),
+                           progress=False, mode=protocol.eval_mode)
+    save_eval(run_dir / "eval" / "seeds.json", seeds, scored=run_dir / "seeds", gt_dir=dataset.mask_dir, ids=ids)
     print(f"{run_dir}: seed mIoU {100 * seeds['best']['miou']:.1f} at threshold {seeds['best']['threshold']:.2f}")
     if spec.masks == "crf":
         from fsae.refine import refine_dir
 
         refine_dir(run_dir / "seeds", dataset.image_dir, run_dir / "crf", ids, threshold=seeds["best"]["threshold"],
-                   progress=False)
+                   progress=False, background=protocol.background, bg_power=protocol.bg_power,
+                   iterations=protocol.crf_iterations)
     elif spec.masks == "irn":
         from fsae.refine.irn import load_irn_config, run_irn
 
@@ -231,7 +236,7 @@ def run_job(run: GridRun, spec: GridSpec, device: str | None = None) -> None:
     if spec.masks:
         folder, name = MASK_KINDS[spec.masks]
         masks = evaluate_masks(run_dir / folder, dataset.mask_dir, ids, classes, progress=False)
-        save_eval(run_dir / "eval" / f"{name}.json", masks)
+        save_eval(run_dir / "eval" / f"{name}.json", masks, scored=run_dir / folder, gt_dir=dataset.mask_dir, ids=ids)
         print(f"{run_dir}: pseudo-mask ({spec.masks}) mIoU {100 * masks['miou']:.1f}")
 
 

@@ -4,7 +4,7 @@ For each image: the classes (given by name, or the classifier's own: sigmoid of 
 at the image's size, those >= ``min_prob`` or the ``top_k`` most probable), their multi-scale + flip
 CAMs computed by ``fsae.infer.infer_seeds`` itself (so the seed is exactly what ``fsae cam`` writes for
 the same pixels and labels), the seed at the run's threshold (``eval/seeds.json``'s best threshold when
-the run has one, else the recipe's ``eval.threshold``), and with ``crf`` the dense-CRF mask at that
+the run has one, else the method's protocol threshold, ``fsae.protocol``), and with ``crf`` the dense-CRF mask at that
 threshold (``fsae.refine.crf.refine_seed``, as ``fsae crf``). Written below ``out``::
 
     <id>.png           figure: image, one CAM heat map per class, seed overlay (+ CRF) with a class legend
@@ -30,6 +30,7 @@ from fsae.augment import normalize
 from fsae.config import Config
 from fsae.errors import ConfigError, DataError
 from fsae.infer import infer_seeds, to_tensor_image
+from fsae.protocol import resolve_protocol
 from fsae.io import read_image, write_json, write_mask
 from fsae.seeds import load_seed
 
@@ -62,7 +63,7 @@ def load_predictor(target: str | os.PathLike, device: str = "cpu", threshold: fl
         if seeds is not None:
             threshold, source = seeds[1]["best"]["threshold"], f"{run_dir / 'eval' / seeds[0]}.json (best threshold)"
         else:
-            threshold, source = cfg.eval.threshold, "the recipe's eval.threshold (the run has no seed evaluation)"
+            threshold, source = resolve_protocol(cfg).threshold, "the method's protocol threshold (the run has no seed evaluation)"
     return Predictor(model, cfg, float(threshold), source, class_names(cfg), device)
 
 
@@ -175,7 +176,7 @@ def predict_images(target: str | os.PathLike, images: Sequence[str | os.PathLike
               "images": []}
     with tempfile.TemporaryDirectory() as tmp:  # fresh seeds every call: infer_seeds skips existing files
         infer_seeds(pred.model, ImageFiles(paths, chosen, cfg.data.num_classes), tmp, cfg.infer.scales,
-                    cfg.infer.flip, cfg.infer.batch_size, device, progress=False)
+                    cfg.infer.flip, cfg.infer.batch_size, device, progress=False, protocol=resolve_protocol(cfg))
         for path, p, present in zip(paths, probs, chosen):
             keys, cams, background = load_seed(Path(tmp) / f"{path.stem}.npz", with_background=True)
             image = read_image(path)

@@ -15,6 +15,7 @@ from fsae.cli import main as cli
 from fsae.compare import compare_runs
 from fsae.config import save_config
 from fsae.demo import demo_config
+from fsae.protocol import resolve_protocol
 from fsae.evaluate import default_thresholds, evaluate_masks, evaluate_seeds, load_seed, save_eval
 from fsae.io import read_json, read_mask
 from fsae.report import write_report
@@ -402,7 +403,9 @@ def test_an_evaluation_without_a_record_of_its_folder_is_recomputed(cam_run, tin
     assert "scored" not in read_json(run / "eval" / "seeds.json")
     summary = compare_runs([run])[0]
     cfg = tiny_config(root)
-    expected = evaluate_seeds(run / "seeds", gt, ids, 4, default_thresholds(*cfg.eval.sweep), progress=False)
+    protocol = resolve_protocol(cfg)  # the run's own evaluation: its method's protocol
+    expected = evaluate_seeds(run / "seeds", gt, ids, 4, protocol.thresholds(), progress=False,
+                              mode=protocol.eval_mode)
     assert summary["seed_miou"] == expected["best"]["miou"]
     assert read_json(run / "eval" / "seeds.json")["count"] == 24
 
