@@ -342,6 +342,17 @@ def strong_view(
     return out
 
 
+def image_generators(seed: int, epoch: int, indices) -> list[torch.Generator]:
+    """One colour-augmentation generator per image, seeded by (seed, epoch, index) like the geometry: an
+    image gets the same weak and strong views whichever process or batch position it lands in."""
+    return [torch.Generator().manual_seed(hash((seed, epoch, int(i), 1)) % (2**63)) for i in indices]
+
+
+def per_image(view, images: torch.Tensor, generators, **kwargs) -> torch.Tensor:
+    """``view`` (``weak_view`` / ``strong_view``) image by image, each with its own generator. (B, 3, H, W)."""
+    return torch.cat([view(image[None], gen, **kwargs) for image, gen in zip(images, generators)])
+
+
 # ---------------------------------------------------------------------------------------------------
 # Normalisation.
 
