@@ -215,6 +215,11 @@ def model_from_checkpoint(path: str | os.PathLike, cfg: Config | None = None, de
     """Rebuild the method from a checkpoint's own config and load its weights; returns (model, cfg)."""
     state = load_checkpoint(path, cfg)
     saved = config_from_dict(state["config"], str(path))
+    model = build_method(saved.model, saved.data.num_classes)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), saved
+
+
 class NonFiniteGuard:
     """Stops the run on a NaN/Inf loss, naming the step, the loss terms and the batch ids.
 
