@@ -55,7 +55,7 @@ def run(batch_size: int = 32, repeats: int = 5, workdir: str | Path | None = Non
     state = {}
     for mode in MODES:
         model = copy.deepcopy(initial).train()
-        state[mode] = (model, build_optimizer(model, cfgs[mode].optim), TwoViewFSAE(cfgs[mode].fsae, model))
+        state[mode] = (model, build_optimizer(model, cfgs[mode].optim), TwoViewFSAE(cfgs[mode].fsae, model, cfgs[mode].train.seed, cfgs[mode].data.jitter))
     guard = NonFiniteGuard(skip=False, device="cpu")
 
     def step(mode):

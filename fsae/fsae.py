@@ -24,6 +24,10 @@ import torch.nn.functional as F
 from fsae.labels import IGNORE_INDEX, channel_to_label
 
 REDUCTIONS = ("mean", "masked_mean")
+LOSS_FORMS = ("union", "two_term")
+# The names of fsae_loss's statistics (not loss terms).
+STATISTICS = ("mask_ratio", "confident_ratio", "fg_confident_ratio", "ring_ratio", "boundary_ratio", "sae_added_ratio",
+              "pl_accuracy", "pl_count")
 
 
 def mask_absent_classes(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -116,8 +120,13 @@ def fsae_loss(
     reduction: str = "mean",
     valid: torch.Tensor | None = None,
     gt: torch.Tensor | None = None,
+    form: str = "union",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The FSAE loss, eq. 9: lambda * CE(S_t, P_s) on the expanded confident mask M-hat.
+
+    ``form="two_term"`` is the FSAE authors' code instead (obeychoi0120/wseg, branch ssl,
+    module/train.py:396-403): ``mean(CE * M) + lambda * mean(CE * M_bdry)``, both means over all
+    B*H*W pixels, so a pixel in both M and M_bdry counts twice (``reduction`` must be "mean").
 
     Shape: source_scores, target_scores (B, C+1, H, W); optional ``valid`` bool (B, H, W) excludes
     pixels (e.g. crop padding) from the mask; optional ``gt`` (B, H, W) in the segmentation label
@@ -133,6 +142,8 @@ def fsae_loss(
         )
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if form not in LOSS_FORMS or (form == "two_term" and reduction != "mean"):
+        raise ValueError(f"form must be one of {LOSS_FORMS} (two_term with reduction 'mean'), got {form!r}")
     parts = pseudo_label_parts(source_scores, tau_fae, tau_sae, kernel_size, use_sae)
     labels, mask = parts["labels"], parts["mask"]
     if valid is not None:
@@ -144,6 +155,11 @@ def fsae_loss(
     else:
         loss = masked / mask.sum().clamp(min=1)
     loss = weight * loss
+    if form == "two_term":
+        confident, boundary = parts["confident"], parts["boundary"]
+        if valid is not None:
+            confident, boundary = confident & valid.to(torch.bool), boundary & valid.to(torch.bool)
+        loss = (pixel_ce * confident).mean() + weight * (pixel_ce * boundary).mean()
 
     with torch.no_grad():
         stats = {

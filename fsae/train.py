@@ -18,10 +18,12 @@ Run directory: ``config.yaml``, ``checkpoints/last.pt`` (atomic; training resume
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,7 @@ from fsae.data import build_dataset
 from fsae.data.check import check_dataset, format_problems
 from fsae.errors import CheckpointError, ConfigError, DataError, FsaeError
 from fsae.evaluate import SeedEvaluator, default_thresholds
+from fsae.fsae import STATISTICS
 from fsae.infer import batches_by_size, multiscale_cam, normalise_seed, to_tensor_image
 from fsae.io import atomic_write, ensure_output_dir
 from fsae.methods import build_method
@@ -152,20 +155,23 @@ def save_checkpoint(path: Path, state: dict) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def training_state(model, optimizer, ema, cfg: Config, step: int, epoch: int, skipped: int) -> dict:
+def training_state(model, optimizer, ema, cfg: Config, step: int, epoch: int, skipped: int,
+                   best: dict | None = None) -> dict:
     """What a resumed run needs to continue exactly: weights, optimizer, EMA, step, completed epochs,
-    skipped-step count, config (+ hash) and the global torch RNG. The data order and the augmentations are
-    functions of (seed, epoch, index), so the step alone says where the data stream resumes."""
+    skipped-step count, the best held-out epoch so far, config (+ hash) and the global torch RNG. The data
+    order and the augmentations are functions of (seed, epoch, index), so the step alone says where the
+    data stream resumes."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
-             "skipped": skipped, "config": cfg.to_dict(), "config_hash": cfg.hash(),
+             "skipped": skipped, "best": best, "config": cfg.to_dict(), "config_hash": cfg.hash(),
              "torch_rng": torch.get_rng_state()}
     if ema is not None:
         state["ema"] = ema.state_dict()
     return state
 
 
-def config_changes(saved: dict, cfg: Config, limit: int = 8) -> str:
-    """The fields where a checkpoint's config and ``cfg`` differ: ``"train.epochs 3 -> 4, ..."``."""
+def config_changes(saved: dict, cfg: Config, limit: int = 8, section: str = "") -> str:
+    """The fields where a checkpoint's config and ``cfg`` differ: ``"train.epochs 3 -> 4, ..."``;
+    ``section`` (e.g. ``"model."``) keeps only the fields under it."""
 
     def flat(d, prefix=""):
         out = {}
@@ -175,7 +181,7 @@ def config_changes(saved: dict, cfg: Config, limit: int = 8) -> str:
 
     old, new = flat(config_from_dict(saved).to_dict()), flat(cfg.to_dict())
     changed = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-               if k != "name" and old.get(k) != new.get(k)]
+               if k != "name" and k.startswith(section) and old.get(k) != new.get(k)]
     return ", ".join(changed[:limit]) + (f", ... ({len(changed)} fields)" if len(changed) > limit else "")
 
 
@@ -207,8 +213,25 @@ def load_checkpoint(path: str | os.PathLike, cfg: Config | None = None) -> dict:
             raise CheckpointError(f"{path}: checkpoint has {saved.data.num_classes} classes, the config "
                                   f"{cfg.data.num_classes}")
         if saved.model != cfg.model:
-            raise CheckpointError(f"{path}: checkpoint model {saved.model} differs from the config's {cfg.model}")
+            raise CheckpointError(f"{path}: the checkpoint's model differs from the config's "
+                                  f"({config_changes(state['config'], cfg, section='model.')})")
     return state
+
+
+CHECKPOINTS = ("last", "best")
+
+
+def run_checkpoint(run_dir: str | os.PathLike, which: str = "last") -> Path:
+    """``RUN_DIR/checkpoints/<which>.pt``: ``last`` (end of training, or where it stopped) or ``best`` (the
+    epoch with the highest held-out seed mIoU, ``epochs.csv`` val_miou; ties keep the earlier epoch)."""
+    if which not in CHECKPOINTS:
+        raise CheckpointError(f"checkpoint {which!r}: expected one of {', '.join(CHECKPOINTS)}")
+    path = Path(run_dir) / "checkpoints" / f"{which}.pt"
+    if not path.is_file():
+        why = (" (best.pt needs a held-out evaluation: train.val_every > 0 and data.val_split)"
+               if which == "best" else "")
+        raise CheckpointError(f"{path}: no such checkpoint{why}")
+    return path
 
 
 def model_from_checkpoint(path: str | os.PathLike, cfg: Config | None = None, device="cpu"):
@@ -280,7 +303,7 @@ def train_step(model, optimizer, batch: dict, cfg: Config, two_view: TwoViewFSAE
     stats: dict[str, torch.Tensor] = {}
     if cfg.fsae.enabled:
         terms["fsae"], stats = two_view.loss(model, forward_model, x_s, source, labels, out_s, batch, generators,
-                                             epoch, device)
+                                             epoch, device, images)
     total = sum(terms.values())
     apply = guard.admit(total, terms, step, batch["id"])
     optimizer.zero_grad(set_to_none=True)
@@ -315,6 +338,14 @@ class TrainingRun:
     progress: bool
     tb: object = None
     started: float = 0.0
+    best: dict | None = None  # {"epoch", "val_miou"} of best.pt
+
+    def say(self, line: str) -> None:
+        """A console line, also appended to ``RUN_DIR/log.txt`` (rank 0)."""
+        if self.main:
+            print(line, flush=True)
+            with open(self.run_dir / "log.txt", "a", buffering=1) as f:
+                f.write(line + "\n")
 
     @property
     def total_steps(self) -> int:
@@ -324,17 +355,22 @@ class TrainingRun:
     def checkpoint_path(self) -> Path:
         return self.run_dir / "checkpoints" / "last.pt"
 
-    def save(self, epoch: int) -> None:
-        """Check the finiteness of the steps so far, then (rank 0) write ``last.pt`` atomically."""
+    def save(self, epoch: int, name: str = "last") -> None:
+        """Check the finiteness of the steps so far, then (rank 0) write ``<name>.pt`` atomically."""
         self.guard.check()
         if self.main:
-            save_checkpoint(self.checkpoint_path, training_state(self.model, self.optimizer, self.two_view.ema,
-                                                                 self.cfg, self.step, epoch, self.guard.skipped))
+            save_checkpoint(self.run_dir / "checkpoints" / f"{name}.pt",
+                            training_state(self.model, self.optimizer, self.two_view.ema, self.cfg, self.step,
+                                           epoch, self.guard.skipped, self.best))
 
 
-def train_one_epoch(run: TrainingRun, epoch: int) -> None:
-    """One epoch (or its rest, when resuming mid-epoch): learning rate, ``train_step``, logs, checkpoints."""
+def train_one_epoch(run: TrainingRun, epoch: int) -> dict[str, float]:
+    """One epoch (or its rest, when resuming mid-epoch): learning rate, ``train_step``, logs, checkpoints.
+
+    Returns the epoch's mean loss terms (summed on the device, one sync at the end)."""
     cfg = run.cfg
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
     run.views.epoch = epoch
     run.sampler.set_epoch(epoch, skip_batches=run.step - epoch * run.steps_per_epoch)  # > 0: resumed mid-epoch
     bar = tqdm(run.loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not run.progress, leave=False)
@@ -345,6 +381,10 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> None:
         out = train_step(run.model, run.optimizer, batch, cfg, run.two_view, run.guard, epoch, run.step,
                          run.device, run.forward_model)
         run.step += 1
+        for key, value in out.items():
+            if key not in STATISTICS:
+                sums[key] = sums.get(key, 0) + value.double()
+                counts[key] = counts.get(key, 0) + 1
         if run.step % cfg.train.log_every == 0 or run.step == run.total_steps:
             run.guard.check()
             row = log_step(run, epoch, lr, out)
@@ -353,6 +393,8 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> None:
                 and run.step % run.steps_per_epoch:  # mid-epoch; the epoch's end saves in end_epoch
             run.save(epoch)
     bar.close()
+    means = torch.stack(list(sums.values())).tolist() if sums else []  # a sync point, once per epoch
+    return distributed.mean_over_ranks({key: total / counts[key] for key, total in zip(sums, means)}, run.device)
 
 
 def log_step(run: TrainingRun, epoch: int, lr: float, out: dict[str, torch.Tensor]) -> dict:
@@ -369,19 +411,29 @@ def log_step(run: TrainingRun, epoch: int, lr: float, out: dict[str, torch.Tenso
     return row
 
 
-def end_epoch(run: TrainingRun, epoch: int) -> dict:
-    """Held-out seed mIoU (every ``train.val_every`` epochs and after the last), ``epochs.csv``, checkpoint."""
+def end_epoch(run: TrainingRun, epoch: int, losses: dict[str, float], epoch_started: float) -> dict:
+    """Held-out seed mIoU (every ``train.val_every`` epochs and after the last), ``epochs.csv``, ``best.pt``
+    (the highest held-out seed mIoU so far; a tie keeps the earlier epoch), ``last.pt``, the epoch's line."""
     cfg = run.cfg
     run.guard.check()
     val = {}
     if run.val_set is not None and ((epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == cfg.train.epochs):
         val = evaluate(run.model, run.val_set, cfg, run.device)  # every process scores 1/N
+    miou = val.get("miou", math.nan)
+    if math.isfinite(miou) and (run.best is None or miou > run.best["val_miou"]):
+        run.best = {"epoch": epoch + 1, "val_miou": miou}
+        run.save(epoch + 1, "best")  # before last.pt: a resumed run never points at a best.pt not written
     if run.main:
         with open(run.run_dir / "epochs.csv", "a", newline="") as f:
             csv.writer(f).writerow([epoch + 1, run.step, _fmt(time.time() - run.started), _fmt(val.get("miou")),
                                     _fmt(val.get("fpr")), _fmt(val.get("fnr")), _fmt(val.get("threshold"))])
         log_scalars(run.tb, "val", val, run.step, flush=True)
     run.save(epoch + 1)
+    terms = " ".join(f"{k} {v:.4f}" for k, v in losses.items())
+    held_out = "" if not val else (f" | val mIoU {100 * miou:.2f} (best {100 * run.best['val_miou']:.2f}, "
+                                   f"epoch {run.best['epoch']})" if run.best else f" | val mIoU {100 * miou:.2f}")
+    run.say(f"epoch {epoch + 1}/{cfg.train.epochs} step {run.step}: {terms}{held_out} | "
+            f"{time.time() - epoch_started:.1f} s")
     distributed.barrier()  # the other processes wait for rank 0's checkpoint
     return val
 
@@ -424,8 +476,8 @@ def build_model(cfg: Config, device: torch.device, world: int):
     return model
 
 
-def resume_from(path: Path, cfg: Config, model, optimizer, two_view: TwoViewFSAE) -> tuple[int, int]:
-    """Load ``last.pt`` into the model, optimizer, EMA and torch RNG; -> (step, skipped steps)."""
+def resume_from(path: Path, cfg: Config, model, optimizer, two_view: TwoViewFSAE) -> tuple[int, int, dict | None]:
+    """Load ``last.pt`` into the model, optimizer, EMA and torch RNG; -> (step, skipped steps, best epoch)."""
     state = load_checkpoint(path, cfg)
     if state.get("config_hash") != cfg.hash():
         raise CheckpointError(f"{path}: written by another config ({config_changes(state['config'], cfg)}); "
@@ -435,7 +487,7 @@ def resume_from(path: Path, cfg: Config, model, optimizer, two_view: TwoViewFSAE
     if two_view.ema is not None:
         two_view.ema.load_state_dict(state["ema"])
     torch.set_rng_state(state["torch_rng"])
-    return state["step"], state.get("skipped", 0)
+    return state["step"], state.get("skipped", 0), state.get("best")
 
 
 def open_logs(run_dir: Path, step: int, start_epoch: int) -> None:
@@ -449,21 +501,21 @@ def open_logs(run_dir: Path, step: int, start_epoch: int) -> None:
         _trim_csv(run_dir / "epochs.csv", "epoch", start_epoch)
 
 
-def train(cfg: Config, run_dir: str | os.PathLike, progress: bool = True, resume: bool = True) -> Path:
-    """Train ``cfg`` into ``run_dir``; resume from ``checkpoints/last.pt`` when present.
+def with_absolute_data_paths(cfg: Config) -> Config:
+    """A copy of ``cfg`` with ``data.root``, ``data.saliency_dir`` and ``data.label_file`` absolute, so the
+    run directory's config.yaml works from any directory (``fsae cam RUN``)."""
+    cfg = copy.deepcopy(cfg)
+    for name in ("root", "saliency_dir", "label_file"):
+        if getattr(cfg.data, name):
+            setattr(cfg.data, name, os.path.abspath(getattr(cfg.data, name)))
+    return cfg
 
-    Under torchrun (``fsae.distributed.process_group`` entered by the caller) every process trains on
-    ``train.batch_size / world size`` images of each global batch with DistributedDataParallel; rank 0
-    logs, evaluates and writes checkpoints. The result equals one process with the global batch (same
-    images per step, same per-image augmentations, averaged gradients) up to float rounding, and exactly
-    only with ``train.sync_bn`` (GPU) or a BatchNorm-free backbone: plain BatchNorm normalises each
-    process's share of the batch on its own.
-    """
-    run_dir = ensure_output_dir(run_dir)
+
+def start_run(cfg: Config, run_dir: Path, progress: bool, resume: bool) -> TrainingRun:
+    """Everything before the first step: checks, data, model, optimizer, FSAE, resume; then (only once all
+    of it succeeded) ``config.yaml``, the CSV headers and TensorBoard."""
     rank, world = distributed.rank(), distributed.world_size()
     main = rank == 0
-    if main:
-        save_config(cfg, run_dir / "config.yaml")
     device = training_device(cfg.train.device)
     seed_everything(cfg.train.seed)
     if cfg.train.deterministic:
@@ -473,30 +525,57 @@ def train(cfg: Config, run_dir: str | os.PathLike, progress: bool = True, resume
     val_set = build_dataset(cfg.data, cfg.data.val_split) if cfg.train.val_every and cfg.data.val_split else None
     model = build_model(cfg, device, world)
     optimizer = build_optimizer(model, cfg.optim)  # the method's own param_groups, on the unwrapped module
-    two_view = TwoViewFSAE(cfg.fsae, model)
+    two_view = TwoViewFSAE(cfg.fsae, model, cfg.train.seed, cfg.data.jitter)
     ckpt_path = run_dir / "checkpoints" / "last.pt"
-    step, skipped = 0, 0
+    step, skipped, best = 0, 0, None
     if resume and ckpt_path.exists():
-        step, skipped = resume_from(ckpt_path, cfg, model, optimizer, two_view)
+        step, skipped, best = resume_from(ckpt_path, cfg, model, optimizer, two_view)
     start_epoch = step // sampler.batches_per_epoch  # a mid-epoch checkpoint resumes mid-epoch
     # One process with the global batch, or DDP: gradients are averaged over the processes in backward.
     forward_model = model
     if world > 1:
         forward_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if main:
+        save_config(cfg, run_dir / "config.yaml")
         open_logs(run_dir, step, start_epoch)
     run = TrainingRun(cfg, run_dir, model, forward_model, optimizer, two_view,
                       NonFiniteGuard(cfg.train.skip_nonfinite, device, skipped), views, sampler, loader, val_set,
                       device, step, sampler.batches_per_epoch, main, progress and main,
                       # TensorBoard (train.tensorboard): the rows of metrics.csv / epochs.csv, in RUN_DIR/tb/.
                       tb=open_writer(run_dir / "tb", cfg.train.tensorboard, purge_step=step if step else None),
-                      started=time.time())
-    model.train()
-    for epoch in range(start_epoch, cfg.train.epochs):
-        train_one_epoch(run, epoch)
-        end_epoch(run, epoch)
+                      started=time.time(), best=best)
+    if step:
+        run.say(f"resuming from step {step} (epoch {start_epoch + 1}) of {ckpt_path}")
+    return run
+
+
+def train(cfg: Config, run_dir: str | os.PathLike, progress: bool = True, resume: bool = True) -> Path:
+    """Train ``cfg`` into ``run_dir``; resume from ``checkpoints/last.pt`` when present.
+
+    A start that fails (bad data, a refused resume, ...) leaves ``config.yaml`` as it was and removes a
+    run directory it created. Under torchrun (``fsae.distributed.process_group`` entered by the caller)
+    every process trains on ``train.batch_size / world size`` images of each global batch with
+    DistributedDataParallel; rank 0 logs, evaluates and writes checkpoints. The result equals one process
+    with the global batch (same images per step, same per-image augmentations, averaged gradients) up to
+    float rounding, and exactly only with ``train.sync_bn`` (GPU) or a BatchNorm-free backbone: plain
+    BatchNorm normalises each process's share of the batch on its own.
+    """
+    cfg = with_absolute_data_paths(cfg)
+    created = not Path(run_dir).exists()
+    run_dir = ensure_output_dir(run_dir)
+    try:
+        run = start_run(cfg, run_dir, progress, resume)
+    except BaseException:
+        if created and distributed.rank() == 0:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    run.model.train()
+    for epoch in range(run.step // run.steps_per_epoch, cfg.train.epochs):
+        epoch_started = time.time()
+        losses = train_one_epoch(run, epoch)
+        end_epoch(run, epoch, losses, epoch_started)
     close_writer(run.tb)
-    return ckpt_path
+    return run.checkpoint_path
 
 
 def _fmt(value) -> str:
@@ -508,4 +587,4 @@ def _fmt(value) -> str:
 
 
 __all__ = ["train", "train_step", "train_one_epoch", "evaluate", "load_checkpoint", "model_from_checkpoint",
-           "TrainViews", "NonFiniteGuard"]
+           "run_checkpoint", "TrainViews", "NonFiniteGuard"]

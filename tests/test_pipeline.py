@@ -351,3 +351,81 @@ def test_no_host_sync_in_a_non_log_step(tiny_synthetic, tmp_path, monkeypatch, t
     assert {s: syncs[s] for s in quiet if s in syncs} == {}
     assert syncs.get(steps[0])  # the check counts: the last step's log does sync
     assert draws and all(numel <= 9 and not grad for _, numel, grad in draws)
+
+
+def test_best_checkpoint_is_the_first_epoch_with_the_top_heldout_miou(tiny_synthetic, tmp_path, capsys):
+    from fsae.train import model_from_checkpoint, run_checkpoint
+
+    root, _ = tiny_synthetic
+    cfg = tiny_config(root, enabled=True, start_epoch=1)
+    cfg.train.epochs = 4
+    train(cfg, tmp_path / "run", progress=False)
+    epochs = list(csv.DictReader(open(tmp_path / "run" / "epochs.csv")))
+    scores = [float(e["val_miou"]) for e in epochs]
+    expected = scores.index(max(scores)) + 1  # the first epoch reaching the maximum (6 printed digits)
+    best = torch.load(run_checkpoint(tmp_path / "run", "best"), weights_only=True)
+    assert best["best"]["epoch"] == best["epoch"] == expected
+    assert best["best"]["val_miou"] == pytest.approx(max(scores), rel=1e-5)
+    last = torch.load(run_checkpoint(tmp_path / "run"), weights_only=True)
+    assert last["best"] == best["best"] and last["epoch"] == 4
+    model, _ = model_from_checkpoint(run_checkpoint(tmp_path / "run", "best"))
+    for key, value in best["model"].items():
+        assert torch.equal(model.state_dict()[key], value)
+    # one console line per epoch, the same lines in log.txt
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    logged = (tmp_path / "run" / "log.txt").read_text().splitlines()
+    assert printed == logged and len(logged) == 4
+    assert logged[1].startswith("epoch 2/4 step 6: loss ") and " fsae " in logged[1]
+    assert f"val mIoU {100 * scores[1]:.2f}" in logged[1]
+
+
+def test_resume_says_where_and_a_refused_start_leaves_the_run_dir(tiny_synthetic, tmp_path, capsys, monkeypatch):
+    import fsae.train as train_module
+    from fsae.errors import CheckpointError, DataError
+    from fsae.train import run_checkpoint
+
+    root, _ = tiny_synthetic
+    cfg = tiny_config(root)
+    cfg.train.epochs, cfg.train.val_every = 2, 0
+    with pytest.raises(CheckpointError, match="no such checkpoint.*val_every"):
+        run_checkpoint(tmp_path / "run", "best")
+    real_save = train_module.save_checkpoint
+
+    def die_after_epoch_one(path, state):
+        real_save(path, state)
+        if state["epoch"] == 1:
+            raise KeyboardInterrupt("killed after epoch 1")
+
+    monkeypatch.setattr(train_module, "save_checkpoint", die_after_epoch_one)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "run", progress=False)
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    capsys.readouterr()
+    train(cfg, tmp_path / "run", progress=False)
+    assert "resuming from step 3 (epoch 2)" in capsys.readouterr().out
+    log = (tmp_path / "run" / "log.txt").read_text().splitlines()  # epoch 1's line died with its checkpoint
+    assert log[0].startswith("resuming from step 3 (epoch 2)") and log[1].startswith("epoch 2/2 step 6: loss ")
+    assert len(log) == 2
+    # a refused resume (another model) keeps the run's config.yaml and names the differing field
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    cfg.model.width = 16
+    with pytest.raises(CheckpointError, match=r"model.width 8 -> 16\)") as error:
+        train(cfg, tmp_path / "run", progress=False)
+    assert "ModelConfig(" not in str(error.value)
+    assert (tmp_path / "run" / "config.yaml").read_text() == saved
+    # a failed start into a new directory leaves no directory
+    cfg.data.train_split = "missing"
+    with pytest.raises(DataError):
+        train(cfg, tmp_path / "new" / "run", progress=False)
+    assert not (tmp_path / "new" / "run").exists()
+
+
+def test_run_config_stores_absolute_data_paths(tiny_synthetic, tmp_path, monkeypatch):
+    root, _ = tiny_synthetic
+    monkeypatch.chdir(root.parent)
+    cfg = tiny_config(root.name)  # relative to the working directory
+    cfg.train.epochs, cfg.train.val_every = 1, 0
+    train(cfg, tmp_path / "run", progress=False)
+    monkeypatch.chdir(tmp_path)
+    saved = load_config(tmp_path / "run" / "config.yaml")
+    assert saved.data.root == str(root.resolve()) and Path(saved.data.root, "cls_labels.json").is_file()
