@@ -3,7 +3,7 @@
 ``freeze_batch_norm(module)`` turns every BatchNorm layer under ``module`` into ``FrozenStatsBatchNorm``
 in place: the same parameters and buffers (state-dict keys unchanged, checkpoints load both ways), the
 same ``F.batch_norm`` call in eval mode, and ``train()`` leaves it in eval mode. This is the one way
-fsae freezes BN (ResNet-38, SIPE, DeepLab, IRN). timm's ``freeze_batch_norm_2d`` was not used: its
+fsae freezes BN (ResNet-38, SIPE, DeepLab; IRN keeps its whole frozen backbone in eval mode). timm's ``freeze_batch_norm_2d`` was not used: its
 ``FrozenBatchNorm2d`` computes ``x * scale + shift`` (not bit-identical to ``F.batch_norm``), drops the
 ``num_batches_tracked`` buffer and freezes the affine parameters, which SIPE trains (docs/decisions.md).
 """

@@ -24,7 +24,6 @@ from torch import nn
 
 from fsae.errors import CheckpointError
 from fsae.models.backbones import read_weight_file
-from fsae.models.batchnorm import freeze_batch_norm
 
 FEATURE_STRIDE = 4
 
@@ -66,8 +65,6 @@ class BoundaryNet(nn.Module):
         ])
         self.freeze_backbone = freeze_backbone
         self.stages.requires_grad_(not freeze_backbone)
-        if freeze_backbone:  # frozen backbone: BatchNorm statistics stay fixed (IRN)
-            freeze_batch_norm(self.stages)
         with torch.no_grad():
             x, channels = torch.zeros(1, 3, 64, 64), []
             self.stages.eval()
@@ -86,6 +83,12 @@ class BoundaryNet(nn.Module):
             for c, s in zip(channels, strides)
         ])
         self.edge_out = nn.Conv2d(5 * branch_width, 1, 1, bias=True)
+
+    def train(self, mode: bool = True) -> "BoundaryNet":
+        super().train(mode)
+        if self.freeze_backbone:
+            self.stages.eval()  # frozen backbone: BatchNorm statistics stay fixed (IRN)
+        return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         branch = [*self.edge_layers.parameters(), *self.edge_out.parameters()]
