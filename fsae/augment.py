@@ -275,18 +275,26 @@ def apply_color_op(image: torch.Tensor, name: str, magnitude: Optional[float] = 
 
 
 def sample_color_ops(
-    num_ops: int, generator: Optional[torch.Generator] = None
+    num_ops: int, generator: Optional[torch.Generator] = None, replacement: bool = False,
+    ranges: Optional[dict[str, tuple[float, float]]] = None,
 ) -> list[tuple[str, Optional[float]]]:
     """Draw ``num_ops`` distinct ops from ``COLOR_OPS`` with uniform magnitudes: ``[(name, magnitude)]``.
 
-    Posterize bits are an integer; ops without a magnitude get ``None``.
+    Posterize bits are an integer (bounds inclusive); ops without a magnitude get ``None``.
+    ``replacement``: ops drawn independently (an op may repeat), as the FSAE authors' RandAugment
+    (``random.choices``, obeychoi0120/wseg ssl data/augmentation/randaugment.py:221); ``ranges``
+    overrides ``COLOR_OP_RANGES`` per op.
     """
-    if not 0 <= num_ops <= len(COLOR_OPS):
-        raise ValueError(f"num_ops must be in [0, {len(COLOR_OPS)}], got {num_ops}")
+    if num_ops < 0 or (not replacement and num_ops > len(COLOR_OPS)):
+        raise ValueError(f"num_ops must be in [0, {len(COLOR_OPS)}] (without replacement), got {num_ops}")
+    if replacement:
+        indices = torch.randint(len(COLOR_OPS), (num_ops,), generator=generator).tolist()
+    else:
+        indices = torch.randperm(len(COLOR_OPS), generator=generator)[:num_ops].tolist()
     ops = []
-    for index in torch.randperm(len(COLOR_OPS), generator=generator)[:num_ops].tolist():
+    for index in indices:
         name = COLOR_OPS[index]
-        bounds = COLOR_OP_RANGES[name]
+        bounds = (ranges or {}).get(name, COLOR_OP_RANGES[name])
         if bounds is None:
             magnitude = None
         elif name == "Posterize":
@@ -311,13 +319,17 @@ def strong_view(
     num_ops: int = 3,
     blur_sigma: tuple[float, float] = (0.1, 2.0),
     blur_prob: float = 1.0,
+    blur_kernel: Optional[int] = None,
+    replacement: bool = False,
+    ranges: Optional[dict[str, tuple[float, float]]] = None,
 ) -> torch.Tensor:
     """Target view ``x_t = A_s(x_s)`` (eq. 3) of the weak view ``x_s``.
 
     Per image: Gaussian blur (sigma uniform in ``blur_sigma``) with probability ``blur_prob``, then
-    ``num_ops`` distinct colour-only RandAugment ops (``sample_color_ops``). Geometry is unchanged.
-    The blur coin and sigma are drawn even when the blur is not applied, so the sampled ops for a seed
-    do not depend on ``blur_prob``.
+    ``num_ops`` colour-only RandAugment ops (``sample_color_ops``; ``replacement``, ``ranges``).
+    Geometry is unchanged. The blur coin and sigma are drawn even when the blur is not applied, so the
+    sampled ops for a seed do not depend on ``blur_prob``. The kernel is ``blur_kernel`` when given
+    (one per run, ``run_blur_kernel``), else ``blur_kernel_size(sigma)``.
 
     Args:
         weak: (B, 3, H, W) float in [0, 1], any device.
@@ -334,12 +346,31 @@ def strong_view(
         apply_blur = torch.rand((), generator=generator).item() < blur_prob
         sigma = _uniform(blur_sigma[0], blur_sigma[1], generator)
         if apply_blur:
-            size = blur_kernel_size(sigma, height, width)
+            size = blur_kernel or blur_kernel_size(sigma, height, width)
             image = TF.gaussian_blur(image, [size, size], [sigma, sigma])
-        for name, magnitude in sample_color_ops(num_ops, generator):
+        for name, magnitude in sample_color_ops(num_ops, generator, replacement, ranges):
             image = apply_color_op(image, name, magnitude)
         out[i] = image.clamp(0.0, 1.0)
     return out
+
+
+def run_blur_kernel(seed: int) -> int:
+    """One blur kernel for a whole run, drawn as the FSAE authors do: ``k = int(u * 4.95)``, ``k + 1`` if
+    even, u uniform in [0, 1) -> 1, 3 or 5 with probabilities 2, 2, 0.95 in 4.95 (obeychoi0120/wseg ssl
+    data/dataset.py:92-94). Their ``--seed 7`` gives 1 (no blur); here u comes from ``seed``'s generator."""
+    k = int(torch.rand((), generator=torch.Generator().manual_seed(int(seed))).item() * 4.95)
+    return k + 1 if k % 2 == 0 else k
+
+
+def image_generators(seed: int, epoch: int, indices) -> list[torch.Generator]:
+    """One colour-augmentation generator per image, seeded by (seed, epoch, index) like the geometry: an
+    image gets the same weak and strong views whichever process or batch position it lands in."""
+    return [torch.Generator().manual_seed(hash((seed, epoch, int(i), 1)) % (2**63)) for i in indices]
+
+
+def per_image(view, images: torch.Tensor, generators, **kwargs) -> torch.Tensor:
+    """``view`` (``weak_view`` / ``strong_view``) image by image, each with its own generator. (B, 3, H, W)."""
+    return torch.cat([view(image[None], gen, **kwargs) for image, gen in zip(images, generators)])
 
 
 # ---------------------------------------------------------------------------------------------------

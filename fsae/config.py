@@ -151,6 +151,15 @@ class FSAEConfig:
     strong_ops: int = 3  # RandAugment colour ops per image
     blur: list[float] = field(default_factory=lambda: [0.1, 2.0])  # Gaussian blur sigma range
     blur_prob: float = 1.0
+    # The FSAE authors' code (obeychoi0120/wseg, branch ssl) where it differs from the paper. The defaults
+    # are the paper's; configs/{voc,coco}/ppc_eps_fsae_authors.yaml set the authors' values (file:line there).
+    strong_replacement: bool = False  # strong ops drawn with replacement (an op may repeat)
+    enhance_range: list[float] = field(default_factory=lambda: [0.05, 1.95])  # Brightness/Color/Contrast/Sharpness
+    posterize_bits: list[int] = field(default_factory=lambda: [4, 8])  # integer bits, both ends included
+    blur_kernel: str = "sigma"  # sigma: kernel from each image's sigma | per_run: one of 1/3/5 for the run
+    strong_source: str = "weak"  # weak: x_t = A_s(x_s) | original: A_s of the crop with its own colour jitter
+    loss_form: str = "union"  # union: eq. 9 on M u M_bdry | two_term: mean(CE M) + weight * mean(CE M_bdry)
+    mask_padding: bool = True  # remove crop padding from the FSAE mask
 
 
 @dataclass

@@ -235,7 +235,8 @@ class SeedEvaluator:
     """Accumulates ``(T, C+1, C+1)`` seed confusions image by image; partial sums add up.
 
     ``update`` takes arrays, ``add_files`` reads one seed / GT pair; ``merge`` adds another
-    evaluator's sums (sharded evaluation), as would ``all_reduce`` on ``confusions``; ``result``
+    evaluator's sums (sharded evaluation), ``reduce_from_all_processes`` those of every torchrun
+    process; ``result``
     scores the sum for every threshold and picks the best.
     """
 
@@ -287,6 +288,13 @@ class SeedEvaluator:
             raise ValueError("can only merge evaluators with the same num_classes and thresholds")
         self.confusions += other.confusions
         self.count += other.count
+        return self
+
+    def reduce_from_all_processes(self) -> "SeedEvaluator":
+        """Sum the confusions and image counts over every torchrun process (identity in one process)."""
+        all_reduce_sum(self.confusions)
+        count = torch.tensor([self.count], dtype=torch.long)
+        self.count = int(all_reduce_sum(count)[0])
         return self
 
     def result(self) -> dict[str, Any]:

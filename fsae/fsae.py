@@ -24,6 +24,10 @@ import torch.nn.functional as F
 from fsae.labels import IGNORE_INDEX, channel_to_label
 
 REDUCTIONS = ("mean", "masked_mean")
+LOSS_FORMS = ("union", "two_term")
+# The names of fsae_loss's statistics (not loss terms).
+STATISTICS = ("mask_ratio", "confident_ratio", "fg_confident_ratio", "ring_ratio", "boundary_ratio", "sae_added_ratio",
+              "pl_accuracy", "pl_count")
 
 
 def mask_absent_classes(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -116,14 +120,20 @@ def fsae_loss(
     reduction: str = "mean",
     valid: torch.Tensor | None = None,
     gt: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+    form: str = "union",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The FSAE loss, eq. 9: lambda * CE(S_t, P_s) on the expanded confident mask M-hat.
+
+    ``form="two_term"`` is the FSAE authors' code instead (obeychoi0120/wseg, branch ssl,
+    module/train.py:396-403): ``mean(CE * M) + lambda * mean(CE * M_bdry)``, both means over all
+    B*H*W pixels, so a pixel in both M and M_bdry counts twice (``reduction`` must be "mean").
 
     Shape: source_scores, target_scores (B, C+1, H, W); optional ``valid`` bool (B, H, W) excludes
     pixels (e.g. crop padding) from the mask; optional ``gt`` (B, H, W) in the segmentation label
     space (255 = ignore) adds the pseudo-label accuracy on the mask to the stats (the paper's Fig. 6).
     Only ``target_scores`` receive gradient. Returns ``(loss, stats)``; the loss is a finite zero that
-    still carries gradient when no pixel is pseudo-labelled.
+    still carries gradient when no pixel is pseudo-labelled. ``stats`` are 0-dim tensors on the score
+    maps' device (no host sync here; the training loop turns them into numbers at log steps).
     """
     if source_scores.shape != target_scores.shape:
         raise ValueError(
@@ -132,6 +142,8 @@ def fsae_loss(
         )
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if form not in LOSS_FORMS or (form == "two_term" and reduction != "mean"):
+        raise ValueError(f"form must be one of {LOSS_FORMS} (two_term with reduction 'mean'), got {form!r}")
     parts = pseudo_label_parts(source_scores, tau_fae, tau_sae, kernel_size, use_sae)
     labels, mask = parts["labels"], parts["mask"]
     if valid is not None:
@@ -143,16 +155,21 @@ def fsae_loss(
     else:
         loss = masked / mask.sum().clamp(min=1)
     loss = weight * loss
+    if form == "two_term":
+        confident, boundary = parts["confident"], parts["boundary"]
+        if valid is not None:
+            confident, boundary = confident & valid.to(torch.bool), boundary & valid.to(torch.bool)
+        loss = (pixel_ce * confident).mean() + weight * (pixel_ce * boundary).mean()
 
     with torch.no_grad():
         stats = {
-            "mask_ratio": mask.float().mean().item(),
-            "confident_ratio": parts["confident"].float().mean().item(),
-            "fg_confident_ratio": parts["fg_confident"].float().mean().item(),
-            "ring_ratio": parts["ring"].float().mean().item(),
-            "boundary_ratio": parts["boundary"].float().mean().item(),
+            "mask_ratio": mask.float().mean(),
+            "confident_ratio": parts["confident"].float().mean(),
+            "fg_confident_ratio": parts["fg_confident"].float().mean(),
+            "ring_ratio": parts["ring"].float().mean(),
+            "boundary_ratio": parts["boundary"].float().mean(),
             # What SAE adds to FAE: boundary pixels that were not confident already.
-            "sae_added_ratio": (parts["boundary"] & ~parts["confident"]).float().mean().item(),
+            "sae_added_ratio": (parts["boundary"] & ~parts["confident"]).float().mean(),
         }
         if gt is not None:
             stats.update(pseudo_label_accuracy(labels, mask, gt, source_scores.shape[1] - 1))
@@ -162,18 +179,17 @@ def fsae_loss(
 @torch.no_grad()
 def pseudo_label_accuracy(
     labels: torch.Tensor, mask: torch.Tensor, gt: torch.Tensor, num_classes: int
-) -> dict[str, float]:
+) -> dict[str, torch.Tensor]:
     """Accuracy of channel-space pseudo-labels against a label-space GT on masked, non-ignored pixels.
 
-    Shape: labels long (B, H, W), mask bool (B, H, W), gt (B, H, W) -> {"pl_accuracy", "pl_count"}.
-    The accuracy is NaN when no pixel counts.
+    Shape: labels long (B, H, W), mask bool (B, H, W), gt (B, H, W) -> {"pl_accuracy" float64,
+    "pl_count" long}, 0-dim tensors (no host sync). The accuracy is NaN when no pixel counts.
     """
     if gt.shape != labels.shape:
         raise ValueError(f"gt must have the score-map shape {tuple(labels.shape)}, got {tuple(gt.shape)}")
     gt = gt.to(labels.device).long()
     counted = mask & (gt != IGNORE_INDEX)
-    n = int(counted.sum().item())
-    if n == 0:
-        return {"pl_accuracy": float("nan"), "pl_count": 0}
-    correct = (channel_to_label(labels, num_classes) == gt) & counted
-    return {"pl_accuracy": correct.sum().item() / n, "pl_count": n}
+    n = counted.sum()
+    correct = ((channel_to_label(labels, num_classes) == gt) & counted).sum()
+    # float64 division of two exact counts: the value Python's int / int gave; 0 / 0 = NaN
+    return {"pl_accuracy": correct.double() / n.double(), "pl_count": n}

@@ -1,12 +1,15 @@
 """The training loop: base method losses + (when ``fsae.enabled``) the FSAE loss on weak/strong views.
 
-One step, top to bottom:
+In torchvision's references/segmentation shape: ``train`` sets up (data, model, optimizer, FSAE
+protocol, resume, logs) and runs ``train_one_epoch`` + ``evaluate`` + a checkpoint per epoch;
+``train_one_epoch`` sets the learning rate and calls ``train_step`` per batch (also timed by
+benchmarks/bench_fsae_step.py). One step, top to bottom:
 1. the loader gives crops (random long-side resize, flip, crop with padding marked invalid);
-2. x_s = A_w(x): colour jitter (the weak view), x_t = A_s(x_s): blur + colour RandAugment (eq. 3);
-3. S_s = model(x_s) gives the base losses; S_t = model(x_t) (eq. 4);
-4. the teacher's score map (S_s detached, a separate no-grad pass, or an EMA copy) gives the online
-   pseudo-labels (eq. 5-8) and ``fsae_loss`` adds lambda * CE(S_t, P_s) on the mask (eq. 9);
-5. backward, optimizer step, poly learning rate, EMA update; metrics to ``metrics.csv``.
+2. x_s = A_w(x): colour jitter (the weak view); S_s = model(x_s) gives the base losses;
+3. ``fsae.two_view.TwoViewFSAE``: x_t = A_s(x_s), S_t = model(x_t), the teacher's S_s, eq. 5-9;
+4. backward, optimizer step, EMA update. The step's losses and statistics stay tensors: they become
+   numbers only at log steps (the one host sync, see ``log_step``); ``NonFiniteGuard`` finds a NaN
+   without a sync per step (docs/decisions.md).
 
 Run directory: ``config.yaml``, ``checkpoints/last.pt`` (atomic; training resumes from it),
 ``metrics.csv`` (per logged step), ``epochs.csv`` (per epoch, with held-out seed mIoU when
@@ -20,7 +23,9 @@ import csv
 import math
 import os
 import random
+import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,24 +35,28 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from fsae import distributed
-from fsae.augment import apply_geometry, normalize, random_geometry, strong_view, timm_train_transform, timm_train_view, weak_view
+from fsae.augment import (apply_geometry, image_generators, normalize, per_image, random_geometry,  # noqa: F401
+                          timm_train_transform, timm_train_view, weak_view)
 from fsae.config import Config, config_from_dict, save_config
 from fsae.data import build_dataset
 from fsae.data.check import check_dataset, format_problems
 from fsae.errors import CheckpointError, ConfigError, DataError, FsaeError
 from fsae.evaluate import SeedEvaluator, default_thresholds
-from fsae.protocol import resolve_protocol
-from fsae.fsae import fsae_loss, mask_absent_classes
+from fsae.fsae import STATISTICS
 from fsae.infer import batches_by_size, multiscale_cam, normalise_seed, to_tensor_image
 from fsae.io import atomic_write, ensure_output_dir
 from fsae.methods import build_method
+from fsae.models.batchnorm import sync_batch_norm
+from fsae.protocol import resolve_protocol
 from fsae.weights import read_weight_file
 from fsae.tblog import close_writer, log_scalars, open_writer
+from fsae.two_view import TwoViewFSAE
 
 METRIC_FIELDS = ["step", "epoch", "lr", "loss", "cls", "fsae", "mask_ratio", "confident_ratio",
                  "boundary_ratio", "sae_added_ratio", "pl_accuracy", "skipped",
                  "sal", "er", "ecr", "contrast",  # EPS / PPC terms (fsae/methods/eps.py, ppc.py)
                  "gsc", "patch"]  # SIPE's GSC term, MCTformer's patch-token term (sipe.py, mctformer.py)
+EPOCH_FIELDS = ["epoch", "step", "seconds", "val_miou", "val_fpr", "val_fnr", "val_threshold"]
 
 
 class TrainViews(Dataset):
@@ -79,17 +88,6 @@ class TrainViews(Dataset):
         if "saliency" in sample:  # saliency-guided methods (EPS, PPC): the same geometry, float [0, 1]
             out["saliency"] = apply_geometry(sample["saliency"], geo["params"], tuple(geo["image"].shape[-2:]))
         return out
-
-
-def image_generators(seed: int, epoch: int, indices) -> list[torch.Generator]:
-    """One colour-augmentation generator per image, seeded by (seed, epoch, index) like the geometry: an
-    image gets the same weak and strong views whichever process or batch position it lands in."""
-    return [torch.Generator().manual_seed(hash((seed, epoch, int(i), 1)) % (2**63)) for i in indices]
-
-
-def per_image(view, images: torch.Tensor, generators, **kwargs) -> torch.Tensor:
-    """``view`` (``weak_view`` / ``strong_view``) image by image, each with its own generator. (B, 3, H, W)."""
-    return torch.cat([view(image[None], gen, **kwargs) for image, gen in zip(images, generators)])
 
 
 def poly_lr(base_lr: float, step: int, total: int, power: float) -> float:
@@ -137,25 +135,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def downsample_nearest(x: torch.Tensor, size) -> torch.Tensor:
-    """(B, H, W) integer or bool map -> (B, h, w) by nearest-neighbour sampling."""
-    return torch.nn.functional.interpolate(x[:, None].float(), size=size, mode="nearest")[:, 0].to(x.dtype)
-
-
 @torch.no_grad()
-def update_ema(ema_model, model, decay: float) -> None:
-    for e, p in zip(ema_model.state_dict().values(), model.state_dict().values()):
-        if e.dtype.is_floating_point:
-            e.mul_(decay).add_(p.detach(), alpha=1 - decay)
-        else:
-            e.copy_(p)
-
-
-@torch.no_grad()
-def evaluate_seeds_in_memory(model, dataset, cfg: Config, device, scales=None) -> dict:
+def evaluate(model, dataset, cfg: Config, device, scales=None) -> dict:
     """Seed mIoU (best over the threshold sweep) on ``dataset`` without writing seed files.
 
-    Under torchrun every process scores its share of the images and the confusions are summed."""
+    Under torchrun every process scores its share of the images and the evaluator sums the shares."""
     model.eval()
     evaluator = SeedEvaluator(cfg.data.num_classes, default_thresholds(*resolve_protocol(cfg).sweep))
     share = distributed.shard_indices(range(len(dataset)), (distributed.rank(), distributed.world_size()))
@@ -164,30 +148,31 @@ def evaluate_seeds_in_memory(model, dataset, cfg: Config, device, scales=None) -
         cams = multiscale_cam(model, normalize(images), scales or cfg.train.val_scales, cfg.infer.flip)
         for sample, cam in zip(group, cams):
             evaluator.update(*normalise_seed(cam, torch.as_tensor(sample["label"])), sample["mask"])
-    distributed.all_reduce_sum(evaluator.confusions)
-    evaluator.count = len(dataset)
     model.train()
-    return evaluator.result()["best"]
+    return evaluator.reduce_from_all_processes().result()["best"]
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def training_state(model, optimizer, ema, cfg: Config, step: int, epoch: int, skipped: int) -> dict:
+def training_state(model, optimizer, ema, cfg: Config, step: int, epoch: int, skipped: int,
+                   best: dict | None = None) -> dict:
     """What a resumed run needs to continue exactly: weights, optimizer, EMA, step, completed epochs,
-    skipped-step count, config (+ hash) and the global torch RNG. The data order and the augmentations are
-    functions of (seed, epoch, index), so the step alone says where the data stream resumes."""
+    skipped-step count, the best held-out epoch so far, config (+ hash) and the global torch RNG. The data
+    order and the augmentations are functions of (seed, epoch, index), so the step alone says where the
+    data stream resumes."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
-             "skipped": skipped, "config": cfg.to_dict(), "config_hash": cfg.hash(),
+             "skipped": skipped, "best": best, "config": cfg.to_dict(), "config_hash": cfg.hash(),
              "torch_rng": torch.get_rng_state()}
     if ema is not None:
         state["ema"] = ema.state_dict()
     return state
 
 
-def config_changes(saved: dict, cfg: Config, limit: int = 8) -> str:
-    """The fields where a checkpoint's config and ``cfg`` differ: ``"train.epochs 3 -> 4, ..."``."""
+def config_changes(saved: dict, cfg: Config, limit: int = 8, section: str = "") -> str:
+    """The fields where a checkpoint's config and ``cfg`` differ: ``"train.epochs 3 -> 4, ..."``;
+    ``section`` (e.g. ``"model."``) keeps only the fields under it."""
 
     def flat(d, prefix=""):
         out = {}
@@ -197,7 +182,7 @@ def config_changes(saved: dict, cfg: Config, limit: int = 8) -> str:
 
     old, new = flat(config_from_dict(saved).to_dict()), flat(cfg.to_dict())
     changed = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-               if k != "name" and old.get(k) != new.get(k)]
+               if k != "name" and k.startswith(section) and old.get(k) != new.get(k)]
     return ", ".join(changed[:limit]) + (f", ... ({len(changed)} fields)" if len(changed) > limit else "")
 
 
@@ -229,8 +214,25 @@ def load_checkpoint(path: str | os.PathLike, cfg: Config | None = None) -> dict:
             raise CheckpointError(f"{path}: checkpoint has {saved.data.num_classes} classes, the config "
                                   f"{cfg.data.num_classes}")
         if saved.model != cfg.model:
-            raise CheckpointError(f"{path}: checkpoint model {saved.model} differs from the config's {cfg.model}")
+            raise CheckpointError(f"{path}: the checkpoint's model differs from the config's "
+                                  f"({config_changes(state['config'], cfg, section='model.')})")
     return state
+
+
+CHECKPOINTS = ("last", "best")
+
+
+def run_checkpoint(run_dir: str | os.PathLike, which: str = "last") -> Path:
+    """``RUN_DIR/checkpoints/<which>.pt``: ``last`` (end of training, or where it stopped) or ``best`` (the
+    epoch with the highest held-out seed mIoU, ``epochs.csv`` val_miou; ties keep the earlier epoch)."""
+    if which not in CHECKPOINTS:
+        raise CheckpointError(f"checkpoint {which!r}: expected one of {', '.join(CHECKPOINTS)}")
+    path = Path(run_dir) / "checkpoints" / f"{which}.pt"
+    if not path.is_file():
+        why = (" (best.pt needs a held-out evaluation: train.val_every > 0 and data.val_split)"
+               if which == "best" else "")
+        raise CheckpointError(f"{path}: no such checkpoint{why}")
+    return path
 
 
 def model_from_checkpoint(path: str | os.PathLike, cfg: Config | None = None, device="cpu"):
@@ -242,39 +244,210 @@ def model_from_checkpoint(path: str | os.PathLike, cfg: Config | None = None, de
     return model.to(device).eval(), saved
 
 
-def _check_finite(total: torch.Tensor, terms: dict, step: int, ids, finite_everywhere: bool = True) -> None:
-    """Stop on a non-finite loss, naming the step, the loss terms and the batch ids (every process stops)."""
-    if not torch.isfinite(total):
-        values = {k: v.item() for k, v in terms.items()}
-        raise FsaeError(f"non-finite loss at step {step}: terms {values}; batch ids {list(ids)}")
-    if not finite_everywhere:
-        raise FsaeError(f"non-finite loss at step {step} in another process (its error names the terms and ids)")
+class NonFiniteGuard:
+    """Stops the run on a NaN/Inf loss, naming the step, the loss terms and the batch ids.
 
-
-def train(cfg: Config, run_dir: str | os.PathLike, progress: bool = True, resume: bool = True) -> Path:
-    """Train ``cfg`` into ``run_dir``; resume from ``checkpoints/last.pt`` when present.
-
-    Under torchrun (``fsae.distributed.process_group`` entered by the caller) every process trains on
-    ``train.batch_size / world size`` images of each global batch with DistributedDataParallel; rank 0
-    logs, evaluates and writes checkpoints. The result equals one process with the global batch (same
-    images per step, same per-image augmentations, averaged gradients) up to float rounding, and exactly
-    only with ``train.sync_bn`` (GPU) or a BatchNorm-free backbone: plain BatchNorm normalises each
-    process's share of the batch on its own.
+    Default: no host sync per step. ``admit`` keeps each step's [total, terms] on the device with its
+    ids; ``check`` (at log steps, before checkpoints and at epoch ends, on every process) reads them
+    in one sync and raises for the first non-finite step, so no checkpoint ever holds its weights.
+    With ``train.skip_nonfinite`` the decision to skip an update is needed before the update, so
+    ``admit`` syncs every step (as torch.amp's GradScaler does) and counts the skipped steps.
     """
-    run_dir = ensure_output_dir(run_dir)
-    rank, world = distributed.rank(), distributed.world_size()
-    main = rank == 0
-    progress = progress and main
-    if main:
-        save_config(cfg, run_dir / "config.yaml")
-    device = torch.device(cfg.train.device)
+
+    def __init__(self, skip: bool, device, skipped: int = 0):
+        self.skip = skip
+        self.device = device
+        self.skipped = skipped
+        self.pending: list[tuple[int, list, list[str], torch.Tensor]] = []
+
+    def admit(self, total: torch.Tensor, terms: dict, step: int, ids) -> bool:
+        """Whether the step's update is applied."""
+        if self.skip:
+            finite = distributed.all_true(bool(torch.isfinite(total)), self.device)  # sync: skip mode only
+            self.skipped += not finite
+            return finite
+        values = torch.stack([total.detach().float(), *(v.detach().float() for v in terms.values())])
+        self.pending.append((step, list(ids), list(terms), values))
+        return True
+
+    def check(self) -> None:
+        """Raise ``FsaeError`` if a step since the last check had a non-finite loss on any process."""
+        if self.skip:
+            return
+        finite = torch.stack([torch.isfinite(v).all() for *_, v in self.pending]).tolist() if self.pending else []
+        bad = next((entry for entry, ok in zip(self.pending, finite) if not ok), None)  # the sync point
+        self.pending.clear()
+        if not distributed.all_true(bad is None, self.device):
+            if bad is None:
+                raise FsaeError("non-finite loss in another process (its error names the step, terms and ids)")
+            step, ids, names, values = bad
+            terms = dict(zip(names, values[1:].tolist()))
+            raise FsaeError(f"non-finite loss at step {step}: terms {terms}; batch ids {ids}")
+
+
+def train_step(model, optimizer, batch: dict, cfg: Config, two_view: TwoViewFSAE, guard: NonFiniteGuard,
+               epoch: int, step: int, device, forward_model=None) -> dict[str, torch.Tensor]:
+    """One optimisation step: weak view, base terms, FSAE term, backward, optimizer step, EMA.
+
+    ``model`` is the unwrapped method (its ``losses``, the teacher pass); ``forward_model`` the DDP
+    wrapper when there is one. Returns ``{"loss", <terms>, <FSAE statistics>}`` as 0-dim tensors and
+    makes no host sync (except under ``train.skip_nonfinite``, see ``NonFiniteGuard``).
+    """
+    forward_model = forward_model or model
+    images = batch["image"].to(device)
+    labels = batch["label"].to(device)
+    generators = image_generators(cfg.train.seed, epoch, batch["index"])
+    x_s = per_image(weak_view, images, generators, jitter=cfg.data.jitter)
+    source = normalize(x_s)
+    out_s = forward_model(source, labels)
+    terms = model.losses({**batch, "label": labels}, out_s)
+    stats: dict[str, torch.Tensor] = {}
+    if cfg.fsae.enabled:
+        terms["fsae"], stats = two_view.loss(model, forward_model, x_s, source, labels, out_s, batch, generators,
+                                             epoch, device, images)
+    total = sum(terms.values())
+    apply = guard.admit(total, terms, step, batch["id"])
+    optimizer.zero_grad(set_to_none=True)
+    if apply:
+        total.backward()  # DDP: gradients averaged over the processes here
+        if cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        two_view.after_update(model)
+    return {"loss": total.detach(), **{k: v.detach() for k, v in terms.items()}, **stats}
+
+
+@dataclass
+class TrainingRun:
+    """What ``train`` sets up and ``train_one_epoch`` / ``end_epoch`` use."""
+
+    cfg: Config
+    run_dir: Path
+    model: torch.nn.Module
+    forward_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    two_view: TwoViewFSAE
+    guard: NonFiniteGuard
+    views: TrainViews
+    sampler: distributed.ResumableSampler
+    loader: DataLoader
+    val_set: Dataset | None
+    device: torch.device
+    step: int
+    steps_per_epoch: int
+    main: bool
+    progress: bool
+    tb: object = None
+    started: float = 0.0
+    best: dict | None = None  # {"epoch", "val_miou"} of best.pt
+
+    def say(self, line: str) -> None:
+        """A console line, also appended to ``RUN_DIR/log.txt`` (rank 0)."""
+        if self.main:
+            print(line, flush=True)
+            with open(self.run_dir / "log.txt", "a", buffering=1) as f:
+                f.write(line + "\n")
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.train.epochs * self.steps_per_epoch  # the same for any process count: global batches
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / "checkpoints" / "last.pt"
+
+    def save(self, epoch: int, name: str = "last") -> None:
+        """Check the finiteness of the steps so far, then (rank 0) write ``<name>.pt`` atomically."""
+        self.guard.check()
+        if self.main:
+            save_checkpoint(self.run_dir / "checkpoints" / f"{name}.pt",
+                            training_state(self.model, self.optimizer, self.two_view.ema, self.cfg, self.step,
+                                           epoch, self.guard.skipped, self.best))
+
+
+def train_one_epoch(run: TrainingRun, epoch: int) -> dict[str, float]:
+    """One epoch (or its rest, when resuming mid-epoch): learning rate, ``train_step``, logs, checkpoints.
+
+    Returns the epoch's mean loss terms (summed on the device, one sync at the end)."""
+    cfg = run.cfg
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    run.views.epoch = epoch
+    run.sampler.set_epoch(epoch, skip_batches=run.step - epoch * run.steps_per_epoch)  # > 0: resumed mid-epoch
+    bar = tqdm(run.loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not run.progress, leave=False)
+    for batch in bar:
+        lr = learning_rate(cfg.optim, run.step, run.total_steps, run.steps_per_epoch)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr * group["lr_mult"]
+        out = train_step(run.model, run.optimizer, batch, cfg, run.two_view, run.guard, epoch, run.step,
+                         run.device, run.forward_model)
+        run.step += 1
+        for key, value in out.items():
+            if key not in STATISTICS:
+                sums[key] = sums.get(key, 0) + value.double()
+                counts[key] = counts.get(key, 0) + 1
+        if run.step % cfg.train.log_every == 0 or run.step == run.total_steps:
+            run.guard.check()
+            row = log_step(run, epoch, lr, out)
+            bar.set_postfix(loss=f"{row['loss']:.3f}")
+        if cfg.train.checkpoint_every and run.step % cfg.train.checkpoint_every == 0 \
+                and run.step % run.steps_per_epoch:  # mid-epoch; the epoch's end saves in end_epoch
+            run.save(epoch)
+    bar.close()
+    means = torch.stack(list(sums.values())).tolist() if sums else []  # a sync point, once per epoch
+    return distributed.mean_over_ranks({key: total / counts[key] for key, total in zip(sums, means)}, run.device)
+
+
+def log_step(run: TrainingRun, epoch: int, lr: float, out: dict[str, torch.Tensor]) -> dict:
+    """One ``metrics.csv`` / TensorBoard row of the step's losses and statistics (mean over processes)."""
+    # The sync point: the step's tensors become numbers here, at log steps only (nanoGPT's log_interval).
+    numbers = torch.stack([v.double() for v in out.values()]).tolist()
+    values = {"lr": lr, **dict(zip(out, numbers))}
+    row = {"step": run.step, "epoch": epoch, **distributed.mean_over_ranks(values, run.device),
+           "skipped": run.guard.skipped}
+    if run.main:
+        with open(run.run_dir / "metrics.csv", "a", newline="") as f:
+            csv.writer(f).writerow([_fmt(row.get(k)) for k in METRIC_FIELDS])
+    log_scalars(run.tb, "train", row, run.step)
+    return row
+
+
+def end_epoch(run: TrainingRun, epoch: int, losses: dict[str, float], epoch_started: float) -> dict:
+    """Held-out seed mIoU (every ``train.val_every`` epochs and after the last), ``epochs.csv``, ``best.pt``
+    (the highest held-out seed mIoU so far; a tie keeps the earlier epoch), ``last.pt``, the epoch's line."""
+    cfg = run.cfg
+    run.guard.check()
+    val = {}
+    if run.val_set is not None and ((epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == cfg.train.epochs):
+        val = evaluate(run.model, run.val_set, cfg, run.device)  # every process scores 1/N
+    miou = val.get("miou", math.nan)
+    if math.isfinite(miou) and (run.best is None or miou > run.best["val_miou"]):
+        run.best = {"epoch": epoch + 1, "val_miou": miou}
+        run.save(epoch + 1, "best")  # before last.pt: a resumed run never points at a best.pt not written
+    if run.main:
+        with open(run.run_dir / "epochs.csv", "a", newline="") as f:
+            csv.writer(f).writerow([epoch + 1, run.step, _fmt(time.time() - run.started), _fmt(val.get("miou")),
+                                    _fmt(val.get("fpr")), _fmt(val.get("fnr")), _fmt(val.get("threshold"))])
+        log_scalars(run.tb, "val", val, run.step, flush=True)
+    run.save(epoch + 1)
+    terms = " ".join(f"{k} {v:.4f}" for k, v in losses.items())
+    held_out = "" if not val else (f" | val mIoU {100 * miou:.2f} (best {100 * run.best['val_miou']:.2f}, "
+                                   f"epoch {run.best['epoch']})" if run.best else f" | val mIoU {100 * miou:.2f}")
+    run.say(f"epoch {epoch + 1}/{cfg.train.epochs} step {run.step}: {terms}{held_out} | "
+            f"{time.time() - epoch_started:.1f} s")
+    distributed.barrier()  # the other processes wait for rank 0's checkpoint
+    return val
+
+
+def training_device(name: str) -> torch.device:
+    device = torch.device(name)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # under torchrun: this process's own GPU
-    seed_everything(cfg.train.seed)
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True)
+    return device
 
-    # Refuse to start on a data set whose lists, label file or files are missing (the fast check).
+
+def build_loader(cfg: Config, rank: int, world: int):
+    """Refuse a data set that fails the fast check; -> (TrainViews, ResumableSampler, DataLoader)."""
     problems = check_dataset(cfg.data.kind, cfg.data.root, split=cfg.data.train_split, fast=True,
                              num_classes=cfg.data.num_classes)
     if problems:
@@ -285,142 +458,125 @@ def train(cfg: Config, run_dir: str | os.PathLike, progress: bool = True, resume
                                            num_replicas=world, rank=rank, seed=cfg.train.seed)
     loader = DataLoader(views, batch_size=sampler.batch_size, sampler=sampler, drop_last=True,
                         num_workers=cfg.data.workers)
-    steps_per_epoch = sampler.batches_per_epoch
-    if steps_per_epoch == 0:
+    if sampler.batches_per_epoch == 0:
         raise FsaeError(f"{cfg.data.root}: {len(dataset)} images is fewer than one batch of {cfg.train.batch_size}")
-    val_set = None
-    if cfg.train.val_every and cfg.data.val_split:
-        val_set = build_dataset(cfg.data, cfg.data.val_split)
+    return views, sampler, loader
 
+
+def build_model(cfg: Config, device: torch.device, world: int):
+    """The configured method on ``device`` (SyncBatchNorm under torchrun with ``train.sync_bn``)."""
     model = build_method(cfg.model, cfg.data.num_classes).to(device)
-    if getattr(model, "needs_saliency", False) and not cfg.data.saliency_dir:
+    if model.needs_saliency and not cfg.data.saliency_dir:
         raise ConfigError(f"method {cfg.model.method!r} needs saliency maps: set data.saliency_dir "
                           f"(e.g. {cfg.data.root}/saliency for the generated set, SALImages for VOC)")
     if cfg.train.sync_bn and world > 1:
         if device.type != "cuda":
             raise FsaeError("train.sync_bn needs CUDA (torch's SyncBatchNorm runs on GPUs only); set "
                             "train.sync_bn=false for CPU processes")
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
-    optimizer = build_optimizer(model, cfg.optim)  # the method's own param_groups, on the unwrapped module
-    ema = None
-    if cfg.fsae.enabled and cfg.fsae.teacher == "ema":
-        ema = copy.deepcopy(model).eval()
-        for p in ema.parameters():
-            p.requires_grad_(False)
-    total_steps = cfg.train.epochs * steps_per_epoch  # the same for any process count: global batches
-    step, skipped = 0, 0
+        model = sync_batch_norm(model)  # BN statistics over the global batch; frozen BN stays frozen
+    return model
 
+
+def resume_from(path: Path, cfg: Config, model, optimizer, two_view: TwoViewFSAE) -> tuple[int, int, dict | None]:
+    """Load ``last.pt`` into the model, optimizer, EMA and torch RNG; -> (step, skipped steps, best epoch)."""
+    state = load_checkpoint(path, cfg)
+    if state.get("config_hash") != cfg.hash():
+        raise CheckpointError(f"{path}: written by another config ({config_changes(state['config'], cfg)}); "
+                              f"use a new run directory, or --no-resume to start over")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if two_view.ema is not None:
+        two_view.ema.load_state_dict(state["ema"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["step"], state.get("skipped", 0), state.get("best")
+
+
+def open_logs(run_dir: Path, step: int, start_epoch: int) -> None:
+    """New ``metrics.csv`` / ``epochs.csv`` headers, or (resuming) drop rows logged after ``last.pt``."""
+    if step == 0:
+        for path, header in ((run_dir / "metrics.csv", METRIC_FIELDS), (run_dir / "epochs.csv", EPOCH_FIELDS)):
+            with open(path, "w", newline="") as f:
+                csv.writer(f).writerow(header)
+    else:
+        _trim_csv(run_dir / "metrics.csv", "step", step)
+        _trim_csv(run_dir / "epochs.csv", "epoch", start_epoch)
+
+
+def with_absolute_data_paths(cfg: Config) -> Config:
+    """A copy of ``cfg`` with ``data.root``, ``data.saliency_dir`` and ``data.label_file`` absolute, so the
+    run directory's config.yaml works from any directory (``fsae cam RUN``)."""
+    cfg = copy.deepcopy(cfg)
+    for name in ("root", "saliency_dir", "label_file"):
+        if getattr(cfg.data, name):
+            setattr(cfg.data, name, os.path.abspath(getattr(cfg.data, name)))
+    return cfg
+
+
+def start_run(cfg: Config, run_dir: Path, progress: bool, resume: bool) -> TrainingRun:
+    """Everything before the first step: checks, data, model, optimizer, FSAE, resume; then (only once all
+    of it succeeded) ``config.yaml``, the CSV headers and TensorBoard."""
+    rank, world = distributed.rank(), distributed.world_size()
+    main = rank == 0
+    device = training_device(cfg.train.device)
+    seed_everything(cfg.train.seed)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+
+    views, sampler, loader = build_loader(cfg, rank, world)
+    val_set = build_dataset(cfg.data, cfg.data.val_split) if cfg.train.val_every and cfg.data.val_split else None
+    model = build_model(cfg, device, world)
+    optimizer = build_optimizer(model, cfg.optim)  # the method's own param_groups, on the unwrapped module
+    two_view = TwoViewFSAE(cfg.fsae, model, cfg.train.seed, cfg.data.jitter)
     ckpt_path = run_dir / "checkpoints" / "last.pt"
+    step, skipped, best = 0, 0, None
     if resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, cfg)
-        if state.get("config_hash") != cfg.hash():
-            raise CheckpointError(f"{ckpt_path}: written by another config ({config_changes(state['config'], cfg)}); "
-                                  f"use a new run directory, or --no-resume to start over")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        torch.set_rng_state(state["torch_rng"])
-        step, skipped = state["step"], state.get("skipped", 0)
-    start_epoch = step // steps_per_epoch  # a mid-epoch checkpoint (train.checkpoint_every) resumes mid-epoch
+        step, skipped, best = resume_from(ckpt_path, cfg, model, optimizer, two_view)
+    start_epoch = step // sampler.batches_per_epoch  # a mid-epoch checkpoint resumes mid-epoch
     # One process with the global batch, or DDP: gradients are averaged over the processes in backward.
     forward_model = model
     if world > 1:
         forward_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if main:
+        save_config(cfg, run_dir / "config.yaml")
+        open_logs(run_dir, step, start_epoch)
+    run = TrainingRun(cfg, run_dir, model, forward_model, optimizer, two_view,
+                      NonFiniteGuard(cfg.train.skip_nonfinite, device, skipped), views, sampler, loader, val_set,
+                      device, step, sampler.batches_per_epoch, main, progress and main,
+                      # TensorBoard (train.tensorboard): the rows of metrics.csv / epochs.csv, in RUN_DIR/tb/.
+                      tb=open_writer(run_dir / "tb", cfg.train.tensorboard, purge_step=step if step else None),
+                      started=time.time(), best=best)
+    if step:
+        run.say(f"resuming from step {step} (epoch {start_epoch + 1}) of {ckpt_path}")
+    return run
 
-    metrics_path = run_dir / "metrics.csv"
-    epochs_path = run_dir / "epochs.csv"
-    if main and step == 0:
-        for p, header in ((metrics_path, METRIC_FIELDS), (epochs_path, ["epoch", "step", "seconds", "val_miou",
-                                                                      "val_fpr", "val_fnr", "val_threshold"])):
-            with open(p, "w", newline="") as f:
-                csv.writer(f).writerow(header)
-    elif main:
-        _trim_csv(metrics_path, "step", step)
-        _trim_csv(epochs_path, "epoch", start_epoch)
 
-    # TensorBoard (train.tensorboard): the same rows as metrics.csv / epochs.csv, in RUN_DIR/tb/.
-    tb = open_writer(run_dir / "tb", cfg.train.tensorboard, purge_step=step if step else None)
-    fs = cfg.fsae
-    started = time.time()
-    model.train()
-    for epoch in range(start_epoch, cfg.train.epochs):
-        views.epoch = epoch
-        sampler.set_epoch(epoch, skip_batches=step - epoch * steps_per_epoch)  # > 0 only when resuming mid-epoch
-        use_fsae = fs.enabled and epoch >= fs.start_epoch
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not progress, leave=False)
-        for batch in bar:
-            lr = learning_rate(cfg.optim, step, total_steps, steps_per_epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_mult"]
-            images = batch["image"].to(device)
-            labels = batch["label"].to(device)
-            generators = image_generators(cfg.train.seed, epoch, batch["index"])
-            x_s = per_image(weak_view, images, generators, jitter=cfg.data.jitter)
-            source = normalize(x_s)
-            out_s = forward_model(source, labels)
-            terms = model.losses({**batch, "label": labels}, out_s)
-            stats: dict[str, float] = {}
-            if use_fsae:
-                x_t = per_image(strong_view, x_s, generators, num_ops=fs.strong_ops, blur_sigma=tuple(fs.blur),
-                                blur_prob=fs.blur_prob)
-                out_t = forward_model(normalize(x_t), labels)  # under DDP: a second forward, one backward
-                if fs.teacher == "reuse":
-                    teacher = out_s.score_map.detach()
-                elif fs.teacher == "separate":
-                    with torch.no_grad():
-                        teacher = model(source, labels).score_map
-                else:
-                    with torch.no_grad():
-                        teacher = ema(source, labels).score_map
-                size = teacher.shape[-2:]
-                gt = downsample_nearest(batch["mask"], size).to(device) if "mask" in batch else None
-                terms["fsae"], stats = fsae_loss(
-                    mask_absent_classes(teacher, labels), mask_absent_classes(out_t.score_map, labels),
-                    tau_fae=fs.tau_fae, tau_sae=fs.tau_sae, kernel_size=fs.kernel_size, weight=fs.weight,
-                    use_sae=fs.use_sae, reduction=fs.reduction,
-                    valid=downsample_nearest(batch["valid"], size).to(device), gt=gt)
-            elif fs.enabled:
-                terms["fsae"] = torch.zeros((), device=device)  # before start_epoch: exactly zero
-            total = sum(terms.values())
-            finite = distributed.all_true(bool(torch.isfinite(total)), device)  # every process skips or none
-            if not (finite or cfg.train.skip_nonfinite):
-                _check_finite(total, terms, step, batch["id"], finite_everywhere=False)
-            optimizer.zero_grad(set_to_none=True)
-            if finite:
-                total.backward()  # DDP: gradients averaged over the processes here
-                if cfg.optim.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                optimizer.step()
-                if ema is not None:
-                    update_ema(ema, model, fs.ema_decay)
-            else:
-                skipped += 1  # train.skip_nonfinite: this batch does not update the weights
-            step += 1
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                values = {"lr": lr, "loss": total.item(), **{k: v.item() for k, v in terms.items()}, **stats}
-                row = {"step": step, "epoch": epoch, **distributed.mean_over_ranks(values, device), "skipped": skipped}
-                if main:
-                    with open(metrics_path, "a", newline="") as f:
-                        csv.writer(f).writerow([_fmt(row.get(k)) for k in METRIC_FIELDS])
-                log_scalars(tb, "train", row, step)
-                bar.set_postfix(loss=f"{row['loss']:.3f}")
-            if main and cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 \
-                    and step % steps_per_epoch:  # mid-epoch; the epoch's end saves below
-                save_checkpoint(ckpt_path, training_state(model, optimizer, ema, cfg, step, epoch, skipped))
-        bar.close()
-        val = {}
-        if val_set is not None and ((epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == cfg.train.epochs):
-            val = evaluate_seeds_in_memory(model, val_set, cfg, device)  # every process scores 1/N
-        if main:
-            with open(epochs_path, "a", newline="") as f:
-                csv.writer(f).writerow([epoch + 1, step, _fmt(time.time() - started), _fmt(val.get("miou")),
-                                        _fmt(val.get("fpr")), _fmt(val.get("fnr")), _fmt(val.get("threshold"))])
-            log_scalars(tb, "val", val, step, flush=True)
-            save_checkpoint(ckpt_path, training_state(model, optimizer, ema, cfg, step, epoch + 1, skipped))
-        distributed.barrier()  # the other processes wait for rank 0's checkpoint
-    close_writer(tb)
-    return ckpt_path
+def train(cfg: Config, run_dir: str | os.PathLike, progress: bool = True, resume: bool = True) -> Path:
+    """Train ``cfg`` into ``run_dir``; resume from ``checkpoints/last.pt`` when present.
+
+    A start that fails (bad data, a refused resume, ...) leaves ``config.yaml`` as it was and removes a
+    run directory it created. Under torchrun (``fsae.distributed.process_group`` entered by the caller)
+    every process trains on ``train.batch_size / world size`` images of each global batch with
+    DistributedDataParallel; rank 0 logs, evaluates and writes checkpoints. The result equals one process
+    with the global batch (same images per step, same per-image augmentations, averaged gradients) up to
+    float rounding, and exactly only with ``train.sync_bn`` (GPU) or a BatchNorm-free backbone: plain
+    BatchNorm normalises each process's share of the batch on its own.
+    """
+    cfg = with_absolute_data_paths(cfg)
+    created = not Path(run_dir).exists()
+    run_dir = ensure_output_dir(run_dir)
+    try:
+        run = start_run(cfg, run_dir, progress, resume)
+    except BaseException:
+        if created and distributed.rank() == 0:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    run.model.train()
+    for epoch in range(run.step // run.steps_per_epoch, cfg.train.epochs):
+        epoch_started = time.time()
+        losses = train_one_epoch(run, epoch)
+        end_epoch(run, epoch, losses, epoch_started)
+    close_writer(run.tb)
+    return run.checkpoint_path
 
 
 def _fmt(value) -> str:
@@ -431,4 +587,5 @@ def _fmt(value) -> str:
     return str(value)
 
 
-__all__ = ["train", "load_checkpoint", "model_from_checkpoint", "TrainViews"]
+__all__ = ["train", "train_step", "train_one_epoch", "evaluate", "load_checkpoint", "model_from_checkpoint",
+           "run_checkpoint", "TrainViews", "NonFiniteGuard"]

@@ -347,3 +347,70 @@ def test_normalize_round_trip():
     torch.testing.assert_close(normalize(mean_image), torch.zeros(3, 4, 4))
     torch.testing.assert_close(normalize(torch.ones(3, 1, 1))[:, 0, 0],
                                torch.tensor([(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225]))
+
+
+# ------------------------------------------------------- the FSAE authors' strong view (fsae.* options)
+AUTHORS_RANGES = {**{op: (0.05, 0.95) for op in ("Brightness", "Color", "Contrast", "Sharpness")},
+                  "Posterize": (4, 7)}
+
+
+def test_strong_ops_with_replacement_frequencies():
+    # obeychoi0120/wseg ssl data/augmentation/randaugment.py:221: random.choices(range(9), k=5)
+    gen = torch.Generator().manual_seed(0)
+    draws = [[name for name, _ in sample_color_ops(5, gen, replacement=True)] for _ in range(4000)]
+    counts = {op: sum(d.count(op) for d in draws) for op in COLOR_OPS}
+    for op in COLOR_OPS:
+        assert counts[op] / 20000 == pytest.approx(1 / 9, abs=0.01), op
+    repeated = sum(len(set(d)) < 5 for d in draws) / len(draws)
+    assert repeated == pytest.approx(1 - 9 * 8 * 7 * 6 * 5 / 9**5, abs=0.03)  # 0.744: P(some op twice)
+    distinct = [[name for name, _ in sample_color_ops(5, gen)] for _ in range(200)]
+    assert all(len(set(d)) == 5 for d in distinct)  # the default draws distinct ops
+
+
+def test_authors_magnitude_ranges():
+    gen = torch.Generator().manual_seed(1)
+    seen: dict[str, list] = {}
+    for _ in range(3000):
+        for name, magnitude in sample_color_ops(5, gen, replacement=True, ranges=AUTHORS_RANGES):
+            seen.setdefault(name, []).append(magnitude)
+    for op in ("Brightness", "Color", "Contrast", "Sharpness"):  # darkening only: factors below 1
+        assert 0.05 <= min(seen[op]) < 0.07 and 0.93 < max(seen[op]) <= 0.95, op
+    assert sorted(set(seen["Posterize"])) == [4, 5, 6, 7]  # int(uniform(4, 8)): 4..7 bits
+    assert all(isinstance(b, int) for b in seen["Posterize"])
+
+
+def test_blur_kernel_drawn_once_per_run():
+    from fsae.augment import run_blur_kernel
+    from fsae.config import FSAEConfig
+    from fsae.two_view import TwoViewFSAE
+
+    # data/dataset.py:92-93: k = int(random() * 4.95), k + 1 if even -> P(1) = P(3) = 2 / 4.95, P(5) = 0.95 / 4.95
+    kernels = [run_blur_kernel(seed) for seed in range(3000)]
+    for k, p in ((1, 2 / 4.95), (3, 2 / 4.95), (5, 0.95 / 4.95)):
+        assert kernels.count(k) / 3000 == pytest.approx(p, abs=0.03), k
+    cfg = FSAEConfig(enabled=True, blur_kernel="per_run")
+    model = torch.nn.Linear(1, 1)
+    assert {TwoViewFSAE(cfg, model, seed=11).blur_kernel for _ in range(3)} == {run_blur_kernel(11)}
+    assert TwoViewFSAE(FSAEConfig(enabled=True), model, seed=11).blur_kernel is None  # the paper: per image
+    # kernel 1 is no blur at all; the kernel of a run is used for every image of every batch
+    images = torch.rand(3, 3, 24, 24)
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    same = strong_view(images, gens[0], num_ops=0, blur_kernel=1)
+    assert torch.equal(same, images.clamp(0, 1))
+    calls = []
+    real = TF.gaussian_blur
+
+    def spy(image, kernel_size, sigma):
+        calls.append(tuple(kernel_size))
+        return real(image, kernel_size, sigma)
+
+    import fsae.augment as augment_module
+
+    original = augment_module.TF.gaussian_blur
+    augment_module.TF.gaussian_blur = spy
+    try:
+        strong_view(images, gens[1], num_ops=2, blur_kernel=5)
+        strong_view(images, gens[2], num_ops=2, blur_kernel=5)
+    finally:
+        augment_module.TF.gaussian_blur = original
+    assert calls == [(5, 5)] * 6

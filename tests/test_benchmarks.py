@@ -8,7 +8,7 @@ import torch
 from benchmarks import bench_cam_inference, bench_crf, bench_data_loading, bench_fsae_step, bench_seed_sweep
 from benchmarks.common import BenchResult, MismatchError, Row, render_markdown
 from fsae.io import write_mask
-from fsae.train import image_generators
+import fsae.train
 
 
 def test_seed_sweep_same_miou_every_threshold(tmp_path):
@@ -61,20 +61,8 @@ def test_fsae_step_is_train_step_and_modes_agree(tmp_path):
     assert first["reuse"]["fsae"] == pytest.approx(first["separate"]["fsae"], rel=1e-6)
     assert first["reuse"]["loss"] == pytest.approx(first["reuse"]["cls"] + first["reuse"]["fsae"], rel=1e-6)
     assert "fsae" not in first["base"]
-    assert "train() step" in result.rows[0].check
+    assert bench_fsae_step.train_step is fsae.train.train_step  # the timed step is the training loop's own
     assert set(result.numbers["ratios"]) == {"reuse", "separate"}
-
-
-def test_fsae_step_check_catches_a_step_unlike_train(tmp_path, monkeypatch):
-    real = bench_fsae_step.train_step
-
-    def other_augmentation_seed(model, optimizer, batch, cfg, generators, mode):
-        return real(model, optimizer, batch, cfg, image_generators(12345, 0, batch["index"]), mode)
-
-    monkeypatch.setattr(bench_fsae_step, "train_step", other_augmentation_seed)
-    root = bench_fsae_step.generated_set(tmp_path, num_train=4)
-    with pytest.raises(MismatchError, match=r"training step \(reuse\) vs fsae.train.train"):
-        bench_fsae_step.check_against_train(root, "val", "reuse", tmp_path)
 
 
 def test_data_loading_workers_give_the_same_batches(tmp_path):

@@ -14,7 +14,6 @@ import torch
 from fsae.augment import strong_view, weak_view
 from fsae.cli import main as cli
 from fsae.config import Config, save_config
-from fsae.data.synthetic import SyntheticSpec, generate
 from fsae.distributed import ResumableSampler, current_shard, parse_shard, per_rank_batch, shard_indices
 from fsae.errors import FsaeError
 from fsae.evaluate import evaluate_masks, evaluate_seeds
@@ -27,28 +26,13 @@ REPO = Path(__file__).resolve().parents[1]
 ATOL, RTOL = 2e-5, 1e-4
 
 
-def tiny_data(root: Path, num_train: int = 16) -> Path:
-    """16 train / 4 val images of 32 x 32 px in the VOC layout."""
-    spec = SyntheticSpec(num_train=num_train, num_val=4, image_size=32, body_axes=(6.0, 9.0),
-                         part_radius=(1.5, 2.5), stripe_period=(4.0, 6.0), clutter_axes=(3.0, 5.0), seed=1)
-    return generate(root, spec, progress=False)
-
-
 def subprocess_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tiny_data(tmp_path_factory.mktemp("ddp_data"))
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same float summation order as the OMP_NUM_THREADS=1 subprocesses
-    yield
-    torch.set_num_threads(threads)
+def data_root(tiny32):
+    return tiny32
 
 
 # ------------------------------------------------------------------------------------------ sampler

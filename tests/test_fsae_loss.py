@@ -241,7 +241,8 @@ def test_hand_case_loss_values_both_reductions():
     assert stats["boundary_ratio"] == pytest.approx(6 / 16)
     assert stats["sae_added_ratio"] == pytest.approx(4 / 16)  # mask 9 minus the 5 already confident
     for key in ("mask_ratio", "confident_ratio", "fg_confident_ratio", "ring_ratio", "boundary_ratio"):
-        assert isinstance(stats[key], float)
+        # statistics stay 0-dim tensors (numbers only at log steps, fsae/train.py)
+        assert isinstance(stats[key], torch.Tensor) and stats[key].dim() == 0
     assert "pl_accuracy" not in stats and "pl_count" not in stats
 
 
@@ -689,3 +690,31 @@ def test_channel_label_round_trip(C):
     assert label_to_channel(torch.tensor([0]), C).item() == C, "label 0 -> bg channel C"
     for c in range(C):
         assert channel_to_label(torch.tensor([c]), C).item() == c + 1
+
+
+def test_two_term_loss_form_counts_the_overlap_twice():
+    # The FSAE authors' loss (obeychoi0120/wseg ssl, module/train.py:396-403), written plainly:
+    # mean(CE * M) + lambda * mean(CE * M_bdry), means over all pixels. C = 1, background last, 1 x 3 pixels:
+    # pixel 0 foreground-confident, pixel 1 background-confident AND in the SAE ring of pixel 0 (M and
+    # M_bdry overlap there), pixel 2 a tie (in no mask).
+    source = torch.tensor([[6.0, 0.0, 0.0], [0.0, 6.0, 0.0]]).view(1, 2, 1, 3)
+    target = torch.tensor([[1.0, 0.5, 3.0], [2.0, -1.0, 3.0]]).view(1, 2, 1, 3)
+    parts = pseudo_label_parts(source, kernel_size=3)
+    assert parts["confident"].flatten().tolist() == [True, True, False]
+    assert parts["boundary"].flatten().tolist() == [False, True, False]
+
+    def ce(fg, bg, channel):  # -log softmax([fg, bg])[channel]
+        return -math.log(math.exp((fg, bg)[channel]) / (math.exp(fg) + math.exp(bg)))
+
+    ce0, ce1 = ce(1.0, 2.0, 0), ce(0.5, -1.0, 1)  # pseudo-labels: pixel 0 class, pixel 1 background
+    lam = 0.5
+    two_term, _ = fsae_loss(source, target, weight=lam, form="two_term")
+    assert two_term.item() == pytest.approx((ce0 + ce1) / 3 + lam * ce1 / 3, rel=1e-6)
+    union, _ = fsae_loss(source, target, weight=lam)  # the default, eq. 9: one mean over M u M_bdry
+    assert union.item() == pytest.approx(lam * (ce0 + ce1) / 3, rel=1e-6)
+    # crop padding removed from both masks when a valid map is given (fsae.mask_padding)
+    valid = torch.tensor([[[True, False, True]]])
+    padded, _ = fsae_loss(source, target, weight=lam, form="two_term", valid=valid)
+    assert padded.item() == pytest.approx(ce0 / 3, rel=1e-6)
+    with pytest.raises(ValueError, match="two_term"):
+        fsae_loss(source, target, form="two_term", reduction="masked_mean")

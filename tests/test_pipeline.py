@@ -38,7 +38,7 @@ def tiny_config(root, **fsae):
 
 def test_cam_shapes_and_sipe_score_map():
     torch.manual_seed(0)
-    model = CAM(3, backbone="tinycnn", output_stride=8, width=8).eval()
+    model = CAM(3, backbone="tinycnn", output_stride=8, width=8, background="sipe").eval()
     x = torch.randn(2, 3, 64, 48)
     labels = torch.tensor([[1.0, 0, 1], [0, 1, 0]])
     out = model(x, labels)
@@ -60,11 +60,21 @@ def test_cam_shapes_and_sipe_score_map():
 
 @pytest.mark.parametrize("background", ["constant", "learned"])
 def test_other_background_channels(background):
+    torch.manual_seed(0)
     model = CAM(2, backbone="tinycnn", output_stride=8, width=8, background=background, background_logit=3.0)
-    out = model(torch.randn(1, 3, 32, 32))
+    x = torch.randn(1, 3, 32, 32)
+    out = model(x)
     assert out.score_map.shape == (1, 3, 4, 4)
+    features = model.backbone(x)  # (1, D, 4, 4)
+    # foreground channels: the bias-free 1x1 classifier, written as a plain sum over feature channels
+    w = model.classifier.weight[:, :, 0, 0]  # (2, D)
+    torch.testing.assert_close(out.score_map[:, :2], torch.einsum("kd,bdhw->bkhw", w, features))
     if background == "constant":
         assert (out.score_map[:, -1] == 3.0).all()
+    else:  # the learned channel: its own 1x1 conv with bias
+        bw, bb = model.bg_head.weight[0, :, 0, 0], model.bg_head.bias[0]
+        torch.testing.assert_close(out.score_map[:, -1], torch.einsum("d,bdhw->bhw", bw, features) + bb)
+        assert out.score_map[:, -1].std() > 0  # not a constant in disguise
 
 
 def test_multiscale_flip_merge_equals_a_loop():
@@ -148,13 +158,23 @@ def test_cli_stages_chained(tiny_synthetic, tmp_path, capsys):
     assert "0 written" in capsys.readouterr().out
 
 
-def test_recipes_match_the_demo():
-    for variant, name in (("base", "cam"), ("fae", "cam_fae"), ("fsae", "cam_fsae")):
-        cfg = load_config(REPO / "configs" / "synthetic" / f"{name}.yaml")
-        expected = demo_config(variant, "data/synthetic")
-        for section in ("data", "model", "optim", "fsae", "train", "infer", "eval"):
-            assert getattr(cfg, section) == getattr(expected, section), (name, section)
-    assert set(VARIANTS) == {"base", "fae", "fsae"}
+def test_demo_reads_the_recipes_which_differ_only_in_fsae():
+    recipes = {v: load_config(REPO / "configs" / "synthetic" / name) for v, name in VARIANTS.items()}
+    assert set(recipes) == {"base", "fae", "fsae"}
+    # Table 6's rows: the same training except the FSAE switches
+    for section in ("data", "model", "optim", "train", "infer", "eval"):
+        assert getattr(recipes["base"], section) == getattr(recipes["fae"], section) == \
+            getattr(recipes["fsae"], section), section
+    assert (recipes["base"].fsae.enabled, recipes["fae"].fsae.enabled, recipes["fsae"].fsae.enabled) == \
+        (False, True, True)
+    assert (recipes["fae"].fsae.use_sae, recipes["fsae"].fsae.use_sae) == (False, True)
+    cfg = demo_config("fsae", "/data/x", seed=3)
+    assert (cfg.data.root, cfg.train.seed, cfg.name) == ("/data/x", 3, "demo_fsae")
+    cfg.data.root, cfg.train.seed, cfg.name = recipes["fsae"].data.root, 0, recipes["fsae"].name
+    assert cfg == recipes["fsae"]
+    # the demo's numbers come from these values (README's demo table)
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.fsae.start_epoch, cfg.model.background) == \
+        (15, 32, 5, "constant")
 
 
 def test_config_errors_name_the_key(tmp_path):
@@ -282,3 +302,130 @@ def test_cli_crf_then_eval_masks(tiny_synthetic, tmp_path):
     result = json.loads(out_json.read_text())
     assert result["count"] == spec.num_train
     assert result["miou"] + result["fpr"] + result["fnr"] == pytest.approx(1.0)
+
+
+SYNC_METHODS = ("item", "cpu", "tolist", "numpy", "__bool__", "__float__")
+
+
+@pytest.mark.parametrize("teacher", ["ema"])
+def test_no_host_sync_in_a_non_log_step(tiny_synthetic, tmp_path, monkeypatch, teacher):
+    """Count the host syncs fsae code makes per training step; every step that does not log has none.
+
+    A sync is a call of ``Tensor.item / cpu / tolist / numpy / __bool__ / __float__`` from an ``fsae``
+    module. ``fsae.augment`` reads its random draws from CPU generators (scalars of at most 9 values,
+    never images or losses): host numbers, not device syncs; they are checked to be only that.
+    """
+    import sys
+
+    import fsae.train as train_module
+
+    root, _ = tiny_synthetic
+    cfg = tiny_config(root, enabled=True, teacher=teacher)
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.log_every, cfg.train.val_every = 2, 6, 1000, 0
+    steps, syncs, draws = [0], {}, []
+    for name in SYNC_METHODS:
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, _name=name, **kwargs):
+            caller = sys._getframe(1)
+            module = caller.f_globals.get("__name__", "")
+            if module == "fsae.augment":
+                draws.append((caller.f_code.co_name, self.numel(), self.requires_grad))
+            elif module.startswith("fsae"):
+                syncs.setdefault(steps[0], []).append(f"{module}.{caller.f_code.co_name}: {_name}")
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    real_step = train_module.train_step
+
+    def numbered_step(*args, **kwargs):
+        steps[0] += 1
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", numbered_step)
+    train(cfg, tmp_path / "run", progress=False)
+    per_epoch = 24 // 6
+    assert steps[0] == 2 * per_epoch
+    # steps 4 and 8 end an epoch (finiteness check, checkpoint) and 8 logs; the others must not sync
+    quiet = [s for s in range(1, steps[0] + 1) if s % per_epoch]
+    assert {s: syncs[s] for s in quiet if s in syncs} == {}
+    assert syncs.get(steps[0])  # the check counts: the last step's log does sync
+    assert draws and all(numel <= 9 and not grad for _, numel, grad in draws)
+
+
+def test_best_checkpoint_is_the_first_epoch_with_the_top_heldout_miou(tiny_synthetic, tmp_path, capsys):
+    from fsae.train import model_from_checkpoint, run_checkpoint
+
+    root, _ = tiny_synthetic
+    cfg = tiny_config(root, enabled=True, start_epoch=1)
+    cfg.train.epochs = 4
+    train(cfg, tmp_path / "run", progress=False)
+    epochs = list(csv.DictReader(open(tmp_path / "run" / "epochs.csv")))
+    scores = [float(e["val_miou"]) for e in epochs]
+    expected = scores.index(max(scores)) + 1  # the first epoch reaching the maximum (6 printed digits)
+    best = torch.load(run_checkpoint(tmp_path / "run", "best"), weights_only=True)
+    assert best["best"]["epoch"] == best["epoch"] == expected
+    assert best["best"]["val_miou"] == pytest.approx(max(scores), rel=1e-5)
+    last = torch.load(run_checkpoint(tmp_path / "run"), weights_only=True)
+    assert last["best"] == best["best"] and last["epoch"] == 4
+    model, _ = model_from_checkpoint(run_checkpoint(tmp_path / "run", "best"))
+    for key, value in best["model"].items():
+        assert torch.equal(model.state_dict()[key], value)
+    # one console line per epoch, the same lines in log.txt
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    logged = (tmp_path / "run" / "log.txt").read_text().splitlines()
+    assert printed == logged and len(logged) == 4
+    assert logged[1].startswith("epoch 2/4 step 6: loss ") and " fsae " in logged[1]
+    assert f"val mIoU {100 * scores[1]:.2f}" in logged[1]
+
+
+def test_resume_says_where_and_a_refused_start_leaves_the_run_dir(tiny_synthetic, tmp_path, capsys, monkeypatch):
+    import fsae.train as train_module
+    from fsae.errors import CheckpointError, DataError
+    from fsae.train import run_checkpoint
+
+    root, _ = tiny_synthetic
+    cfg = tiny_config(root)
+    cfg.train.epochs, cfg.train.val_every = 2, 0
+    with pytest.raises(CheckpointError, match="no such checkpoint.*val_every"):
+        run_checkpoint(tmp_path / "run", "best")
+    real_save = train_module.save_checkpoint
+
+    def die_after_epoch_one(path, state):
+        real_save(path, state)
+        if state["epoch"] == 1:
+            raise KeyboardInterrupt("killed after epoch 1")
+
+    monkeypatch.setattr(train_module, "save_checkpoint", die_after_epoch_one)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "run", progress=False)
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    capsys.readouterr()
+    train(cfg, tmp_path / "run", progress=False)
+    assert "resuming from step 3 (epoch 2)" in capsys.readouterr().out
+    log = (tmp_path / "run" / "log.txt").read_text().splitlines()  # epoch 1's line died with its checkpoint
+    assert log[0].startswith("resuming from step 3 (epoch 2)") and log[1].startswith("epoch 2/2 step 6: loss ")
+    assert len(log) == 2
+    # a refused resume (another model) keeps the run's config.yaml and names the differing field
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    cfg.model.width = 16
+    with pytest.raises(CheckpointError, match=r"model.width 8 -> 16\)") as error:
+        train(cfg, tmp_path / "run", progress=False)
+    assert "ModelConfig(" not in str(error.value)
+    assert (tmp_path / "run" / "config.yaml").read_text() == saved
+    # a failed start into a new directory leaves no directory
+    cfg.data.train_split = "missing"
+    with pytest.raises(DataError):
+        train(cfg, tmp_path / "new" / "run", progress=False)
+    assert not (tmp_path / "new" / "run").exists()
+
+
+def test_run_config_stores_absolute_data_paths(tiny_synthetic, tmp_path, monkeypatch):
+    root, _ = tiny_synthetic
+    monkeypatch.chdir(root.parent)
+    cfg = tiny_config(root.name)  # relative to the working directory
+    cfg.train.epochs, cfg.train.val_every = 1, 0
+    train(cfg, tmp_path / "run", progress=False)
+    monkeypatch.chdir(tmp_path)
+    saved = load_config(tmp_path / "run" / "config.yaml")
+    assert saved.data.root == str(root.resolve()) and Path(saved.data.root, "cls_labels.json").is_file()

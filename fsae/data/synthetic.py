@@ -201,7 +201,3 @@ def generate(out: str | Path, spec: SyntheticSpec | None = None, progress: bool 
 def json_roundtrip(obj):
     """Tuples become lists as in the saved meta.json, so specs compare equal after a reload."""
     return json.loads(json.dumps(obj))
-
-
-def read_meta(root: str | Path) -> dict:
-    return read_json(Path(root) / META_FILE)

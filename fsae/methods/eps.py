@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsae.errors import ConfigError
-from fsae.methods.base import Method, Output
+from fsae.methods.base import Method, Output, backbone_options
 from fsae.models.backbones import build_backbone
 
 
@@ -96,14 +96,10 @@ def reference_param_groups(backbone: nn.Module, new_layers: list[nn.Module]) -> 
     return [g for g in groups if g["params"]]
 
 
-def backbone_options(model_cfg) -> dict:
-    """Keyword arguments of ``build_backbone`` for the configured backbone."""
-    if model_cfg.backbone == "tinycnn":
-        return {"width": model_cfg.width, "depth": model_cfg.depth}
-    if model_cfg.backbone == "resnet38":
-        r = model_cfg.resnet38
-        return {"resnet38": {"width": r.width, "freeze_bn": r.freeze_bn, "freeze_stem": r.freeze_stem}}
-    return {}
+def eps_options(model_cfg) -> dict:
+    """The constructor arguments EPS and PPC share: backbone, output stride, weights, tau, alpha."""
+    return dict(backbone=model_cfg.backbone, output_stride=model_cfg.output_stride, weights=model_cfg.weights,
+                tau=model_cfg.eps.tau, alpha=model_cfg.eps.alpha, **backbone_options(model_cfg))
 
 
 class EPS(Method):
@@ -120,6 +116,10 @@ class EPS(Method):
         self.backbone = build_backbone(backbone, output_stride, weights, **backbone_kwargs)
         self.classifier = nn.Conv2d(self.backbone.out_channels, num_classes + 1, 1, bias=False)
         nn.init.xavier_uniform_(self.classifier.weight)
+
+    @classmethod
+    def from_config(cls, model_cfg, num_classes: int) -> "EPS":
+        return cls(num_classes, **eps_options(model_cfg))
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)

@@ -24,19 +24,8 @@ V2 has no background channel. FSAE's (C + 1)-channel score map S (``background``
 - ``"constant"``: ``S = [patch_cams, b]`` with a fixed background logit ``b = background_logit``;
 - ``"sipe"``: ``S = scale * [n_c, 1 - max_c n_c]`` of the max-normalised patch CAMs of the present
   classes (``fsae.methods.cam.sipe_score_map``).
-"constant" is the default, for the reason measured for the plain CAM (``fsae/methods/cam.py``: the
-1 - max background is confidently wrong on weakly activated object pixels).
-Measured on the generated set (``fsae data synthetic --train 400 --val 100``, 128 px, 4 classes, seed
-0) with ``configs/synthetic/mctformer*.yaml`` (ViT width 96, depth 4, 4 heads, patch 16, from scratch;
-AdamW lr 1e-3, cosine, 1 warm-up epoch; seed mIoU on the 400 train images, scales 1.0/0.5/1.5/2.0 +
-flip, best background threshold of 0..0.60):
-20 epochs, FSAE from epoch 5: base 13.0, +FSAE "constant" 11.6, +FSAE "sipe" 10.9;
-40 epochs, drop path 0, FSAE from epoch 10: base 10.8, +FSAE "constant" 10.2.
-These numbers say only that a small ViT trained from scratch on 400 images does not localise: it
-classifies (class-token loss 0.23 at 40 epochs) but its patch CAM, fused and refined maps all stay
-near 18-24 % mIoU on 120 images, so FSAE's pseudo-labels have nothing right to expand (pseudo-label
-accuracy 0.54-0.84). MCTformer relies on ImageNet-pretrained DeiT-S; with no such weights offline the
-choice of S could not be measured meaningfully here.
+"constant" is the default (the plain CAM's reason; docs/decisions.md has why it could not be measured
+for MCTformer here).
 
 Training recipe (the base repo's ``main.py``): AdamW, weight decay 0.05 except on biases, norms,
 position embeddings and class tokens (timm's rule, ``param_groups``), drop path 0.1.
@@ -135,6 +124,15 @@ class MCTformerV2(Method):
         self.head = nn.Conv2d(dim, num_classes, 3, padding=1)  # V2's patch-token CAM head
         if weights:
             self._load_weights(backbone, weights)
+
+    @classmethod
+    def from_config(cls, model_cfg, num_classes: int) -> "MCTformerV2":
+        m = model_cfg.mct
+        return cls(num_classes, backbone=model_cfg.backbone, weights=model_cfg.weights, img_size=m.img_size,
+                   embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, drop_path=m.drop_path,
+                   attention_layers=m.attention_layers, patch_refine=m.patch_refine,
+                   background=model_cfg.background, score_scale=model_cfg.score_scale,
+                   background_logit=model_cfg.background_logit)
 
     def _load_weights(self, backbone: str, weights: str) -> None:
         import timm

@@ -28,7 +28,7 @@ from torch import nn
 
 from fsae.config import PPCConfig
 from fsae.methods.base import Output
-from fsae.methods.eps import EPS, batch_saliency, eps_saliency_loss
+from fsae.methods.eps import EPS, batch_saliency, eps_options, eps_saliency_loss
 from fsae.models.resnet38 import ResNet38
 
 
@@ -238,6 +238,10 @@ class PPC(EPS):
         for conv in self.pcm_proj:
             nn.init.kaiming_normal_(conv.weight)
         nn.init.xavier_uniform_(self.pcm_fuse.weight, gain=4)
+
+    @classmethod
+    def from_config(cls, model_cfg, num_classes: int) -> "PPC":
+        return cls(num_classes, ppc=model_cfg.ppc, **eps_options(model_cfg))
 
     def feature_levels(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if isinstance(self.backbone, ResNet38):

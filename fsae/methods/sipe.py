@@ -47,23 +47,7 @@ FSAE's (C + 1)-channel score map S (``score_map``; the FSAE authors did not publ
 - ``"is_cam"``: ``S = score_scale * IS_cam / max_hw IS_cam`` (the normalised IS-CAM, background last).
   Its gradient reaches only the side convs: SIPE detaches the backbone features they read, and the
   seeds are an argmax.
-Measured on the generated set (``fsae data synthetic --train 400 --val 100``, 128 px, 4 classes, seed 0)
-with ``configs/synthetic/sipe*.yaml`` (timm resnet18 at stage widths 16-32-64-128 from scratch, batch
-16, Adam lr 1e-3, grad clip 1, 12 epochs, FSAE from epoch 4; seed mIoU on the 400 train images, IS-CAM
-argmax with scales 1.0/0.5/1.5/2.0 + flip):
-
-=====================  =====  =====  =====  ========  ==================================
-S                      mIoU   FPR    FNR    coverage  FSAE mask / pseudo-label accuracy
-=====================  =====  =====  =====  ========  ==================================
-base (no FSAE)         69.4   25.1   5.5    94.0
-+FSAE, ``"cam"``       75.9   12.3   11.8   84.4      81 % of pixels / 95.3 %
-+FSAE, ``"is_cam"``    63.4   30.5   6.1    95.3      77 % of pixels / 82.7 %
-=====================  =====  =====  =====  ========  ==================================
-
-Hence ``"cam"`` (the default): its pseudo-labels are more accurate and its gradient reaches the
-backbone. The plain CAM's caveat (``fsae/methods/cam.py``: 1 - max is >= 0.95-confident background
-on weakly activated object pixels) did not bite here: SIPE's IS-CAM already covers 94 % of the objects
-before FSAE starts, and FSAE mainly removed false positives (FPR 25.1 -> 12.3).
+``"cam"`` is the default; the measurement that chose it is in docs/decisions.md.
 """
 
 from __future__ import annotations
@@ -74,6 +58,7 @@ from torch import nn
 
 from fsae.methods.base import Method, Output
 from fsae.models.backbones import create_backbone, load_pretrained
+from fsae.models.batchnorm import freeze_batch_norm
 
 SCORE_MAPS = ("cam", "is_cam")
 EPS = 1e-5
@@ -170,18 +155,19 @@ class SIPE(Method):
             raise ValueError(f"sipe.side_channels needs 4 widths (one per stage), got {side_channels}")
         self.sides = nn.ModuleList(nn.Conv2d(d, s, 1, bias=False) for d, s in zip(dims, side_channels))
         self.classifier = nn.Conv2d(dims[-1], num_classes, 1, bias=False)
+        if freeze_bn:  # SIPE's FixedBatchNorm: running statistics, in training too
+            freeze_batch_norm(self.features)
         if freeze_low_stages:  # SIPE: stage 2's output is detached, the stem and stages 1-2 never train
             for name, p in self.features.named_parameters():
                 if not name.startswith(("layer3", "layer4")):
                     p.requires_grad_(False)
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.freeze_bn:  # SIPE's FixedBatchNorm: running statistics, in training too
-            for m in self.features.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-        return self
+    @classmethod
+    def from_config(cls, model_cfg, num_classes: int) -> "SIPE":
+        s = model_cfg.sipe
+        return cls(num_classes, backbone=model_cfg.backbone, weights=model_cfg.weights,
+                   side_channels=s.side_channels, channels=s.channels, freeze_bn=s.freeze_bn,
+                   freeze_low_stages=s.freeze_low_stages, score_map=s.score_map, score_scale=model_cfg.score_scale)
 
     def _trunk(self, images: torch.Tensor):
         x1, x2, x3, x4 = self.features(images)

@@ -44,6 +44,7 @@ from torch import nn
 
 from fsae.errors import CheckpointError
 from fsae.weights import read_weight_file
+from fsae.models.batchnorm import freeze_batch_norm
 
 
 def _ch(channels: int, width: float) -> int:
@@ -138,19 +139,12 @@ class ResNet38(nn.Module):
             for module in (self.conv1a, self.b2, self.b2_1, self.b2_2):
                 for p in module.parameters():
                     p.requires_grad_(False)
-        if freeze_bn:
+        if freeze_bn:  # BatchNorm keeps its ImageNet statistics and affine parameters
+            freeze_batch_norm(self)
             for m in self.modules():
                 if isinstance(m, nn.BatchNorm2d):
                     for p in m.parameters():
                         p.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> "ResNet38":
-        super().train(mode)
-        if self.freeze_bn:  # BatchNorm keeps its ImageNet statistics
-            for m in self.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.eval()
-        return self
 
     def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.conv1a(x)

@@ -34,6 +34,7 @@ from fsae.errors import ConfigError
 from fsae.models.backbones import (LIBRARY_WEIGHTS, TimmFeatures, create_backbone, load_pretrained as load_backbone,
                                   load_state_strict, resnet_state)
 from fsae.weights import resolve_weights
+from fsae.models.batchnorm import freeze_batch_norm
 
 
 class ASPP(nn.Module):
@@ -88,7 +89,8 @@ class DeepLab(nn.Module):
         self.backbone = backbone
         self.head = head
         self.freeze_bn = freeze_bn
-        if freeze_bn:
+        if freeze_bn:  # the backbone's BatchNorm layers stay in eval mode, their affine not trained
+            freeze_batch_norm(self.backbone)
             for m in self.backbone.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     for p in m.parameters():
@@ -96,15 +98,6 @@ class DeepLab(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))
-
-    def train(self, mode: bool = True) -> "DeepLab":
-        """As ``nn.Module.train``; with ``freeze_bn`` the backbone's BatchNorm layers stay in eval mode."""
-        super().train(mode)
-        if mode and self.freeze_bn:
-            for m in self.backbone.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-        return self
 
     def param_groups(self, head_lr_mult: float = 10.0) -> list[dict]:
         """Backbone at the base LR, the (new) head at ``head_lr_mult`` x; frozen parameters left out."""

@@ -29,7 +29,7 @@ from fsae.augment import normalize
 from fsae.errors import CheckpointError, DataError
 from fsae.infer import to_tensor_image
 from fsae.io import atomic_write, read_image
-from fsae.models.backbones import read_weight_file
+from fsae.weights import read_weight_file
 from fsae.refine.irn.affinity import affinity_loss
 from fsae.refine.psa.aff_labels import affinity_label_map, load_aff_label
 from fsae.refine.psa.affinity import pair_affinity, psa_affinity_labels
