@@ -31,9 +31,9 @@ from tqdm import tqdm
 
 from fsae import distributed
 from fsae.augment import apply_geometry, normalize, random_geometry, strong_view, timm_train_transform, timm_train_view, weak_view
-from fsae.config import Config, config_from_dict, save_config
+from fsae.config import Config, config_from_dict, describe_changes, save_config
 from fsae.data import build_dataset
-from fsae.data.check import check_dataset, format_problems
+from fsae.data.check import check_training_data, format_problems
 from fsae.errors import CheckpointError, ConfigError, DataError, FsaeError
 from fsae.evaluate import SeedEvaluator, default_thresholds
 from fsae.fsae import fsae_loss, mask_absent_classes
@@ -186,18 +186,8 @@ def training_state(model, optimizer, ema, cfg: Config, step: int, epoch: int, sk
 
 
 def config_changes(saved: dict, cfg: Config, limit: int = 8) -> str:
-    """The fields where a checkpoint's config and ``cfg`` differ: ``"train.epochs 3 -> 4, ..."``."""
-
-    def flat(d, prefix=""):
-        out = {}
-        for key, value in d.items():
-            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-        return out
-
-    old, new = flat(config_from_dict(saved).to_dict()), flat(cfg.to_dict())
-    changed = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-               if k != "name" and old.get(k) != new.get(k)]
-    return ", ".join(changed[:limit]) + (f", ... ({len(changed)} fields)" if len(changed) > limit else "")
+    """The deciding fields where a checkpoint's config and ``cfg`` differ: ``"train.epochs 3 -> 4, ..."``."""
+    return describe_changes(config_from_dict(saved), cfg, limit)
 
 
 def _trim_csv(path: Path, column: str, last: int) -> None:
@@ -228,7 +218,8 @@ def load_checkpoint(path: str | os.PathLike, cfg: Config | None = None) -> dict:
             raise CheckpointError(f"{path}: checkpoint has {saved.data.num_classes} classes, the config "
                                   f"{cfg.data.num_classes}")
         if saved.model != cfg.model:
-            raise CheckpointError(f"{path}: checkpoint model {saved.model} differs from the config's {cfg.model}")
+            raise CheckpointError(f"{path}: the checkpoint's model differs from the config's "
+                                  f"({describe_changes(saved, cfg, hashed_only=False, within='model')})")
     return state
 
 
@@ -260,12 +251,10 @@ def train(cfg: Config, run_dir: str | os.PathLike, progress: bool = True, resume
     only with ``train.sync_bn`` (GPU) or a BatchNorm-free backbone: plain BatchNorm normalises each
     process's share of the batch on its own.
     """
-    run_dir = ensure_output_dir(run_dir)
+    run_dir = Path(run_dir)
     rank, world = distributed.rank(), distributed.world_size()
     main = rank == 0
     progress = progress and main
-    if main:
-        save_config(cfg, run_dir / "config.yaml")
     device = torch.device(cfg.train.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # under torchrun: this process's own GPU
@@ -274,8 +263,7 @@ def train(cfg: Config, run_dir: str | os.PathLike, progress: bool = True, resume
         torch.use_deterministic_algorithms(True)
 
     # Refuse to start on a data set whose lists, label file or files are missing (the fast check).
-    problems = check_dataset(cfg.data.kind, cfg.data.root, split=cfg.data.train_split, fast=True,
-                             num_classes=cfg.data.num_classes)
+    problems = check_training_data(cfg)
     if problems:
         raise DataError(f"the training data fails `fsae data check --fast`:\n{format_problems(problems, limit=20)}")
     dataset = build_dataset(cfg.data, cfg.data.train_split, with_saliency=bool(cfg.data.saliency_dir))
@@ -321,6 +309,9 @@ def train(cfg: Config, run_dir: str | os.PathLike, progress: bool = True, resume
             ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["torch_rng"])
         step, skipped = state["step"], state.get("skipped", 0)
+    ensure_output_dir(run_dir)  # only now: a refused or failed start leaves the run directory as it was
+    if main:
+        save_config(cfg, run_dir / "config.yaml")
     start_epoch = step // steps_per_epoch  # a mid-epoch checkpoint (train.checkpoint_every) resumes mid-epoch
     # One process with the global batch, or DDP: gradients are averaged over the processes in backward.
     forward_model = model

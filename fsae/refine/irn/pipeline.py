@@ -24,7 +24,7 @@ from fsae.errors import DataError
 from fsae.evaluate import load_seed
 from fsae.infer import to_tensor_image
 from fsae.io import read_image, write_mask
-from fsae.refine.irn.config import IRNConfig, save_irn_config
+from fsae.refine.irn.config import IRNConfig
 from fsae.refine.irn.ir_labels import make_ir_labels
 from fsae.refine.irn.network import FEATURE_STRIDE, BoundaryNet, boundary_map
 from fsae.refine.irn.train import load_boundary_net, train_irn
@@ -82,7 +82,7 @@ def run_irn(run_dir: str | os.PathLike, cfg: IRNConfig, image_dir: str | os.Path
     labels = make_ir_labels(seed_dir, image_dir, label_dir, ids, lc.fg_threshold, lc.bg_threshold, lc.gt_prob,
                             workers=lc.workers, progress=progress, image_ext=image_ext, **lc.crf_params())
     checkpoint = train_irn(cfg, image_dir, label_dir, ids, irn_dir / "irn.pt", progress, image_ext)
-    save_irn_config(cfg, irn_dir / "config.yaml")
+    cfg.save(irn_dir / "config.yaml")
     model = load_boundary_net(checkpoint, cfg, cfg.device)
     masks = make_pseudo_masks(model, seed_dir, image_dir, mask_dir, ids, cfg, progress, image_ext)
     return {"ir_labels": labels, "checkpoint": str(checkpoint), "masks": masks}
