@@ -129,10 +129,9 @@ def cmd_cam(args) -> None:
 def cmd_eval(args) -> None:
     from fsae.evaluate import (default_thresholds, evaluate_masks, evaluate_seeds, format_scores_table,
                                save_eval)
+    from fsae.config import check_sweep
     from fsae.distributed import env_world, is_main, process_group
     from fsae.io import read_id_list
-
-    from fsae.config import check_sweep
 
     if args.sweep:
         check_sweep(args.sweep, "--sweep")

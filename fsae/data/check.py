@@ -145,7 +145,7 @@ def _check_label_file(
             continue
         bad = [c for c in entry if not 1 <= c <= num_classes]
         if bad:
-            problems.append(Problem(str(path), f"{where}: labels {bad} are out of range: outside 1..{num_classes}"))
+            problems.append(Problem(str(path), f"{where}: labels {bad} are outside 1..{num_classes}: out of range for {num_classes} classes"))
             continue
         if len(set(entry)) != len(entry):
             problems.append(Problem(str(path), f"{where}: labels {entry} repeat a class"))

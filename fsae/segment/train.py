@@ -163,8 +163,7 @@ def train_segmentation(cfg: SegConfig, run_dir: str | os.PathLike, progress: boo
     if not cfg.data.mask_dir:
         raise ConfigError("data.mask_dir is not set: point it at the pseudo-mask folder (e.g. RUN/masks), "
                           "with --masks or --set data.mask_dir=...")
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(run_dir)  # created by the config's save below: a refused or failed start leaves nothing
     ckpt_path = run_dir / "checkpoints" / "last.pt"
     device = torch.device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
