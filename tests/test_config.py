@@ -360,10 +360,12 @@ def test_written_files_respect_the_umask(tmp_path, umask, mode):
 # --------------------------------------------------------------------------------- orphan workers
 
 POOL = """
-import os, sys, time
+import os, time
 from fsae.parallel import map_jobs
-print(os.getpid(), flush=True)
-map_jobs(time.sleep, [60.0] * 4, workers=2, progress=False)
+
+if __name__ == "__main__":  # spawned workers import this file too
+    print(os.getpid(), flush=True)
+    map_jobs(time.sleep, [60.0] * 4, workers=2, progress=False)
 """
 
 
@@ -394,10 +396,10 @@ def test_pool_workers_exit_when_the_parent_is_killed(tmp_path):
     script.write_text(POOL)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     parent = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, text=True)
+    workers: list[int] = []
     try:
         pid = int(parent.stdout.readline())
         deadline = time.time() + 60
-        workers: list[int] = []
         while time.time() < deadline:
             workers = [c for c in _children(pid) if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
             if len(workers) == 2:
@@ -405,6 +407,7 @@ def test_pool_workers_exit_when_the_parent_is_killed(tmp_path):
             time.sleep(0.2)
         assert len(workers) == 2, workers
         time.sleep(1.0)  # the workers are inside time.sleep(60)
+        assert all(_alive(w) for w in workers) and parent.poll() is None
         os.kill(pid, signal.SIGKILL)
         parent.wait(10)
         deadline = time.time() + 5
@@ -414,3 +417,6 @@ def test_pool_workers_exit_when_the_parent_is_killed(tmp_path):
     finally:
         if parent.poll() is None:
             parent.kill()
+        for w in workers:  # a failed run leaves them behind
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
