@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -43,11 +44,23 @@ def _run_paths(target: str):
     return path, None
 
 
+def _check_synthetic(spec) -> None:
+    """Sizes the generator can draw: objects (ellipses of semi-axes up to ``body_axes[1]``, centred at least
+    0.6 of a semi-axis inside the border) must fit in the image."""
+    smallest = math.ceil(1.2 * spec.body_axes[1])
+    for flag, value, low in (("--train", spec.num_train, 1), ("--val", spec.num_val, 0),
+                             ("--classes", spec.num_classes, 1), ("--size", spec.image_size, smallest)):
+        if value < low:
+            why = f" (objects have semi-axes up to {spec.body_axes[1]:g} px)" if flag == "--size" else ""
+            raise FsaeError(f"fsae data synthetic: {flag} {value} is not allowed; expected an integer >= {low}{why}")
+
+
 def cmd_data_synthetic(args) -> None:
     from fsae.data.synthetic import SyntheticSpec, generate
 
     spec = SyntheticSpec(num_train=args.train, num_val=args.val, image_size=args.size,
                          num_classes=args.classes, seed=args.seed)
+    _check_synthetic(spec)
     out = generate(args.out, spec)
     print(f"synthetic data set: {out} ({args.train} train / {args.val} val images, {args.classes} classes)")
 
@@ -65,13 +78,15 @@ def cmd_data_prepare(args) -> None:
 def cmd_data_check(args) -> int:
     from fsae.data.check import check_dataset, format_problems
 
-    problems = check_dataset(args.kind, args.root, split=args.split, saliency=args.saliency, fast=args.fast)
+    problems = check_dataset(args.kind, args.root, split=args.split, saliency=args.saliency, fast=args.fast,
+                             num_classes=args.num_classes)
     print(format_problems(problems))
     return 1 if problems else 0
 
 
 def cmd_train(args) -> None:
-    from fsae.config import load_config
+    from fsae.config import check_device, load_config
+    from fsae.models.backbones import check_backbone
     from fsae.distributed import env_world, is_main, launch, per_rank_batch, process_group
     from fsae.train import train
 
@@ -85,7 +100,9 @@ def cmd_train(args) -> None:
     cfg = load_config(args.config, args.overrides)
     if args.device:
         cfg.train.device = args.device
-    run_dir = Path(args.out) if args.out else Path("runs") / cfg.name
+    check_device(cfg.train.device, "--device" if args.device else "train.device")
+    check_backbone(cfg.model.backbone)
+    run_dir = args.stopped_in = Path(args.out) if args.out else Path("runs") / cfg.name
     with process_group(cfg.train.device):
         ckpt = train(cfg, run_dir, resume=not args.no_resume)
         if is_main():
@@ -93,7 +110,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_cam(args) -> None:
-    from fsae.config import load_config
+    from fsae.config import check_device, load_config
     from fsae.data import build_dataset
     from fsae.distributed import process_device, shard_indices
     from fsae.infer import infer_seeds
@@ -107,7 +124,8 @@ def cmd_cam(args) -> None:
     if checkpoint is None:
         raise FsaeError("fsae cam: pass --checkpoint (or a run directory instead of a config file)")
     out = Path(args.out) if args.out else (run_dir / "seeds" if run_dir else Path("seeds"))
-    device = process_device(args.device or cfg.train.device)
+    device = process_device(check_device(args.device or cfg.train.device, "--device" if args.device else "train.device"))
+    args.stopped_in = out
     model, _ = model_from_checkpoint(checkpoint, cfg, device)
     dataset = build_dataset(cfg.data, args.split or cfg.infer.split)
     shard = _shard(args.shard)
@@ -137,10 +155,17 @@ def _run_protocol(config: str | None, source: Path):
 def cmd_eval(args) -> None:
     from fsae.evaluate import (default_thresholds, evaluate_masks, evaluate_seeds, format_scores_table,
                                save_eval)
+    from fsae.config import check_sweep
     from fsae.distributed import env_world, is_main, process_group
     from fsae.formats import seed_suffix
     from fsae.io import read_id_list
 
+    if args.sweep:
+        check_sweep(args.sweep, "--sweep")
+    if not 0 <= args.threshold <= 1:
+        raise FsaeError(f"--threshold {args.threshold} is not allowed; expected a background score in [0, 1]")
+    if args.num_classes < 1:
+        raise FsaeError(f"--num-classes {args.num_classes} is not allowed; expected an integer >= 1")
     source = Path(args.seeds or args.masks)
     if args.masks and args.format:
         raise FsaeError("fsae eval: --format applies to --seeds, not --masks")
@@ -217,6 +242,10 @@ def cmd_crf(args) -> None:
 
     from fsae.protocol import resolve_protocol
 
+    if args.workers is not None and args.workers < 1:
+        raise FsaeError(f"fsae crf: --workers {args.workers} is not allowed; expected an integer >= 1")
+    if args.threshold is not None and not 0 <= args.threshold <= 1:
+        raise FsaeError(f"fsae crf: --threshold {args.threshold} is not allowed; expected a background score in [0, 1]")
     seeds, images, out = args.seeds, args.images, args.out
     protocol = None
     if args.run:
@@ -252,20 +281,22 @@ def cmd_crf(args) -> None:
     if workers is None:  # under torchrun the processes of this machine share its cores
         workers = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     crf_params = {} if iterations is None else {"iterations": int(iterations)}
+    args.stopped_in = out
     result = refine_dir(seeds, images, out, mine, threshold=threshold if threshold is not None else 0.0,
                         workers=workers, background=background, bg_power=bg_power, force=args.force, **crf_params)
     print(f"pseudo-masks: {result['out_dir']} ({result['refined']} refined, {result['skipped']} already there{part})")
 
 
 def cmd_irn(args) -> None:
-    from fsae.config import load_config
+    from fsae.config import check_device, load_config
     from fsae.io import read_id_list
     from fsae.refine.irn import load_irn_config, run_irn
 
-    run = Path(args.run)
+    run = args.stopped_in = Path(args.run)
     cfg = load_irn_config(args.config, args.overrides)
     if args.device:
         cfg.device = args.device
+    check_device(cfg.device, "--device" if args.device else "device")
     images = args.images or Path(load_config(run / "config.yaml").data.root) / "JPEGImages"
     ids = read_id_list(args.ids) if args.ids else None
     result = run_irn(run, cfg, images, ids=ids, seed_dir=args.seeds, force=args.force)
@@ -367,6 +398,8 @@ def cmd_demo(args) -> None:
 
 
 def cmd_seg_train(args) -> None:
+    from fsae.config import check_device
+    from fsae.models.backbones import check_backbone
     from fsae.segment.config import load_seg_config
     from fsae.segment.train import train_segmentation
 
@@ -375,12 +408,15 @@ def cmd_seg_train(args) -> None:
         cfg.data.mask_dir = str(Path(args.masks).resolve())
     if args.device:
         cfg.train.device = args.device
-    run_dir = Path(args.out) if args.out else Path("runs") / cfg.name
+    check_device(cfg.train.device, "--device" if args.device else "train.device")
+    check_backbone(cfg.model.backbone)
+    run_dir = args.stopped_in = Path(args.out) if args.out else Path("runs") / cfg.name
     ckpt = train_segmentation(cfg, run_dir, resume=not args.no_resume)
     print(f"trained: {ckpt}\nrun dir: {run_dir}")
 
 
 def cmd_seg_infer(args) -> None:
+    from fsae.config import check_device
     from fsae.evaluate import format_scores_table
     from fsae.segment.config import load_seg_config
     from fsae.segment.infer import run_seg_inference
@@ -395,7 +431,8 @@ def cmd_seg_infer(args) -> None:
     out = Path(args.out) if args.out else run_dir
     if out is None:
         raise FsaeError("fsae seg infer: pass --out (or a run directory instead of a config file)")
-    device = args.device or cfg.train.device
+    device = check_device(args.device or cfg.train.device, "--device" if args.device else "train.device")
+    args.stopped_in = out
     model, _ = seg_model_from_checkpoint(checkpoint, cfg.data.num_classes, device)
     crf = False if args.no_crf else None
     results = run_seg_inference(model, cfg, out, splits=args.split or None, crf=crf, device=device,
@@ -441,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None)
     p.add_argument("--saliency", default=None)
     p.add_argument("--fast", action="store_true", help="lists, label file and file existence only")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="foreground classes C (default: the data set's meta.json, else VOC 20 / COCO 80)")
     p.set_defaults(func=cmd_data_check)
 
     p = sub.add_parser("train", help="train a base method (+ FSAE when fsae.enabled)")
@@ -636,7 +675,18 @@ def main(argv: list[str] | None = None) -> int:
     except (FsaeError, FileExistsError) as exc:
         print(f"fsae: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nfsae: interrupted: {_interrupted(args, argv)}", file=sys.stderr)
+        return 130
     return int(code or 0)
+
+
+def _interrupted(args, argv: list[str] | None) -> str:
+    """Where a Ctrl-C stopped and how to go on: finished files and checkpoints are whole (atomic writes)."""
+    command = " ".join(["fsae", *(sys.argv[1:] if argv is None else argv)])
+    where = getattr(args, "stopped_in", None)
+    kept = f"finished outputs in {where} are kept" if where else "finished outputs are kept"
+    return f"{kept}; rerun `{command}` to resume"
 
 
 if __name__ == "__main__":

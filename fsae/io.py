@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,7 @@ def atomic_write(path: str | os.PathLike, write_fn) -> Path:
     """Call ``write_fn(tmp_path)`` then rename onto ``path``: a killed run leaves no half-written file."""
     path = Path(path)
     ensure_output_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
+    tmp = _new_temp_file(path)
     try:
         write_fn(tmp)
         os.replace(tmp, path)
@@ -29,6 +28,19 @@ def atomic_write(path: str | os.PathLike, write_fn) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def _new_temp_file(path: Path) -> str:
+    """An empty hidden ``.<name>.<random>.tmp<suffix>`` beside ``path``, created with mode 0666 minus the
+    umask (as ``open()`` would create ``path`` itself; ``mkstemp``'s 0600 would hide outputs from a group)."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp{path.suffix}"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return str(tmp)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path.parent}: cannot create a temporary file for {path.name}")
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
@@ -61,7 +73,8 @@ def read_mask(path: str | os.PathLike, num_classes: int | None = None) -> np.nda
         bad = np.unique(mask[(mask > num_classes) & (mask != 255)])
         if bad.size:
             raise DataError(
-                f"{path}: mask values {bad.tolist()[:8]} are outside 0..{num_classes} and 255 (ignore)"
+                f"{path}: mask values {bad.tolist()[:8]} are outside 0..{num_classes} and 255 (ignore): out of range "
+                f"for {num_classes} classes"
             )
     return mask
 

@@ -37,9 +37,9 @@ from tqdm import tqdm
 from fsae import distributed
 from fsae.augment import (apply_geometry, image_generators, normalize, per_image, random_geometry,  # noqa: F401
                           timm_train_transform, timm_train_view, weak_view)
-from fsae.config import Config, config_from_dict, save_config
+from fsae.config import Config, config_from_dict, describe_changes, save_config
 from fsae.data import build_dataset
-from fsae.data.check import check_dataset, format_problems
+from fsae.data.check import check_training_data, format_problems
 from fsae.errors import CheckpointError, ConfigError, DataError, FsaeError
 from fsae.evaluate import SeedEvaluator, default_thresholds
 from fsae.fsae import STATISTICS
@@ -170,20 +170,9 @@ def training_state(model, optimizer, ema, cfg: Config, step: int, epoch: int, sk
     return state
 
 
-def config_changes(saved: dict, cfg: Config, limit: int = 8, section: str = "") -> str:
-    """The fields where a checkpoint's config and ``cfg`` differ: ``"train.epochs 3 -> 4, ..."``;
-    ``section`` (e.g. ``"model."``) keeps only the fields under it."""
-
-    def flat(d, prefix=""):
-        out = {}
-        for key, value in d.items():
-            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-        return out
-
-    old, new = flat(config_from_dict(saved).to_dict()), flat(cfg.to_dict())
-    changed = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-               if k != "name" and k.startswith(section) and old.get(k) != new.get(k)]
-    return ", ".join(changed[:limit]) + (f", ... ({len(changed)} fields)" if len(changed) > limit else "")
+def config_changes(saved: dict, cfg: Config, limit: int = 8) -> str:
+    """The deciding fields where a checkpoint's config and ``cfg`` differ: ``"train.epochs 3 -> 4, ..."``."""
+    return describe_changes(config_from_dict(saved), cfg, limit)
 
 
 def _trim_csv(path: Path, column: str, last: int) -> None:
@@ -215,7 +204,7 @@ def load_checkpoint(path: str | os.PathLike, cfg: Config | None = None) -> dict:
                                   f"{cfg.data.num_classes}")
         if saved.model != cfg.model:
             raise CheckpointError(f"{path}: the checkpoint's model differs from the config's "
-                                  f"({config_changes(state['config'], cfg, section='model.')})")
+                                  f"({describe_changes(saved, cfg, hashed_only=False, within='model')})")
     return state
 
 
@@ -448,8 +437,7 @@ def training_device(name: str) -> torch.device:
 
 def build_loader(cfg: Config, rank: int, world: int):
     """Refuse a data set that fails the fast check; -> (TrainViews, ResumableSampler, DataLoader)."""
-    problems = check_dataset(cfg.data.kind, cfg.data.root, split=cfg.data.train_split, fast=True,
-                             num_classes=cfg.data.num_classes)
+    problems = check_training_data(cfg)  # every split the run reads: train, and val when evaluated
     if problems:
         raise DataError(f"the training data fails `fsae data check --fast`:\n{format_problems(problems, limit=20)}")
     dataset = build_dataset(cfg.data, cfg.data.train_split, with_saliency=bool(cfg.data.saliency_dir))

@@ -510,7 +510,7 @@ def test_check_coco_names_damaged_files(tmp_path):
     labels_path.write_text(json.dumps(labels))
     problems = check_dataset("coco", root)
     assert [Path(p.path).name for p in problems] == ["COCO_train2014_000000000009.png", "cls_labels.json"]
-    assert problems[0].message == "mask values [81] are outside 0..80 and 255 (ignore)"
+    assert problems[0].message == "mask values [81] are outside 0..80 and 255 (ignore): out of range for 80 classes"
     assert problems[1].message.startswith("image 'COCO_train2014_000000000025' is labelled [] but its mask")
     assert check_dataset("coco", root, split="val2014", strict_counts=True, fast=True) == [
         Problem(str(root / "ImageSets" / "val.txt"), "expected 40137 ids, found 1")

@@ -279,29 +279,224 @@ def _stage_command(stage, run, root, out, tmp_path):
             "--num-classes", "4", "--out", str(out / "eval.json")]
 
 
-@pytest.mark.parametrize("stage, damage", [
-    ("train", _corrupt_jpeg), ("train", _truncated_png), ("train", _label_vector), ("train", _mask_value),
-    ("train", _empty_list), ("train", _file_in_the_way), ("train", _read_only_folder),
-    ("cam", _corrupt_jpeg), ("cam", _label_vector), ("cam", _empty_list), ("cam", _file_in_the_way),
-    ("crf", _corrupt_jpeg), ("crf", _empty_list), ("crf", _file_in_the_way), ("crf", _read_only_folder),
-    ("eval", _truncated_png), ("eval", _mask_value), ("eval", _empty_list), ("eval", _file_in_the_way),
-])
-def test_bad_input_stops_with_one_error_naming_the_file(stage, damage, trained_run, data_root, tmp_path, capsys):
-    root = tmp_path / "data"
-    shutil.copytree(data_root, root)
-    out = tmp_path / "out"
-    path, words = damage(root)
-    if path.name == "out":  # the damage is to the output folder
-        out = path
-    code = cli(_stage_command(stage, trained_run, root, out, tmp_path))
+def _damaged(stage, damage):
+    """A row from a damage of the data set (or of the output folder) and the stage that meets it."""
+
+    def build(ctx):
+        path, words = damage(ctx.root)
+        out = path if path.name == "out" else ctx.out  # the damage is to the output folder
+        return _stage_command(stage, ctx.run, ctx.root, out, ctx.tmp), out, [str(path), words]
+
+    return build
+
+
+def _seg_recipe(ctx):
+    """A DeepLab recipe on a width-8 tinycnn over the tiny data set."""
+    from fsae.segment.config import SegConfig
+
+    cfg = SegConfig()
+    cfg.data.root, cfg.data.num_classes, cfg.data.mask_dir, cfg.data.crop_size = str(ctx.root), 4, "SegmentationClass", 32
+    cfg.model.backbone, cfg.model.width, cfg.model.weights = "tinycnn", 8, None
+    cfg.train.iterations, cfg.train.batch_size = 2, 2
+    cfg.save(ctx.tmp / "seg.yaml")
+    return str(ctx.tmp / "seg.yaml")
+
+
+def _train(*extra, device=None):
+    def build(ctx):
+        save_config(tiny_config(ctx.root), ctx.tmp / "cfg.yaml")
+        argv = ["train", str(ctx.tmp / "cfg.yaml"), "--out", str(ctx.out), *extra]
+        return argv + (["--device", device] if device else []), ctx.out, []
+    return build
+
+
+def _setting(command, key_value, *words):
+    """``fsae COMMAND ... --set KEY=VALUE`` for train, seg train and irn; the message names KEY and ``words``."""
+
+    def build(ctx):
+        if command == "train":
+            argv, out, _ = _train("--set", key_value)(ctx)
+        elif command == "seg":
+            argv, out = ["seg", "train", _seg_recipe(ctx), "--out", str(ctx.out), "--set", key_value], ctx.out
+        else:
+            out = ctx.tmp / "irn_run"
+            argv = ["irn", str(out), "--set", key_value]
+        return argv, out, [key_value.split("=")[0], *words]
+
+    return build
+
+
+def _device(command, device):
+    def build(ctx):
+        if command == "train":
+            argv, out, _ = _train(device=device)(ctx)
+        elif command == "cam":
+            out = ctx.out
+            argv = ["cam", str(ctx.run), "--out", str(out), "--device", device]
+        elif command == "irn":
+            out = ctx.tmp / "irn_run"
+            argv = ["irn", str(out), "--device", device]
+        elif command == "seg train":
+            out = ctx.out
+            argv = ["seg", "train", _seg_recipe(ctx), "--out", str(out), "--device", device]
+        else:
+            out = ctx.out
+            argv = ["seg", "infer", _seg_recipe(ctx), "--checkpoint", str(ctx.tmp / "none.pt"), "--out", str(out),
+                    "--device", device]
+        return argv, out, ["--device", repr(device)]
+
+    return build
+
+
+def _plain(*argv_words, out_name="out", words=()):
+    """A fixed command line; ``{out}``, ``{run}``, ``{root}`` filled in."""
+
+    def build(ctx):
+        fill = {"out": ctx.tmp / out_name, "run": ctx.run, "root": ctx.root}
+        argv = [a.format(**fill) for a in argv_words]
+        return argv, ctx.tmp / out_name, list(words)
+
+    return build
+
+
+def _missing_val_mask(ctx):
+    path = ctx.root / "SegmentationClass" / "val_00001.png"
+    path.unlink()
+    cfg = tiny_config(ctx.root)
+    cfg.data.val_split, cfg.train.val_every = "val", 1
+    save_config(cfg, ctx.tmp / "cfg.yaml")
+    return ["train", str(ctx.tmp / "cfg.yaml"), "--out", str(ctx.out)], ctx.out, [str(path), "mask file not found"]
+
+
+def _resume_after_deciding_change(ctx):
+    run = ctx.tmp / "run"
+    shutil.copytree(ctx.run, run)
+    save_config(tiny_config(ctx.data_root), ctx.tmp / "cfg.yaml")
+    argv = ["train", str(ctx.tmp / "cfg.yaml"), "--out", str(run), "--set", "fsae.tau_fae=0.9"]
+    return argv, run, ["written by another config", "fsae.tau_fae 0.95 -> 0.9"]
+
+
+def _cam_model_mismatch(ctx):
+    argv = ["cam", str(ctx.run), "--out", str(ctx.out), "--set", "model.width=16"]
+    return argv, ctx.out, ["model differs", "model.width 8 -> 16"]
+
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+NO_MPS = pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has an MPS device")
+SYNTHETIC = ["data", "synthetic", "{out}", "--train", "2", "--val", "1"]
+EVAL = ["eval", "--seeds", "{run}/seeds", "--gt", "{root}/SegmentationClass", "--num-classes", "4",
+        "--out", "{out}/eval.json"]
+CRF = ["crf", "--seeds", "{run}/seeds", "--images", "{root}/JPEGImages", "--out", "{out}", "--threshold", "0.3"]
+
+# (id, build(ctx) -> (argv, output folder, words the one-line message must hold), fails before any output)
+BAD_INPUTS = [
+    *[pytest.param(_damaged(stage, damage), fresh, id=f"{stage}-{damage.__name__[1:]}") for stage, damage, fresh in [
+        ("train", _corrupt_jpeg, False), ("train", _truncated_png, False), ("train", _label_vector, True),
+        ("train", _mask_value, False), ("train", _empty_list, True), ("train", _file_in_the_way, True),
+        ("train", _read_only_folder, True),
+        ("cam", _corrupt_jpeg, False), ("cam", _label_vector, True), ("cam", _empty_list, True),
+        ("cam", _file_in_the_way, True),
+        ("crf", _corrupt_jpeg, False), ("crf", _empty_list, True), ("crf", _file_in_the_way, True),
+        ("crf", _read_only_folder, True),
+        ("eval", _truncated_png, False), ("eval", _mask_value, False), ("eval", _empty_list, True),
+        ("eval", _file_in_the_way, True),
+    ]],
+    # Values checked, not only types (#18): each names the field, the value and what is allowed.
+    pytest.param(_setting("train", "fsae.enabled=maybe", "'maybe'", "true or false"), True, id="set-fsae.enabled=maybe"),
+    pytest.param(_setting("train", "train.epochs=-1", "-1", "an integer (>= 1)"), True, id="set-epochs=-1"),
+    pytest.param(_setting("train", "train.epochs=1.5", "1.5", "an integer (>= 1)"), True, id="set-epochs=1.5"),
+    pytest.param(_setting("train", "train.batch_size=0", "= 0", ">= 1"), True, id="set-batch_size=0"),
+    pytest.param(_setting("train", "optim.lr=-1", "-1", "> 0"), True, id="set-lr=-1"),
+    pytest.param(_setting("train", "model.method=foo", "'foo'", "cam, eps, ppc, sipe, mctformer"), True, id="set-method=foo"),
+    pytest.param(_setting("train", "model.backbone=resnet999", "'resnet999'", "timm model"), True, id="set-backbone=resnet999"),
+    pytest.param(_setting("train", "data.crop_size=0", ">= 1"), True, id="set-crop_size=0"),
+    pytest.param(_setting("train", "fsae.tau_fae=1.5", "1.5", ">= 0 and <= 1"), True, id="set-tau_fae=1.5"),
+    pytest.param(_setting("train", "optim.name=rmsprop", "sgd, adam, adamw"), True, id="set-optim=rmsprop"),
+    pytest.param(_setting("train", "data.kind=pascal", "voc, coco"), True, id="set-kind=pascal"),
+    pytest.param(_setting("train", "data.long_side=[512]", "2 items"), True, id="set-long_side=[512]"),
+    pytest.param(_setting("train", "eval.sweep=[0, 0.6, 0]", "step > 0"), True, id="set-sweep-step-0"),
+    pytest.param(_setting("train", "fsae.kernel_size=4", "odd"), True, id="set-kernel_size=4"),
+    pytest.param(_setting("train", "train.epoch=3", "unknown config key"), True, id="set-unknown-key"),
+    pytest.param(_setting("seg", "train.iterations=0", ">= 1"), True, id="seg-set-iterations=0"),
+    pytest.param(_setting("seg", "model.arch=deeplabv3", "deeplabv2, deeplabv1"), True, id="seg-set-arch"),
+    pytest.param(_setting("seg", "data.scale_range=[1.5, 0.5]", "low <= high"), True, id="seg-set-reversed-scale_range"),
+    pytest.param(_setting("seg", "model.backbone=resnet999", "timm model"), True, id="seg-set-backbone=resnet999"),
+    pytest.param(_setting("irn", "train.crop_size=100", "multiple of 16"), True, id="irn-set-crop_size=100"),
+    pytest.param(_setting("irn", "ir_label.gt_prob=1.5", "> 0 and < 1"), True, id="irn-set-gt_prob=1.5"),
+    pytest.param(_setting("irn", "ir_label.crf.iterations=-1", ">= 0"), True, id="irn-set-crf-iterations=-1"),
+    # A device this machine does not have (#18 section 3), in every stage that takes --device.
+    pytest.param(_device("train", "cuda"), True, id="train-device-cuda", marks=NO_CUDA),
+    pytest.param(_device("train", "gpu"), True, id="train-device-gpu"),
+    pytest.param(_device("train", "mps"), True, id="train-device-mps", marks=NO_MPS),
+    pytest.param(_device("cam", "cuda"), True, id="cam-device-cuda", marks=NO_CUDA),
+    pytest.param(_device("irn", "cuda"), True, id="irn-device-cuda", marks=NO_CUDA),
+    pytest.param(_device("seg train", "cuda"), True, id="seg-train-device-cuda", marks=NO_CUDA),
+    pytest.param(_device("seg infer", "gpu"), True, id="seg-infer-device-gpu"),
+    # Flags checked before any work.
+    pytest.param(_plain(*EVAL, "--sweep", "0", "0.6", "0", words=["--sweep", "step > 0"]), True, id="eval-sweep-step-0"),
+    pytest.param(_plain(*EVAL, "--sweep", "0.6", "0", "0.01", words=["--sweep", "start <= stop"]), True,
+                 id="eval-sweep-reversed"),
+    pytest.param(_plain(*EVAL, "--threshold", "1.5", words=["--threshold", "[0, 1]"]), True, id="eval-threshold"),
+    pytest.param(_plain(*CRF, "--workers", "0", words=["--workers 0", ">= 1"]), True, id="crf-workers-0"),
+    pytest.param(_plain(*SYNTHETIC, "--size", "8", words=["--size 8", ">= 39"]), True, id="synthetic-size-8"),
+    pytest.param(_plain(*SYNTHETIC, "--classes", "0", words=["--classes 0", ">= 1"]), True, id="synthetic-classes-0"),
+    pytest.param(_plain("data", "synthetic", "{out}", "--train", "-5", words=["--train -5", ">= 1"]), True,
+                 id="synthetic-train-5"),
+    pytest.param(_plain("data", "check", "voc", "--root", "{root}", "--num-classes", "0", words=["num_classes = 0"]),
+                 True, id="data-check-classes-0"),
+    # Every split the run reads is checked before it starts; a refused resume names the change.
+    pytest.param(_missing_val_mask, True, id="train-missing-val-mask"),
+    pytest.param(_resume_after_deciding_change, True, id="train-resume-after-deciding-change"),
+    pytest.param(_cam_model_mismatch, True, id="cam-model-mismatch"),
+]
+
+
+class _Context:
+    def __init__(self, tmp, data_root, run):
+        self.tmp, self.data_root, self.run = tmp, data_root, run
+        self.root = tmp / "data"
+        self.out = tmp / "out"
+
+
+def _files(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file below ``folder``: (size, mtime) by relative path; {} when there is no folder."""
+    if not folder.is_dir():
+        return {}
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")
+            if p.is_file()}
+
+
+def _whole(path: Path) -> None:
+    if path.suffix == ".png":
+        Image.open(path).load()
+    elif path.suffix == ".npz":
+        array_digest(path)
+    elif path.suffix == ".json":
+        json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("build, fresh", BAD_INPUTS)
+def test_bad_input_stops_with_one_line_and_leaves_nothing(build, fresh, trained_run, data_root, tmp_path, capsys):
+    """Exit code 2, one ``fsae: error:`` line holding the words, no traceback; nothing half written in the
+    output folder, and for a failure before the stage starts nothing new at all."""
+    ctx = _Context(tmp_path, data_root, trained_run)
+    shutil.copytree(data_root, ctx.root)
+    argv, out, words = build(ctx)
+    before = _files(out)
+    code = cli(argv)
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.count("fsae: error:") == 1 and "Traceback" not in err, err
     message = err[err.index("fsae: error:"):]  # after any progress bar
-    assert str(path) in message and words in message, message
-    # Nothing half written: any output file there is whole.
-    for png in outputs(out, ".png") if out.is_dir() else []:
-        Image.open(png).load()
+    assert all(w in message for w in words), message
+    if "is not allowed" in message:  # a value refused: the message says what is allowed
+        assert "expected" in message, message
+    after = _files(out)
+    assert not [name for name in after if Path(name).name.startswith(".")], after  # no temp file left
+    for name in after:
+        _whole(out / name)
+    if fresh:
+        assert after == before, sorted(set(after) ^ set(before))
 
 
 def test_resume_refusal_names_the_changed_fields():

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from fsae.data.coco import COCO_SPLITS, split_paths
 from fsae.data.prepare import map_parallel, present_classes
+from fsae.data.synthetic import META_FILE
 from fsae.data.voc import LABEL_FILE
 from fsae.errors import DataError
 from fsae.io import read_id_list, read_image, read_json, read_mask
@@ -144,7 +145,7 @@ def _check_label_file(
             continue
         bad = [c for c in entry if not 1 <= c <= num_classes]
         if bad:
-            problems.append(Problem(str(path), f"{where}: labels {bad} are outside 1..{num_classes}"))
+            problems.append(Problem(str(path), f"{where}: labels {bad} are outside 1..{num_classes}: out of range for {num_classes} classes"))
             continue
         if len(set(entry)) != len(entry):
             problems.append(Problem(str(path), f"{where}: labels {entry} repeat a class"))
@@ -224,6 +225,7 @@ def check_dataset(
 
     ``split``: one split (VOC list name, COCO ``train2014`` / ``val2014``); default all of the kind's.
     ``strict_counts``: also report lists whose length differs from the real data set's.
+    ``num_classes``: default the data set's own (``meta.json`` of a generated set) or the kind's (20, 80).
     ``workers``: processes reading files (full check only).
     """
     if kind not in KINDS:
@@ -231,25 +233,77 @@ def check_dataset(
     root = Path(root)
     if not root.is_dir():
         return [Problem(str(root), "data root not found")]
-    num_classes = num_classes or NUM_CLASSES[kind]
     if kind == "saliency" and saliency is None:
         saliency = root / "SALImages"
     saliency = Path(saliency) if saliency else None
     splits = _splits(kind, root, split, saliency)
+    return _check_splits(kind, root, splits, root / LABEL_FILE, dataset_classes(kind, root, num_classes),
+                         fast=fast, strict_counts=strict_counts, workers=workers, progress=progress)
 
+
+def dataset_classes(kind: str, root: str | os.PathLike, num_classes: int | None = None) -> int:
+    """``num_classes`` if given, else the ``num_classes`` of ``root/meta.json`` (a generated set), else the
+    kind's (VOC 20, COCO 80)."""
+    if num_classes is not None:
+        if num_classes < 1:
+            raise DataError(f"num_classes = {num_classes} is not allowed; expected an integer >= 1")
+        return num_classes
+    meta = Path(root) / META_FILE
+    if meta.is_file():
+        data = read_json(meta)
+        value = data.get("num_classes") if isinstance(data, dict) else None
+        if type(value) is int and value >= 1:
+            return value
+    return NUM_CLASSES[kind]
+
+
+def check_training_data(cfg) -> list[Problem]:
+    """The fast check (lists, label file, file existence) of every split a ``fsae train`` run with ``cfg``
+    (``fsae.config.Config``) reads, in its configured folders: the training split (images, labels, saliency
+    maps when ``data.saliency_dir`` is set, GT masks when the mask folder exists: a batch cannot mix images
+    with and without one) and, when held-out evaluation is on, the validation split with its GT masks."""
+    data = cfg.data
+    root = Path(data.root)
+    if data.kind not in ("voc", "coco"):
+        raise DataError(f"unknown data set kind {data.kind!r}; use voc or coco")
+    if not root.is_dir():
+        return [Problem(str(root), "data root not found")]
+
+    def split_of(name: str, training: bool) -> _Split:
+        if data.kind == "coco":
+            paths = split_paths(root, name)
+            list_path, images = paths["list"], paths["images"]
+            masks = root / data.mask_dir / name if data.mask_dir else None
+        else:
+            list_path, images = root / "ImageSets" / "Segmentation" / f"{name}.txt", root / "JPEGImages"
+            masks = root / data.mask_dir if data.mask_dir else None
+        if training and masks is not None and not masks.is_dir():
+            masks = None  # training reads GT masks only where they exist
+        saliency = Path(data.saliency_dir) if training and data.saliency_dir else None
+        return _Split(name, list_path, images, masks, saliency)
+
+    splits = [split_of(data.train_split, True)]
+    if cfg.train.val_every and data.val_split:
+        splits.append(split_of(data.val_split, False))
+    label_path = Path(data.label_file) if data.label_file else root / LABEL_FILE
+    return _check_splits(data.kind, root, splits, label_path, data.num_classes, fast=True)
+
+
+def _check_splits(kind: str, root: Path, splits: list[_Split], label_path: Path, num_classes: int,
+                  fast: bool, strict_counts: bool = False, workers: int = 1, progress: bool = False) -> list[Problem]:
     problems: list[Problem] = []
-    label_path = root / LABEL_FILE
     labels = None  # not checked against lists and masks
     if kind != "saliency":
         labels, label_problems = _check_label_file(label_path, num_classes, kind)
         problems += label_problems
+    saliency_dirs = {s.saliency_dir for s in splits if s.saliency_dir}
 
     missing_dirs: set[Path] = set()
     image_dirs = {s.image_dir for s in splits}
     for folder in sorted({d for s in splits for d in (s.image_dir, s.mask_dir, s.saliency_dir) if d}):
         if not folder.is_dir():
-            what = "saliency folder" if folder == saliency else "folder"
-            made_by_prepare = folder != saliency and folder not in image_dirs
+            what = "saliency folder" if folder in saliency_dirs else "folder"
+            made_by_prepare = folder not in saliency_dirs and folder not in image_dirs
             hint = f"; run `{PREPARE_HINT[kind]}`" if made_by_prepare else ""
             problems.append(Problem(str(folder), f"{what} not found{hint}"))
             missing_dirs.add(folder)

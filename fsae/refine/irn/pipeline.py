@@ -15,6 +15,8 @@ files that still read are skipped) when its stamp matches, and stops naming the 
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 from pathlib import Path
 from typing import Any, Iterable
@@ -28,7 +30,7 @@ from fsae.errors import DataError
 from fsae.evaluate import load_seed
 from fsae.infer import to_tensor_image
 from fsae.io import read_image, read_mask, write_mask
-from fsae.refine.irn.config import IRNConfig, save_irn_config
+from fsae.refine.irn.config import IRNConfig
 from fsae.refine.irn.ir_labels import make_ir_labels
 from fsae.refine.irn.network import FEATURE_STRIDE, BoundaryNet, boundary_map
 from fsae.refine.irn.train import load_boundary_net, train_irn
@@ -82,7 +84,7 @@ def make_pseudo_masks(model: BoundaryNet, seed_dir: str | os.PathLike, image_dir
 
 def _settings(section) -> dict[str, Any]:
     """A config section's fields, without the number of worker processes (it does not change the output)."""
-    d = dict(vars(section))
+    d = dataclasses.asdict(section)  # nested sections (ir_label.crf) as plain dicts
     d.pop("workers", None)
     return d
 
@@ -105,12 +107,12 @@ def run_irn(run_dir: str | os.PathLike, cfg: IRNConfig, image_dir: str | os.Path
     labels = make_ir_labels(seed_dir, image_dir, label_dir, ids, lc.fg_threshold, lc.bg_threshold, lc.gt_prob,
                             workers=lc.workers, progress=progress, image_ext=image_ext, **lc.crf_params())
     train_stamp = make_stamp("irn", {"ir_labels": folder_digest(label_dir)},
-                             {"net": vars(cfg.net), "train": _settings(cfg.train)})
+                             {"net": dataclasses.asdict(cfg.net), "train": _settings(cfg.train)})
     prepare_output(irn_dir, train_stamp, force, ("irn.pt", "config.yaml"))
     checkpoint = train_irn(cfg, image_dir, label_dir, ids, irn_dir / "irn.pt", progress, image_ext)
-    save_irn_config(cfg, irn_dir / "config.yaml")
+    cfg.save(irn_dir / "config.yaml")
     model = load_boundary_net(checkpoint, cfg, cfg.device)
     prepare_output(mask_dir, make_stamp("irn_masks", {"seeds": seeds, "irn": folder_digest(irn_dir)},
-                                        {"walk": vars(cfg.walk)}), force, ("*.png",), read_mask)
+                                        {"walk": dataclasses.asdict(cfg.walk)}), force, ("*.png",), read_mask)
     masks = make_pseudo_masks(model, seed_dir, image_dir, mask_dir, ids, cfg, progress, image_ext)
     return {"ir_labels": labels, "checkpoint": str(checkpoint), "masks": masks}
