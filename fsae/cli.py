@@ -309,6 +309,7 @@ def cmd_irn(args) -> None:
 def cmd_psa(args) -> None:
     from fsae.config import load_config
     from fsae.io import read_id_list
+    from fsae.config import check_device
     from fsae.refine.psa import load_psa_config, run_psa
     from fsae.refine.psa.pipeline import STEPS
 
@@ -316,6 +317,7 @@ def cmd_psa(args) -> None:
     cfg = load_psa_config(args.config, args.overrides)
     if args.device:
         cfg.device = args.device
+    check_device(cfg.device, "--device" if args.device else "device")
     images = args.images or Path(load_config(run / "config.yaml").data.root) / "JPEGImages"
     ids = read_id_list(args.ids) if args.ids else None
     shard = _shard(args.shard)

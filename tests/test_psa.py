@@ -329,13 +329,16 @@ def test_voc_recipe_is_mctformers_psa():
     cfg = load_psa_config(REPO / "configs/voc/psa.yaml")
     expected = {  # MCTformer 9606597: main.py:144-145, psa/train_aff.py:17-27, psa/infer_aff.py:73-76
         ("aff_label", "low_alpha"): 1, ("aff_label", "high_alpha"): 12,
-        ("aff_label", "bilateral_sxy"): 80, ("aff_label", "bilateral_srgb"): 13,
+        ("aff_label.crf", "bilateral_sxy"): 80, ("aff_label.crf", "bilateral_srgb"): 13,
         ("train", "batch_size"): 8, ("train", "epochs"): 5, ("train", "lr"): 0.01,
         ("train", "weight_decay"): 5e-4, ("train", "crop_size"): 448, ("train", "radius"): 5,
         ("walk", "beta"): 8, ("walk", "logt"): 6, ("walk", "background"): "constant", ("walk", "bg_threshold"): 0.39,
     }
     for (section, name), value in expected.items():
-        assert getattr(getattr(cfg, section), name) == value, (section, name)
+        part = cfg
+        for attr in section.split("."):
+            part = getattr(part, attr)
+        assert getattr(part, name) == value, (section, name)
     psa = load_psa_config()  # PSA's own defaults: infer_cls.py:25-26, train_aff.py:18-27, infer_aff.py:59-62
     assert (psa.aff_label.low_alpha, psa.aff_label.high_alpha, psa.train.epochs, psa.train.lr) == (4, 32, 8, 0.1)
     assert (psa.walk.background, psa.walk.alpha, psa.walk.beta, psa.walk.logt) == ("power", 16, 8, 8)

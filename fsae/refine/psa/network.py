@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fsae.models.resnet38 import build_resnet38
+from fsae.models.backbones import create_backbone, load_pretrained
 
 
 class AffinityNet(nn.Module):
@@ -25,7 +25,8 @@ class AffinityNet(nn.Module):
                  feature_channels: tuple[int, int, int] = (64, 128, 256), freeze_bn: bool = True,
                  freeze_stem: bool = True):
         super().__init__()
-        self.backbone = build_resnet38(weights, width, freeze_bn, freeze_stem)
+        self.backbone = create_backbone("resnet38", 8, width=width, freeze_bn=freeze_bn, freeze_stem=freeze_stem)
+        load_pretrained(self.backbone, "resnet38", weights)  # local .params / .pth (None: random init)
         c = self.backbone.feature_channels
         c3, c4, c5 = feature_channels
         self.f8_3 = nn.Conv2d(c["conv4"], c3, 1, bias=False)

@@ -24,7 +24,7 @@ from fsae.distributed import shard_indices
 from fsae.errors import DataError, FsaeError
 from fsae.io import ensure_output_dir, read_image, write_mask
 from fsae.refine.psa.aff_labels import make_aff_labels
-from fsae.refine.psa.config import PSAConfig, save_psa_config
+from fsae.refine.psa.config import PSAConfig
 from fsae.refine.psa.network import AffinityNet
 from fsae.refine.psa.train import load_affinity_net, train_psa
 from fsae.refine.psa.walk import psa_mask
@@ -99,7 +99,7 @@ def run_psa(run_dir: str | os.PathLike, cfg: PSAConfig, image_dir: str | os.Path
             raise DataError(f"{label_dir}: {len(missing)} of {len(ids)} affinity labels missing (e.g. {missing[0]}); "
                             f"run the labels step for every shard first")
         train_psa(cfg, image_dir, label_dir, list(ids), checkpoint, progress, image_ext)
-        save_psa_config(cfg, psa_dir / "config.yaml")
+        cfg.save(psa_dir / "config.yaml")
         result["train"] = str(checkpoint)
     if "masks" in steps:
         todo = pending(ensure_output_dir(mask_dir), mine, ".png")
