@@ -162,7 +162,7 @@ def cmd_eval(args) -> None:
 
     if args.sweep:
         check_sweep(args.sweep, "--sweep")
-    if not 0 <= args.threshold <= 1:
+    if args.threshold is not None and not 0 <= args.threshold <= 1:
         raise FsaeError(f"--threshold {args.threshold} is not allowed; expected a background score in [0, 1]")
     if args.num_classes < 1:
         raise FsaeError(f"--num-classes {args.num_classes} is not allowed; expected an integer >= 1")

@@ -42,11 +42,10 @@ from tqdm import tqdm
 
 from fsae.distributed import all_reduce_sum, rank, shard_indices, world_size
 from fsae.errors import DataError
-from fsae.formats import seed_suffix
+from fsae.formats import read_seed, seed_suffix
 from fsae.io import read_mask, write_json
 from fsae.labels import IGNORE_INDEX, VOC_CLASSES
 from fsae.seeds import check_seed, load_seed  # noqa: F401 - re-exported: the seed format's reader
-from fsae.seeds import read_seed
 from fsae.stamps import folder_digest
 
 

@@ -37,6 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from fsae.errors import DataError
+from fsae.seeds import load_seed, save_seed
 
 FORMATS = ("fsae", "irn", "sipe", "psa", "mctformer")
 FOREIGN_FORMATS = FORMATS[1:]
@@ -294,13 +295,12 @@ def _unit_range(path: Path, name: str, array: np.ndarray) -> np.ndarray:
 
 def convert_seeds(seed_dir: str | os.PathLike, seed_format: str, out_dir: str | os.PathLike,
                   ids: Sequence[str], num_classes: int | None = None) -> dict:
-    """Write ``out_dir/<id>.npz`` fsae seeds (``fsae.infer.save_seed``, atomic) from a base repository's
+    """Write ``out_dir/<id>.npz`` fsae seeds (``fsae.seeds.save_seed``, atomic) from a base repository's
     ``seed_dir/<id>.npy`` files. Cams and background become float16, so a map value within float16
     rounding (2^-11 relative) of a threshold can fall on the other side of it.
 
     Returns {"written": n, "out": path}.
     """
-    from fsae.infer import save_seed
 
     seed_dir, out_dir = Path(seed_dir), Path(out_dir)
     if not ids:
@@ -313,3 +313,13 @@ def convert_seeds(seed_dir: str | os.PathLike, seed_format: str, out_dir: str | 
             background = _unit_range(path, "the background map", background)
         save_seed(out_dir / f"{image_id}.npz", keys, cams, background)
     return {"written": len(ids), "out": out_dir}
+
+
+def read_seed(path: str | os.PathLike, seed_format: str = "fsae", num_classes: int | None = None):
+    """One image's seed in any format of ``fsae.formats.FORMATS`` -> keys (K,) int64 in 1..C, cams
+    (K, H, W) float32, background (H, W) float32 or None. ``fsae`` reads ``load_seed``; the base
+    repositories' ``.npy`` files go through ``fsae.formats.read_foreign_seed`` (``num_classes`` bounds
+    their class indices)."""
+    if seed_format == "fsae":
+        return load_seed(path, with_background=True)
+    return read_foreign_seed(path, seed_format, num_classes)

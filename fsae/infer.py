@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from fsae.augment import normalize
 from fsae.io import atomic_write
-from fsae.seeds import load_seed
+from fsae.seeds import load_seed, save_seed  # noqa: F401 - save_seed re-exported for callers of fsae.infer
 from fsae.stamps import make_stamp, prepare_output, weights_digest
 
 SEED_EPS = 1e-5
@@ -167,18 +167,6 @@ def normalise_seed(cam: torch.Tensor, label: torch.Tensor, mode: str = "max") ->
     present = torch.nonzero(label > 0.5).flatten()
     kept = normalise_maps(cam[present], mode) if present.numel() else cam[present]
     return (present + 1).cpu().numpy().astype(np.int64), kept.cpu().numpy()
-
-
-def save_seed(path: str | os.PathLike, keys: np.ndarray, cams: np.ndarray,
-              background: np.ndarray | None = None, strided: np.ndarray | None = None) -> Path:
-    extra = {name: np.asarray(a).astype(np.float16) for name, a in (("background", background), ("strided", strided))
-             if a is not None}
-
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, keys=keys.astype(np.int64), cams=cams.astype(np.float16), **extra)
-
-    return atomic_write(path, write)
 
 
 def batches_by_size(dataset, indices: Sequence[int], batch_size: int):

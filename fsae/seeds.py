@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from fsae.errors import DataError
+from fsae.io import atomic_write
 
 
 def load_seed(path: str | os.PathLike, with_background: bool = False):
@@ -64,18 +65,6 @@ def load_seed(path: str | os.PathLike, with_background: bool = False):
     return keys.astype(np.int64), cams, background
 
 
-def read_seed(path: str | os.PathLike, seed_format: str = "fsae", num_classes: int | None = None):
-    """One image's seed in any format of ``fsae.formats.FORMATS`` -> keys (K,) int64 in 1..C, cams
-    (K, H, W) float32, background (H, W) float32 or None. ``fsae`` reads ``load_seed``; the base
-    repositories' ``.npy`` files go through ``fsae.formats.read_foreign_seed`` (``num_classes`` bounds
-    their class indices)."""
-    if seed_format == "fsae":
-        return load_seed(path, with_background=True)
-    from fsae.formats import read_foreign_seed
-
-    return read_foreign_seed(path, seed_format, num_classes)
-
-
 def check_seed(keys: np.ndarray, cams: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     keys = np.asarray(keys, dtype=np.int64).reshape(-1)
     cams = np.asarray(cams, dtype=np.float32)
@@ -84,3 +73,16 @@ def check_seed(keys: np.ndarray, cams: np.ndarray) -> tuple[np.ndarray, np.ndarr
     if keys.size and (keys.min() < 1 or keys.max() > 254):
         raise ValueError(f"keys {keys.tolist()} must be class labels in 1..C (0 is background)")
     return keys, cams
+
+
+def save_seed(path: str | os.PathLike, keys: np.ndarray, cams: np.ndarray,
+              background: np.ndarray | None = None, strided: np.ndarray | None = None) -> Path:
+    """Write one seed file atomically: keys int64, cams (and the optional planes) float16."""
+    extra = {name: np.asarray(a).astype(np.float16) for name, a in (("background", background), ("strided", strided))
+             if a is not None}
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, keys=keys.astype(np.int64), cams=cams.astype(np.float16), **extra)
+
+    return atomic_write(path, write)
