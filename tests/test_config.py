@@ -112,7 +112,10 @@ def test_every_default_is_allowed_by_its_own_rule(root):
                                           for p in (REPO / "configs").rglob("*.yaml")))
 def test_every_recipe_passes_the_checks(recipe):
     name = Path(recipe).stem
-    loader = load_irn_config if name == "irn" else load_seg_config if name.startswith("deeplab") else load_config
+    from fsae.refine.psa import load_psa_config
+
+    loader = {"irn": load_irn_config, "psa": load_psa_config}.get(name) or \
+        (load_seg_config if name.startswith("deeplab") else load_config)
     loader(REPO / "configs" / recipe)
 
 
