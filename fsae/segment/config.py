@@ -53,6 +53,12 @@ class SegModelConfig:
     dropout: float = 0.5  # deeplabv1: after fc6 and fc7
     width: int = 32  # tinycnn only
     depth: int = 6  # tinycnn only
+    # Heads of other codebases (fsae.segment.deeplab): deeplab (the two above) | ppc (the PPC/EPS authors':
+    # ASPP with BN and image pooling, concatenated / LargeFOV with BN) | mctformer (deeplabv1 only).
+    head: str = "deeplab"
+    aspp_channels: int = 256  # ppc deeplabv2: width of each ASPP branch
+    bn_momentum: float = 3e-4  # ppc heads' BatchNorm momentum (PyTorch convention)
+    resnet38_width: float = 1.0  # resnet38 backbone: channel multiplier (< 1 for CPU tests only)
 
 
 @dataclass
@@ -62,6 +68,9 @@ class SegOptimConfig:
     weight_decay: float = 5e-4
     poly_power: float = 0.9
     head_lr_mult: float = 10.0  # the new head (ASPP / LargeFOV) learns 10x faster than the backbone
+    bias_lr_mult: float = 1.0  # extra factor on conv biases (the PPC authors': 2)
+    bias_weight_decay: bool = True  # false: biases without weight decay (the PPC authors')
+    train_bn_affine: bool = True  # false: BatchNorm weight/bias left out of the optimiser (the PPC authors')
 
 
 @dataclass
@@ -96,6 +105,7 @@ class CrfParams:
 class SegInferConfig:
     scales: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5])
     flip: bool = True
+    fuse: str = "mean_probs"  # over scales x flips: mean_probs | mean_logits (PPC authors') | max_probs (MCTformer)
     crf: CrfParams = field(default_factory=CrfParams)
 
 
@@ -139,6 +149,11 @@ def check_seg_config(cfg: SegConfig, where: str) -> None:
     """Values that would only fail deep inside training: an error naming the file and the field."""
     if cfg.model.arch not in ("deeplabv1", "deeplabv2"):
         raise ConfigError(f"{where}: model.arch must be deeplabv1 or deeplabv2, got {cfg.model.arch!r}")
+    if cfg.model.head not in ("deeplab", "ppc", "mctformer") or (cfg.model.head, cfg.model.arch) == ("mctformer", "deeplabv2"):
+        raise ConfigError(f"{where}: model.head must be deeplab, ppc or mctformer (deeplabv1 only), got "
+                          f"{cfg.model.head!r} with model.arch {cfg.model.arch!r}")
+    if cfg.infer.fuse not in ("mean_probs", "mean_logits", "max_probs"):
+        raise ConfigError(f"{where}: infer.fuse must be mean_probs, mean_logits or max_probs, got {cfg.infer.fuse!r}")
     lo, hi = (list(cfg.data.scale_range) + [None, None])[:2]
     if len(cfg.data.scale_range) != 2 or not 0 < lo <= hi:
         raise ConfigError(f"{where}: data.scale_range must be [low, high] with 0 < low <= high, "
