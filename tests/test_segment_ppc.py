@@ -425,3 +425,13 @@ def test_short_training_run_on_the_generated_set(recipe, tiny_synthetic, tmp_pat
         assert [p.stem for p in written] == sorted(val_ids)
         assert set(np.unique(np.asarray(Image.open(written[0])))) <= set(range(C + 1))
         assert 0.0 <= read_json(run / "eval" / f"seg_{name}.json")["miou"] <= 1.0
+
+
+def test_unknown_head_or_fusion_is_one_clear_line(tmp_path, capsys):
+    recipe = str(ROOT / "configs/voc/deeplab_r38_mct.yaml")
+    for override, says in (("model.head=aspp", "model.head must be deeplab, ppc or mctformer"),
+                           ("model.arch=deeplabv2", "mctformer (deeplabv1 only)"),
+                           ("infer.fuse=median", "infer.fuse must be mean_probs, mean_logits or max_probs")):
+        assert main(["seg", "train", recipe, "--out", str(tmp_path / "r"), "--set", override]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err

@@ -149,7 +149,8 @@ def check_seg_config(cfg: SegConfig, where: str) -> None:
     """Values that would only fail deep inside training: an error naming the file and the field."""
     if cfg.model.arch not in ("deeplabv1", "deeplabv2"):
         raise ConfigError(f"{where}: model.arch must be deeplabv1 or deeplabv2, got {cfg.model.arch!r}")
-    if cfg.model.head not in ("deeplab", "ppc", "mctformer") or (cfg.model.head, cfg.model.arch) == ("mctformer", "deeplabv2"):
+    head = (cfg.model.head, cfg.model.arch)
+    if head[0] not in ("deeplab", "ppc", "mctformer") or head == ("mctformer", "deeplabv2"):
         raise ConfigError(f"{where}: model.head must be deeplab, ppc or mctformer (deeplabv1 only), got "
                           f"{cfg.model.head!r} with model.arch {cfg.model.arch!r}")
     if cfg.infer.fuse not in ("mean_probs", "mean_logits", "max_probs"):

@@ -10,16 +10,25 @@ the logits go straight into ``cross_entropy(..., ignore_index=255)`` against lab
 - DeepLab-V1 LargeFOV (Chen et al., ICLR 2015, sec. 4): fc6 = 3x3 conv with dilation 12 to 1024
   channels, fc7 = 1x1 conv to 1024, each followed by ReLU and dropout, and fc8 = 1x1 conv to C+1.
 
+``model.head`` picks the heads of other codebases (the recipes ``configs/voc/deeplabv{1,2}_r101_ppc.yaml``
+and ``deeplab_r38_mct.yaml``): ``ppc`` = the PPC/EPS authors' (YudeWang's segmentation codebase): for V2
+``ASPPConcat`` (conv-BN-ReLU branches at 6/12/18/24 and an image-pooling branch, concatenated, 256 channels),
+for V1 ``LargeFOV(batch_norm=True)`` (512 channels, BN after fc6 and fc7); ``mctformer`` = MCTformer's
+``DilatedPairHead`` on ResNet-38 (two 3x3 convolutions at dilation 12).
+
 Backbones by name (``fsae.models.backbones.create_backbone``): ``resnet101_deeplab`` (DeepLab's MSRA
-ResNet-101 at output stride 8, the recipes'), a timm model (``resnet101``, ``resnet18``, ...; timm dilates
-the last stages), ``torchvision:<name>`` (a dilated torchvision ResNet) or ``tinycnn`` (tests).
+ResNet-101 at output stride 8, the recipes'), a timm model (``resnet101``, ``resnet18``, ``resnet101s``: the
+deep-stem ResNet-101 of the PPC authors; timm dilates the last stages), ``resnet38`` (the wide ResNet-38,
+stride 8 by dilation), ``torchvision:<name>`` (a dilated torchvision ResNet) or ``tinycnn`` (tests).
 
 Weights (``load_pretrained``): ``imagenet`` (for ``resnet101_deeplab``: the COCO-pretrained init of
 deeplab-pytorch, ``deeplabv1_resnet101-coco.pth``, its key names mapped by
 ``fsae.models.backbones.deeplab_key_map``; see ``fsae.weights.DEEPLAB_COCO``), a local file holding a
 backbone state dict (torchvision / timm / deeplab-pytorch key names; classifier ``fc`` dropped) or a
 whole fsae DeepLab checkpoint (e.g. one trained on COCO: the backbone is loaded, the head too when its
-class count matches), or the library keywords of ``fsae.models.backbones``. Missing, unexpected or
+class count matches), or the library keywords of ``fsae.models.backbones``; a ``resnet38`` backbone reads
+``fsae.models.resnet38.load_resnet38_weights``'s files (ImageNet ``.params`` / ``.pth``, or PSA's VOC-trained
+``res38_cls.pth``, its classifier ignored). Missing, unexpected or
 wrongly shaped tensors are a ``CheckpointError`` naming the file and the tensors.
 """
 

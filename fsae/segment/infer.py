@@ -3,7 +3,8 @@
 For an image, at each scale s in (0.5, 0.75, 1.0, 1.25, 1.5) the network sees the image resized by s and
 its horizontal flip; each output's logits are resized bilinearly to the image size, turned into class
 probabilities (softmax), flipped back, and all 2 x len(scales) probability maps are averaged
-(``multiscale_probs``; ``infer.fuse`` selects the PPC authors' mean of logits or MCTformer's maximum). The mask is their argmax, or, with the CRF on, the argmax of
+(``multiscale_probs``; ``infer.fuse`` selects the PPC authors' mean of logits or MCTformer's maximum).
+The mask is their argmax, or, with the CRF on, the argmax of
 ``fsae.refine.crf.crf_inference(image, probs)`` (DeepLab's CRF parameters in ``SegInferConfig.crf``).
 
 Outputs below the run directory (every PNG a VOC-palette label-space mask written atomically; images
