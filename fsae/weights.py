@@ -77,6 +77,19 @@ DEEPLAB_COCO = (
                "(torchvision ImageNet) with backbone resnet101_deeplab"),
 )
 
+# The PPC/EPS authors' DeepLab backbone (wseg segmentation/lib/net/backbone/resnet.py:16,19): PyTorch-Encoding's
+# deep-stem ImageNet ResNet-101 (timm's resnet101s layout); its published hash prefix is a sha1, not checked.
+RESNET101S = (
+    WeightFile("resnet101s-03a0f310.pth", None, None, "deep-stem ResNet-101 ImageNet (PyTorch-Encoding resnet101s)",
+               "unzip https://s3.us-west-1.wasabisys.com/encoding/models/resnet101s-03a0f310.zip "
+               "(the URL of wseg segmentation/lib/net/backbone/resnet.py:19)"),
+)
+# MCTformer's segmentation init (README:40, run_seg.sh --init_weights): PSA's VOC-trained ResNet-38 classifier.
+PSA_RES38_CLS = (
+    WeightFile("res38_cls.pth", None, None, "ResNet-38 trained on VOC classification (PSA res38_cls.pth)",
+               "download it from PSA's README (github.com/jiwoon-ahn/psa, ResNet-38 weights link)"),
+)
+
 # Backbone name -> the files ``weights: imagenet`` accepts, first preferred.
 DEFAULTS: dict[str, tuple[WeightFile, ...]] = {
     "resnet50_irn": RESNET50_V1,
@@ -85,7 +98,9 @@ DEFAULTS: dict[str, tuple[WeightFile, ...]] = {
     "resnet101_deeplab": DEEPLAB_COCO,
     "torchvision:resnet50": RESNET50_V1,
     "torchvision:resnet101": RESNET101_V1,
+    "resnet101s": RESNET101S,
 }
+KNOWN_FILES = (*DEFAULTS.values(), PSA_RES38_CLS)  # every file a recipe may name by path
 
 
 def weights_folder() -> Path:
@@ -176,7 +191,7 @@ def resolve_weights(weights: str | None, backbone: str, download: bool = True) -
     if weights == IMAGENET:
         return str(find_default(backbone, download))
     path = Path(weights)
-    for wf in (f for files in DEFAULTS.values() for f in files):
+    for wf in (f for files in KNOWN_FILES for f in files):
         if path.name == wf.filename and path.is_file():
             verify(path, wf)
     return weights
@@ -230,7 +245,7 @@ def _entry(recipe: Path, section: dict, field: str, irn: bool) -> RecipeWeights:
     elif value in (IMAGENET, "torchvision"):
         files = DEFAULTS.get(backbone, ())
     else:
-        known = [f for fs in DEFAULTS.values() for f in fs if f.filename == Path(value).name]
+        known = [f for fs in KNOWN_FILES for f in fs if f.filename == Path(value).name]
         files = (known[0],) if known else (WeightFile(Path(value).name, None, None, "a local file"),)
     return RecipeWeights(recipe, field, value, backbone, files)
 

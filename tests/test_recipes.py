@@ -286,6 +286,14 @@ WEIGHT_FILES = {
     **{name: "deeplabv1_resnet101-coco.pth" for name in SEG_TABLES},
 }
 
+# The PPC authors' and MCTformer's DeepLab recipes: their tables, with the sources, in test_segment_ppc.py.
+from test_segment_ppc import RECIPES as OTHER_SEG_TABLES  # noqa: E402
+
+SEG_TABLES.update({name.removeprefix("configs/"): table for name, table in OTHER_SEG_TABLES.items()})
+WEIGHT_FILES.update({"voc/deeplabv2_r101_ppc.yaml": "resnet101s-03a0f310.pth",  # wseg resnet.py:16
+                     "voc/deeplabv1_r101_ppc.yaml": "resnet101s-03a0f310.pth",
+                     "voc/deeplab_r38_mct.yaml": "res38_cls.pth"})  # MCTformer README:40 = PSA README:51,73
+
 
 def leaves(data: dict, prefix: str = ""):
     for key, value in data.items():

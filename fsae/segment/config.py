@@ -50,6 +50,12 @@ class SegModelConfig:
     dropout: float = fraction(0.5, high_open=True)  # deeplabv1: after fc6 and fc7
     width: int = at_least(1, 32)  # tinycnn only
     depth: int = at_least(1, 6)  # tinycnn only
+    # Heads of other codebases (fsae.segment.deeplab): deeplab (the two above) | ppc (the PPC/EPS authors':
+    # ASPP with BN and image pooling, concatenated / LargeFOV with BN) | mctformer (deeplabv1 only).
+    head: str = setting("deeplab", choices=("deeplab", "ppc", "mctformer"))
+    aspp_channels: int = at_least(1, 256)  # ppc deeplabv2: width of each ASPP branch
+    bn_momentum: float = fraction(3e-4, low_open=True)  # ppc heads' BatchNorm momentum (PyTorch convention)
+    resnet38_width: float = positive(1.0)  # resnet38 backbone: channel multiplier (< 1 for CPU tests only)
 
 
 @dataclass
@@ -59,6 +65,9 @@ class SegOptimConfig:
     weight_decay: float = at_least(0, 5e-4)
     poly_power: float = at_least(0, 0.9)
     head_lr_mult: float = positive(10.0)  # the new head (ASPP / LargeFOV) learns 10x faster than the backbone
+    bias_lr_mult: float = positive(1.0)  # extra factor on conv biases (the PPC authors': 2)
+    bias_weight_decay: bool = True  # false: biases without weight decay (the PPC authors')
+    train_bn_affine: bool = True  # false: BatchNorm weight/bias left out of the optimiser (the PPC authors')
 
 
 @dataclass
@@ -86,6 +95,8 @@ def _deeplab_crf() -> SegCrf:
 class SegInferConfig:
     scales: list[float] = setting(factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5], low=0, low_open=True, nonempty=True)
     flip: bool = True
+    # over scales x flips: mean_probs | mean_logits (PPC authors') | max_probs (MCTformer)
+    fuse: str = setting("mean_probs", choices=("mean_probs", "mean_logits", "max_probs"))
     crf: SegCrf = field(default_factory=_deeplab_crf)
 
 
@@ -109,6 +120,9 @@ class SegConfig(Settings):
 
     def check(self) -> None:
         check_range_pair(self.data.scale_range, "data.scale_range")
+        if self.model.head == "mctformer" and self.model.arch != "deeplabv1":
+            raise ConfigError(f"model.head = 'mctformer' is not allowed with model.arch {self.model.arch!r}; "
+                              f"expected deeplabv1 (MCTformer's ResNet-38 DeepLab)")
 
 
 def load_seg_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SegConfig:

@@ -3,7 +3,8 @@
 For an image, at each scale s in (0.5, 0.75, 1.0, 1.25, 1.5) the network sees the image resized by s and
 its horizontal flip; each output's logits are resized bilinearly to the image size, turned into class
 probabilities (softmax), flipped back, and all 2 x len(scales) probability maps are averaged
-(``multiscale_probs``). The mask is their argmax, or, with the CRF on, the argmax of
+(``multiscale_probs``; ``infer.fuse`` selects the PPC authors' mean of logits or MCTformer's maximum).
+The mask is their argmax, or, with the CRF on, the argmax of
 ``fsae.refine.crf.crf_inference(image, probs)`` (DeepLab's CRF parameters in ``SegInferConfig.crf``).
 
 Outputs below the run directory (every PNG a VOC-palette label-space mask written atomically; each
@@ -42,25 +43,30 @@ TEST_SERVER_DIR = Path("results") / "VOC2012" / "Segmentation" / "comp6_test_cls
 
 
 @torch.no_grad()
-def multiscale_probs(model, images: torch.Tensor, scales: Sequence[float] = (1.0,), flip: bool = True) -> torch.Tensor:
-    """Class probabilities averaged over scales (and horizontal flips) at the input resolution.
+def multiscale_probs(model, images: torch.Tensor, scales: Sequence[float] = (1.0,), flip: bool = True,
+                     fuse: str = "mean_probs") -> torch.Tensor:
+    """Class probabilities fused over scales (and horizontal flips) at the input resolution.
 
-    Shape: images (B, 3, H, W) normalised -> (B, C+1, H, W), each pixel summing to 1.
+    ``fuse``: ``mean_probs`` (the mean of the softmaxes), ``mean_logits`` (softmax of the mean logit map:
+    the PPC authors' test.py:84-92) or ``max_probs`` (the per-class maximum of the softmaxes: MCTformer's
+    seg/infer_seg.py:91-98; then the pixels need not sum to 1).
+    Shape: images (B, 3, H, W) normalised -> (B, C+1, H, W).
     """
     size = images.shape[-2:]
     b = images.shape[0]
-    total = None
+    outputs = []
     for scale in scales:
         x = images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="bilinear",
                                                       align_corners=False, recompute_scale_factor=False)
         if flip:
             x = torch.cat([x, x.flip(-1)], dim=0)
         logits = F.interpolate(model(x), size=size, mode="bilinear", align_corners=False)
-        probs = logits.softmax(dim=1)
-        if flip:
-            probs = probs[:b] + probs[b:].flip(-1)
-        total = probs if total is None else total + probs
-    return total / (len(scales) * (2 if flip else 1))
+        out = logits if fuse == "mean_logits" else logits.softmax(dim=1)
+        outputs += [out[:b], out[b:].flip(-1)] if flip else [out]
+    if fuse == "max_probs":
+        return torch.stack(outputs).amax(dim=0)
+    mean = torch.stack(outputs).mean(dim=0)
+    return mean.softmax(dim=1) if fuse == "mean_logits" else mean
 
 
 def image_list(data_cfg, split: str) -> list[tuple[str, Path]]:
@@ -78,10 +84,10 @@ def image_list(data_cfg, split: str) -> list[tuple[str, Path]]:
 
 @torch.no_grad()
 def predict_masks(model, image: np.ndarray, scales: Sequence[float], flip: bool, crf_params: dict | None,
-                  device="cpu") -> tuple[np.ndarray, np.ndarray | None]:
+                  device="cpu", fuse: str = "mean_probs") -> tuple[np.ndarray, np.ndarray | None]:
     """One image -> (multi-scale + flip argmax mask, CRF mask or None). Shape: (H, W, 3) uint8 -> (H, W) uint8."""
     x = normalize(to_tensor_image(image)[None]).to(device)
-    probs = multiscale_probs(model, x, scales, flip)[0].cpu().numpy()
+    probs = multiscale_probs(model, x, scales, flip, fuse)[0].cpu().numpy()
     mask = probs.argmax(0).astype(np.uint8)
     if crf_params is None:
         return mask, None
@@ -91,13 +97,13 @@ def predict_masks(model, image: np.ndarray, scales: Sequence[float], flip: bool,
 def predict_split(model, items: Sequence[tuple[str, Path]], out_dir: Path | None, crf_dir: Path | None,
                   scales: Sequence[float], flip: bool, crf_params: dict | None, device="cpu",
                   progress: bool = True, desc: str = "seg infer", source: dict | None = None,
-                  force: bool = False) -> dict:
+                  force: bool = False, fuse: str = "mean_probs") -> dict:
     """Write ``out_dir/<id>.png`` (argmax) and/or ``crf_dir/<id>.png`` (CRF) for every item; skip finished ids.
 
     ``source``: what the model came from, recorded in the folders' stamps (default: its weights' digest).
     """
     source = {"weights": weights_digest(model)} if source is None else source
-    settings = {"scales": [float(s) for s in scales], "flip": bool(flip)}
+    settings = {"scales": [float(s) for s in scales], "flip": bool(flip), "fuse": fuse}
     dirs = [d for d in (out_dir, crf_dir) if d is not None]
     for d in dirs:
         stamp = make_stamp("seg infer", source, {**settings, "crf": crf_params if d is crf_dir else None})
@@ -106,7 +112,7 @@ def predict_split(model, items: Sequence[tuple[str, Path]], out_dir: Path | None
     model.eval()
     for image_id, path in tqdm(todo, desc=desc, disable=not progress, unit="img"):
         mask, refined = predict_masks(model, read_image(path), scales, flip,
-                                      crf_params if crf_dir is not None else None, device)
+                                      crf_params if crf_dir is not None else None, device, fuse)
         if out_dir is not None:
             write_mask(out_dir / f"{image_id}.png", mask)
         if crf_dir is not None:
@@ -137,7 +143,8 @@ def run_seg_inference(model, cfg, run_dir: str | os.PathLike, splits: Sequence[s
             plain = run_dir / "segment" / split
             refined = run_dir / "segment" / f"{split}_crf" if crf else None
         result = predict_split(model, items, plain, refined, cfg.infer.scales, cfg.infer.flip, crf_params,
-                               device, progress, desc=f"seg {split}", source=source, force=force)
+                               device, progress, desc=f"seg {split}", source=source, force=force,
+                               fuse=cfg.infer.fuse)
         result["dirs"] = [str(d) for d in (plain, refined) if d is not None]
         result["eval"] = {}
         if split == cfg.data.val_split:

@@ -7,7 +7,8 @@ One iteration, top to bottom:
 2. logits = DeepLab(crop) at stride 8, upsampled bilinearly to the crop size;
 3. loss = cross-entropy over the pixels whose mask is not 255 (ignored);
 4. SGD step (momentum, weight decay) at ``lr * (1 - it / iterations) ** poly_power``, x ``head_lr_mult``
-   on the head.
+   on the head (and, when set, x ``bias_lr_mult`` and no decay on biases, BatchNorm affine left out:
+   ``DeepLab.param_groups``).
 
 The data order is a function of (seed, iteration) only (``IterationBatches``) and every crop's geometry of
 (seed, iteration, index), so a run resumed from ``checkpoints/last.pt`` sees the same batches it would have
@@ -121,8 +122,11 @@ def check_training_masks(dataset) -> None:
 
 
 def build_seg_optimizer(model: DeepLab, cfg: SegConfig) -> torch.optim.SGD:
-    groups = [{"params": g["params"], "lr": cfg.optim.lr * g["lr_mult"], "lr_mult": g["lr_mult"]}
-              for g in model.param_groups(cfg.optim.head_lr_mult) if g["params"]]
+    o = cfg.optim
+    groups = [{"params": g["params"], "lr": o.lr * g["lr_mult"], "lr_mult": g["lr_mult"],
+               "weight_decay": g.get("weight_decay", o.weight_decay)}
+              for g in model.param_groups(o.head_lr_mult, o.bias_lr_mult, o.bias_weight_decay, o.train_bn_affine)
+              if g["params"]]
     return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                            weight_decay=cfg.optim.weight_decay)
 
