@@ -429,9 +429,12 @@ def test_short_training_run_on_the_generated_set(recipe, tiny_synthetic, tmp_pat
 
 def test_unknown_head_or_fusion_is_one_clear_line(tmp_path, capsys):
     recipe = str(ROOT / "configs/voc/deeplab_r38_mct.yaml")
-    for override, says in (("model.head=aspp", "model.head must be deeplab, ppc or mctformer"),
-                           ("model.arch=deeplabv2", "mctformer (deeplabv1 only)"),
-                           ("infer.fuse=median", "infer.fuse must be mean_probs, mean_logits or max_probs")):
+    for override, says in (("model.head=aspp", "model.head = 'aspp' is not allowed; expected a string (one of "
+                                               "deeplab, ppc, mctformer)"),
+                           ("model.arch=deeplabv2", "model.head = 'mctformer' is not allowed with model.arch "
+                                                   "'deeplabv2'; expected deeplabv1"),
+                           ("infer.fuse=median", "infer.fuse = 'median' is not allowed; expected a string (one of "
+                                                 "mean_probs, mean_logits, max_probs)")):
         assert main(["seg", "train", recipe, "--out", str(tmp_path / "r"), "--set", override]) == 2
         err = capsys.readouterr().err
         assert says in err and "Traceback" not in err
