@@ -1,6 +1,7 @@
 """The COCO chain on the fake COCO tree of test_data_real: fsae train (CAM) -> fsae cam -> fsae crf ->
 fsae seg train, with the pseudo-masks where COCO segmentation training reads them (<masks>/train2014/)."""
 
+import csv
 import re
 import sys
 from pathlib import Path
@@ -88,3 +89,26 @@ def test_split_of_reads_the_name_then_the_folders(tmp_path):
         "train2014": ["COCO_train2014_000000000025", "COCO_train2014_000000000009"], "val2014": ["000042"]}
     with pytest.raises(DataError, match="no image 000099.jpg in train2014/ or val2014/"):
         split_of(root, "000099")
+
+
+# SIPE at CPU size: a narrow resnet18 (the tests' tiny SIPE, tests/test_sipe.py), no pretrained file, 32 px crops.
+SIPE_OVERRIDES = ["model.backbone=resnet18", "model.weights=null", "model.sipe.channels=[8,16,16,32]",
+                  "model.sipe.side_channels=[4,4,8,8]", "model.sipe.freeze_bn=false",
+                  "model.sipe.freeze_low_stages=false", "data.long_side=null", "data.crop_size=32",
+                  "train.epochs=1", "train.batch_size=2", "train.device=cpu", "data.workers=0",
+                  "infer.scales=[1.0]", "fsae.start_epoch=0"]
+
+
+@pytest.mark.parametrize("recipe", ["coco/sipe.yaml", "coco/sipe_fsae.yaml"])
+def test_sipe_coco_recipes_train_and_infer_on_the_fake_tree(recipe, tmp_path):
+    root = make_coco(tmp_path)
+    prepare_coco(root, workers=1, progress=False)
+    run = tmp_path / "run"
+    assert main(["train", str(REPO / "configs" / recipe), "--out", str(run), *sets(root, SIPE_OVERRIDES)]) == 0
+    assert main(["cam", str(run)]) == 0
+    ids = read_id_list(root / "ImageSets/train.txt")
+    assert sorted(p.stem for p in (run / "seeds").glob("*.npz")) == sorted(ids)  # infer.split train2014
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(float(r["gsc"]) >= 0 for r in rows)  # SIPE's GSC term was trained
+    assert all((r["fsae"] != "") == recipe.endswith("_fsae.yaml") for r in rows)  # FSAE's term: +FSAE only
