@@ -81,6 +81,12 @@ def cmd_data_check(args) -> int:
     problems = check_dataset(args.kind, args.root, split=args.split, saliency=args.saliency, fast=args.fast,
                              num_classes=args.num_classes)
     print(format_problems(problems))
+    if args.kind == "voc" and not args.fast:  # a report beside the problems: IRN's XML labels against fsae's
+        from fsae.data.check import format_disagreements, label_disagreements
+
+        report = format_disagreements(label_disagreements(args.root, split=args.split))
+        if report:
+            print(report)
     return 1 if problems else 0
 
 
