@@ -81,6 +81,12 @@ def cmd_data_check(args) -> int:
     problems = check_dataset(args.kind, args.root, split=args.split, saliency=args.saliency, fast=args.fast,
                              num_classes=args.num_classes)
     print(format_problems(problems))
+    if args.kind == "voc" and not args.fast:  # a report beside the problems: IRN's XML labels against fsae's
+        from fsae.data.check import format_disagreements, label_disagreements
+
+        report = format_disagreements(label_disagreements(args.root, split=args.split))
+        if report:
+            print(report)
     return 1 if problems else 0
 
 
@@ -247,14 +253,17 @@ def cmd_crf(args) -> None:
     if args.threshold is not None and not 0 <= args.threshold <= 1:
         raise FsaeError(f"fsae crf: --threshold {args.threshold} is not allowed; expected a background score in [0, 1]")
     seeds, images, out = args.seeds, args.images, args.out
-    protocol = None
+    protocol, coco_root = None, None
     if args.run:
         run = Path(args.run)
         cfg = load_config(run / "config.yaml")
         protocol = resolve_protocol(cfg, threshold=args.threshold, background=args.background,
                                     bg_power=args.bg_power, crf_iterations=args.iterations)
         seeds = seeds or run / "seeds"
-        images = images or Path(cfg.data.root) / "JPEGImages"
+        # COCO keeps images in train2014/ and val2014/ and reads pseudo-masks from <mask_dir>/<split>/
+        # (fsae.data.coco): its masks go to <out>/<split>/, each split's images from its own folder.
+        coco_root = Path(cfg.data.root) if cfg.data.kind == "coco" else None
+        images = images or (coco_root or Path(cfg.data.root) / "JPEGImages")
         out = out or run / "crf"
     threshold = protocol.threshold if protocol else args.threshold
     background = protocol.background if protocol else (args.background or "threshold")
@@ -281,10 +290,20 @@ def cmd_crf(args) -> None:
     if workers is None:  # under torchrun the processes of this machine share its cores
         workers = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     crf_params = {} if iterations is None else {"iterations": int(iterations)}
-    args.stopped_in = out
-    result = refine_dir(seeds, images, out, mine, threshold=threshold if threshold is not None else 0.0,
-                        workers=workers, background=background, bg_power=bg_power, force=args.force, **crf_params)
-    print(f"pseudo-masks: {result['out_dir']} ({result['refined']} refined, {result['skipped']} already there{part})")
+    if coco_root is None:
+        groups = [(images, Path(out), mine)]
+    else:
+        from fsae.data.coco import ids_by_split
+
+        groups = [(images if args.images else coco_root / split, Path(out) / split, split_ids)
+                  for split, split_ids in ids_by_split(coco_root, mine).items()]
+    for group_images, group_out, group_ids in groups:
+        args.stopped_in = group_out
+        result = refine_dir(seeds, group_images, group_out, group_ids,
+                            threshold=threshold if threshold is not None else 0.0, workers=workers,
+                            background=background, bg_power=bg_power, force=args.force, **crf_params)
+        print(f"pseudo-masks: {result['out_dir']} ({result['refined']} refined, {result['skipped']} already "
+              f"there{part})")
 
 
 def cmd_irn(args) -> None:

@@ -17,10 +17,10 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from scipy.io import savemat
 
-from fsae.data.check import Problem, check_dataset, format_problems
+from fsae.data.check import Problem, check_dataset, format_disagreements, format_problems, label_disagreements
 from fsae.data.coco import COCO_CATEGORY_IDS, COCO_CLASSES, COCODataset, category_mapping
 from fsae.data.prepare import prepare_coco, prepare_voc, train_aug_ids
-from fsae.data.voc import VOCDataset
+from fsae.data.voc import VOCDataset, xml_image_labels
 from fsae.errors import DataError
 from fsae.io import write_grey_png, write_image, write_mask
 
@@ -527,3 +527,75 @@ def test_check_reports_a_missing_folder_or_label_file_once(voc):
     ]
     with pytest.raises(DataError, match="unknown data set kind 'ade'"):
         check_dataset("ade", voc)
+
+
+# ------------------------------------------------------------------- image-level labels from the XML
+
+
+def voc_xml(image_id: str, objects: list[tuple[str, int, list[str]]]) -> str:
+    """A VOC2012 ``Annotations/<id>.xml`` as the data set writes it: (name, difficult, part names) per object."""
+    body = "".join(
+        f"\t<object>\n\t\t<name>{name}</name>\n\t\t<pose>Unspecified</pose>\n\t\t<truncated>0</truncated>\n"
+        f"\t\t<difficult>{difficult}</difficult>\n\t\t<bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax>"
+        f"<ymax>5</ymax></bndbox>\n"
+        + "".join(f"\t\t<part>\n\t\t\t<name>{part}</name>\n\t\t\t<bndbox><xmin>1</xmin><ymin>1</ymin>"
+                  f"<xmax>2</xmax><ymax>2</ymax></bndbox>\n\t\t</part>\n" for part in parts)
+        + "\t</object>\n"
+        for name, difficult, parts in objects)
+    return (f"<annotation>\n\t<folder>VOC2012</folder>\n\t<filename>{image_id}.jpg</filename>\n"
+            f"\t<source>\n\t\t<database>The VOC2007 Database</database>\n\t\t<annotation>PASCAL VOC2007"
+            f"</annotation>\n\t\t<image>flickr</image>\n\t</source>\n\t<size>\n\t\t<width>20</width>\n"
+            f"\t\t<height>16</height>\n\t\t<depth>3</depth>\n\t</size>\n\t<segmented>1</segmented>\n"
+            f"{body}</annotation>\n")
+
+
+# id -> objects; labels by hand (VOC class numbers: aeroplane 1, bicycle 2, chair 9, dog 12, horse 13,
+# person 15, train 19, tvmonitor 20). IRN counts every <name> that is a class, difficult ones too
+# (irn voc12/dataloader.py:33-41); part names are not classes.
+VOC_XML = {
+    "2007_000032": [("aeroplane", 0, []), ("person", 0, ["head", "hand"])],  # [1, 15]: as the label file
+    "2007_000039": [("tvmonitor", 0, []), ("chair", 1, [])],                 # [9, 20]: a difficult chair
+    "2008_000100": [("dog", 0, []), ("dog", 0, [])],                         # [12]: the file has [12, 13]
+    "2007_000042": [("\n\t\tbicycle ", 0, []), ("train", 0, [])],           # [2, 19]: whitespace stripped
+}  # 2008_000002 and the others: no XML, not compared
+
+
+def write_voc_xml(root: Path) -> None:
+    for image_id, objects in VOC_XML.items():
+        path = root / "Annotations" / f"{image_id}.xml"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(voc_xml(image_id, objects))
+
+
+def test_xml_image_labels_count_difficult_objects_and_skip_parts(tmp_path):
+    write_voc_xml(tmp_path)
+    got = {i: xml_image_labels(tmp_path / "Annotations" / f"{i}.xml") for i in VOC_XML}
+    assert got == {"2007_000032": [1, 15], "2007_000039": [9, 20], "2008_000100": [12], "2007_000042": [2, 19]}
+    (tmp_path / "broken.xml").write_text("<annotation><object><name>dog</name>")
+    with pytest.raises(DataError, match=r"broken.xml: not a readable VOC annotation file"):
+        xml_image_labels(tmp_path / "broken.xml")
+
+
+def test_check_reports_ids_whose_xml_labels_differ(voc, capsys):
+    from fsae.cli import main
+
+    write_voc_xml(voc)
+    found = label_disagreements(voc)
+    assert [(d.image_id, d.xml_labels, d.file_labels) for d in found] == [
+        ("2007_000039", (9, 20), (20,)), ("2008_000100", (12,), (12, 13))]
+    assert label_disagreements(voc, split="train") == found[:1]  # 2008_000100 is in train_aug only
+    labels = voc / "cls_labels.json"
+    lines = [f"{voc}/Annotations/2007_000039.xml: image '2007_000039': the XML names [9 chair, 20 tvmonitor], "
+             f"{labels} has [20 tvmonitor]",
+             f"{voc}/Annotations/2008_000100.xml: image '2008_000100': the XML names [12 dog], "
+             f"{labels} has [12 dog, 13 horse]"]
+    assert format_disagreements(found).splitlines() == lines + [
+        "2 image(s) whose labels differ from their annotation XML (IRN's labels; fsae's come from the masks)"]
+    assert check_dataset("voc", voc) == []  # a report, not a problem: the data set is still usable
+    capsys.readouterr()
+    assert main(["data", "check", "voc", "--root", str(voc)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "no problems found" and out[1:3] == lines
+    (voc / "Annotations" / "2007_000032.xml").write_text("<annotation>")
+    assert main(["data", "check", "voc", "--root", str(voc)]) == 2  # one clear line naming the file
+    assert "2007_000032.xml: not a readable VOC annotation file" in capsys.readouterr().err

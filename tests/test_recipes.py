@@ -89,6 +89,22 @@ PAPER_FSAE = {"fsae.enabled": True}  # fsae: the paper's FAE + SAE defaults (§4
 RECIPES["voc/sipe.yaml"] = SIPE
 RECIPES["voc/sipe_fsae.yaml"] = {**SIPE, **PAPER_FSAE, "name": "voc_sipe_fsae",
                                  "optim.lr": 0.05, "train.epochs": 10}  # the paper §4.1.3
+# SIPE's COCO run (run_coco.sh:5-9 --dataset coco): the VOC arguments with the COCO branch's data.
+SIPE_COCO = {
+    **SIPE, **COCO, "name": "coco_sipe",
+    "data.mask_dir": "SegmentationClass",   # SIPE eval_cam.py:52 SegmentationClass/train2014
+    "data.num_classes": 80,                 # SIPE train_resnet50_SIPE.py:107 Net(num_cls=81)
+    "data.train_split": "train2014",        # SIPE train_resnet50_SIPE.py:108 data/train_coco.txt
+    "data.long_side": [320, 640],           # SIPE train_resnet50_SIPE.py:109 resize_long=(320, 640)
+    "data.crop_size": 512,                  # SIPE train_resnet50_SIPE.py:110 crop_size=512
+    "train.val_every": 0,                   # SIPE train_resnet50_SIPE.py:104-105 val_freq 99999: none
+    "infer.split": "train2014",             # SIPE make_cam.py:103 data/train_coco.txt
+    "infer.scales": [1.0, 0.5, 1.5, 2.0],   # SIPE make_cam.py:103 scales
+    "eval.split": "train2014",              # SIPE eval_cam.py:52-55 train2014 GT, data/train_coco.txt
+}
+RECIPES["coco/sipe.yaml"] = SIPE_COCO
+# COCO: the paper keeps SIPE's own settings (§4.1.3 "For the others, we follow the default ...").
+RECIPES["coco/sipe_fsae.yaml"] = {**SIPE_COCO, **PAPER_FSAE, "name": "coco_sipe_fsae"}
 
 # ---------------------------------------------------------------- MCTformer V2 (xulianuwa/MCTformer @9606597)
 MCT = {
@@ -278,6 +294,7 @@ SEG_TABLES = {
 WEIGHT_FILES = {
     "voc/cam.yaml": "resnet50-19c8e357.pth", "coco/cam.yaml": "resnet50-19c8e357.pth",
     "voc/sipe.yaml": "resnet50-19c8e357.pth", "voc/sipe_fsae.yaml": "resnet50-19c8e357.pth",
+    "coco/sipe.yaml": "resnet50-19c8e357.pth", "coco/sipe_fsae.yaml": "resnet50-19c8e357.pth",
     "voc/irn.yaml": "resnet50-19c8e357.pth",
     "voc/mctformer.yaml": "deit_small_patch16_224-cd65a155.pth",
     "voc/mctformer_fsae.yaml": "deit_small_patch16_224-cd65a155.pth",

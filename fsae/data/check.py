@@ -19,6 +19,10 @@ saliency maps have their image's size, and labels agree with masks. For VOC the 
 classes in the mask; for COCO every class in the mask must be labelled, but a label need not show in
 the mask (``fsae.data.prepare``: a COCO instance may be fully covered by a later one).
 ``fast=True`` is what training checks before it starts: no file is opened but lists and labels.
+
+``label_disagreements(root)`` (VOC) is a report, not a problem list: the ids whose label-file entry (fsae
+builds it from the masks) differs from the classes their ``Annotations/<id>.xml`` names (IRN builds its
+labels from the XML, ``fsae.data.voc.xml_image_labels``), one line each naming both label sets.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from pathlib import Path
 from fsae.data.coco import COCO_SPLITS, split_paths
 from fsae.data.prepare import map_parallel, present_classes
 from fsae.data.synthetic import META_FILE
-from fsae.data.voc import LABEL_FILE
+from fsae.data.voc import ANNOTATION_DIR, LABEL_FILE, xml_image_labels
+from fsae.labels import VOC_CLASSES
 from fsae.errors import DataError
 from fsae.io import read_id_list, read_image, read_json, read_mask
 
@@ -366,3 +371,54 @@ def _unique_sorted(problems: list[Problem]) -> list[Problem]:
     unique = list(dict.fromkeys(problems))
     order = {p: i for i, p in enumerate(unique)}
     return sorted(unique, key=lambda p: (p.path, order[p]))
+
+
+@dataclass(frozen=True)
+class LabelDisagreement:
+    """An id whose label-file classes differ from those its VOC annotation XML names."""
+
+    image_id: str
+    xml_path: str
+    xml_labels: tuple[int, ...]
+    label_file: str
+    file_labels: tuple[int, ...]
+
+    def __str__(self) -> str:
+        def named(labels):
+            return "[" + ", ".join(f"{c} {VOC_CLASSES[c - 1]}" for c in labels) + "]"
+
+        return (f"{self.xml_path}: image {self.image_id!r}: the XML names {named(self.xml_labels)}, "
+                f"{self.label_file} has {named(self.file_labels)}")
+
+
+def label_disagreements(root: str | os.PathLike, split: str | None = None) -> list[LabelDisagreement]:
+    """Ids of a VOC root's splits (``_splits``; default train, val, train_aug) with an annotation XML whose
+    classes differ from the id's ``cls_labels.json`` entry; ids without an XML or an entry are skipped
+    (``check_dataset`` reports missing entries). Sorted by id. DataError naming an unreadable XML."""
+    root = Path(root)
+    label_path = root / LABEL_FILE
+    labels, _ = _check_label_file(label_path, len(VOC_CLASSES), "voc") if label_path.is_file() else (None, [])
+    if not labels:
+        return []
+    ids: dict[str, None] = {}
+    for s in _splits("voc", root, split, None):
+        if s.list_path.is_file():
+            ids.update(dict.fromkeys(read_id_list(s.list_path)))
+    out = []
+    for image_id in sorted(ids):
+        xml = root / ANNOTATION_DIR / f"{image_id}.xml"
+        if image_id not in labels or not xml.is_file():
+            continue
+        from_xml = xml_image_labels(xml)
+        if from_xml != labels[image_id]:
+            out.append(LabelDisagreement(image_id, str(xml), tuple(from_xml), str(label_path),
+                                         tuple(labels[image_id])))
+    return out
+
+
+def format_disagreements(found: list[LabelDisagreement]) -> str:
+    """One line per disagreeing id, then a count; empty when there are none."""
+    if not found:
+        return ""
+    return "\n".join([*map(str, found), f"{len(found)} image(s) whose labels differ from their annotation XML "
+                                         f"(IRN's labels; fsae's come from the masks)"])

@@ -95,3 +95,24 @@ class COCODataset(VOCDataset):
             split_dir="ImageSets",
         )
         self.split = split
+
+
+def split_of(root: str | Path, image_id: str) -> str:
+    """The COCO split (``train2014`` / ``val2014``) whose image folder holds ``<image_id>.jpg``.
+
+    COCO file names carry their split (``COCO_val2014_000000000042``); an id without one is looked up in
+    both folders. DataError naming the id when no folder holds it.
+    """
+    named = [s for s in COCO_SPLITS if f"_{s}_" in image_id]
+    for split in named + [s for s in COCO_SPLITS if s not in named]:
+        if (Path(root) / split / f"{image_id}.jpg").is_file():
+            return split
+    raise DataError(f"{root}: no image {image_id}.jpg in {' or '.join(f'{s}/' for s in COCO_SPLITS)}")
+
+
+def ids_by_split(root: str | Path, ids) -> dict[str, list[str]]:
+    """``ids`` grouped by the split folder holding each image, in their given order (``split_of``)."""
+    groups: dict[str, list[str]] = {}
+    for image_id in ids:
+        groups.setdefault(split_of(root, image_id), []).append(image_id)
+    return groups

@@ -6,6 +6,7 @@ On disk, below ``root`` (a ``VOCdevkit/VOC2012``-style folder)::
     SegmentationClass/<id>.png        GT masks, VOC palette, label space (0 bg, 1..C, 255 ignore)
     SegmentationClassAug/<id>.png     train_aug masks (built by ``fsae data prepare voc``)
     ImageSets/Segmentation/<split>.txt
+    Annotations/<id>.xml              VOC object annotations (read by ``xml_image_labels``)
     cls_labels.json                   {"<id>": [labels in 1..C], ...} image-level labels
 
 A sample is a dict: ``id`` (str), ``image`` uint8 (H, W, 3) numpy, ``label`` float32 (C,) multi-hot,
@@ -21,8 +22,28 @@ from torch.utils.data import Dataset
 
 from fsae.errors import DataError
 from fsae.io import read_id_list, read_image, read_json, read_mask
+from fsae.labels import VOC_CLASSES
 
 LABEL_FILE = "cls_labels.json"
+ANNOTATION_DIR = "Annotations"
+
+
+def xml_image_labels(path: str | Path) -> list[int]:
+    """The classes (sorted, in 1..20) a VOC annotation file names, as IRN builds its labels.
+
+    Every ``<name>`` element whose text is a VOC class counts, ``difficult`` and ``truncated`` objects
+    included (irn voc12/dataloader.py:30-43: ``getElementsByTagName('name')``, no ``difficult`` test);
+    part names (``head``, ``hand``, ``foot``) are not classes and drop out. Names are stripped of
+    surrounding whitespace (IRN compares them as they are). DataError naming the file if it does not parse.
+    """
+    import xml.etree.ElementTree as ET
+
+    try:
+        tree = ET.parse(path)
+    except (OSError, ET.ParseError) as exc:
+        raise DataError(f"{path}: not a readable VOC annotation file ({exc})") from exc
+    names = {(e.text or "").strip() for e in tree.iter("name")}
+    return sorted(VOC_CLASSES.index(n) + 1 for n in names if n in VOC_CLASSES)
 
 
 def load_image_labels(path: str | Path, num_classes: int) -> dict[str, np.ndarray]:

@@ -1,0 +1,114 @@
+"""The COCO chain on the fake COCO tree of test_data_real: fsae train (CAM) -> fsae cam -> fsae crf ->
+fsae seg train, with the pseudo-masks where COCO segmentation training reads them (<masks>/train2014/)."""
+
+import csv
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from test_data_real import make_coco  # noqa: E402  (a helper only: importing test_* names would re-collect them)
+
+from fsae.cli import main  # noqa: E402
+from fsae.data.coco import COCODataset, ids_by_split, split_of  # noqa: E402
+from fsae.data.prepare import prepare_coco  # noqa: E402
+from fsae.errors import DataError  # noqa: E402
+from fsae.io import read_id_list, read_image, read_mask  # noqa: E402
+from fsae.refine.crf import refine_seed  # noqa: E402
+from fsae.seeds import load_seed  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+# CPU-sized overrides of the shipped recipes: a width-8 tinycnn, no pretrained file, 16 px crops.
+CAM_OVERRIDES = ["model.backbone=tinycnn", "model.weights=null", "model.width=8", "model.output_stride=8",
+                 "data.long_side=null", "data.crop_size=16", "train.epochs=1", "train.batch_size=2",
+                 "train.device=cpu", "data.workers=0", "infer.scales=[1.0]"]
+SEG_OVERRIDES = ["model.backbone=tinycnn", "model.weights=null", "model.width=8", "model.freeze_bn=false",
+                 "model.aspp_rates=[1,2,3,4]", "data.crop_size=16", "train.iterations=3", "train.batch_size=2",
+                 "train.device=cpu", "data.workers=0", "train.checkpoint_every=3", "train.log_every=1"]
+
+
+def sets(root, overrides):
+    return [arg for value in [f"data.root={root}", *overrides] for arg in ("--set", value)]
+
+
+@pytest.fixture(scope="module")
+def coco_chain(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("coco_chain")
+    root = make_coco(tmp)
+    prepare_coco(root, workers=1, progress=False)
+    run = tmp / "cam_run"
+    assert main(["train", str(REPO / "configs/coco/cam.yaml"), "--out", str(run), *sets(root, CAM_OVERRIDES)]) == 0
+    assert main(["cam", str(run)]) == 0
+    assert main(["crf", str(run), "--threshold", "0.3", "--workers", "1"]) == 0
+    return root, run, tmp
+
+
+def test_crf_finds_coco_images_and_writes_the_split_folder(coco_chain):
+    root, run, _ = coco_chain
+    ids = read_id_list(root / "ImageSets/train.txt")
+    assert len(ids) >= 2
+    assert sorted(p.stem for p in (run / "crf" / "train2014").glob("*.png")) == sorted(ids)
+    assert not list((run / "crf").glob("*.png"))  # nothing flat: COCO reads <mask_dir>/<split>/
+    for image_id in ids:
+        image = read_image(root / "train2014" / f"{image_id}.jpg")
+        keys, cams = load_seed(run / "seeds" / f"{image_id}.npz")
+        mask = read_mask(run / "crf" / "train2014" / f"{image_id}.png")
+        assert mask.shape == image.shape[:2]
+        # The CRF ran on this image (its own train2014/ file), not on another one of the same size.
+        np.testing.assert_array_equal(mask, refine_seed(image, keys, cams, 0.3))
+        assert set(np.unique(mask)) <= {0, *keys.tolist()}
+
+
+def test_seg_train_reads_the_crf_masks(coco_chain):
+    root, run, tmp = coco_chain
+    dataset = COCODataset(root, "train2014", mask_dir=str(run / "crf"))
+    for index, image_id in enumerate(dataset.ids):
+        np.testing.assert_array_equal(dataset[index]["mask"],
+                                      read_mask(run / "crf" / "train2014" / f"{image_id}.png"))
+    seg = tmp / "seg_run"
+    # The command documented in configs/coco/deeplabv2_r101.yaml, run as written plus CPU-sized overrides.
+    recipe = (REPO / "configs/coco/deeplabv2_r101.yaml").read_text()
+    command = re.search(r"^# Train: `fsae (seg train [^`]+)`$", recipe, re.M).group(1)
+    argv = command.replace("runs/<cam run>", str(run)).split()
+    argv[2] = str(REPO / argv[2])
+    assert main([*argv, "--out", str(seg), *sets(root, SEG_OVERRIDES)]) == 0
+    assert (seg / "checkpoints" / "last.pt").is_file()
+
+
+def test_split_of_reads_the_name_then_the_folders(tmp_path):
+    root = make_coco(tmp_path)
+    assert split_of(root, "COCO_val2014_000000000042") == "val2014"
+    (root / "val2014" / "COCO_val2014_000000000042.jpg").rename(root / "val2014" / "000042.jpg")
+    assert split_of(root, "000042") == "val2014"  # no split in the name: the folder holding it
+    assert ids_by_split(root, ["COCO_train2014_000000000025", "000042", "COCO_train2014_000000000009"]) == {
+        "train2014": ["COCO_train2014_000000000025", "COCO_train2014_000000000009"], "val2014": ["000042"]}
+    with pytest.raises(DataError, match="no image 000099.jpg in train2014/ or val2014/"):
+        split_of(root, "000099")
+
+
+# SIPE at CPU size: a narrow resnet18 (the tests' tiny SIPE, tests/test_sipe.py), no pretrained file, 32 px crops.
+SIPE_OVERRIDES = ["model.backbone=resnet18", "model.weights=null", "model.sipe.channels=[8,16,16,32]",
+                  "model.sipe.side_channels=[4,4,8,8]", "model.sipe.freeze_bn=false",
+                  "model.sipe.freeze_low_stages=false", "data.long_side=null", "data.crop_size=32",
+                  "train.epochs=1", "train.batch_size=2", "train.device=cpu", "data.workers=0",
+                  "infer.scales=[1.0]", "fsae.start_epoch=0"]
+
+
+@pytest.mark.parametrize("recipe", ["coco/sipe.yaml", "coco/sipe_fsae.yaml"])
+def test_sipe_coco_recipes_train_and_infer_on_the_fake_tree(recipe, tmp_path):
+    root = make_coco(tmp_path)
+    prepare_coco(root, workers=1, progress=False)
+    run = tmp_path / "run"
+    assert main(["train", str(REPO / "configs" / recipe), "--out", str(run), *sets(root, SIPE_OVERRIDES)]) == 0
+    assert main(["cam", str(run)]) == 0
+    ids = read_id_list(root / "ImageSets/train.txt")
+    assert sorted(p.stem for p in (run / "seeds").glob("*.npz")) == sorted(ids)  # infer.split train2014
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(float(r["gsc"]) >= 0 for r in rows)  # SIPE's GSC term was trained
+    assert all((r["fsae"] != "") == recipe.endswith("_fsae.yaml") for r in rows)  # FSAE's term: +FSAE only
