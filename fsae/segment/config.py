@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from fsae.config import Settings, at_least, check_range_pair, fill_config, fraction, positive, setting
+from fsae.errors import ConfigError
 from fsae.refine.crf import DEEPLAB_CRF, CrfParams
 
 
