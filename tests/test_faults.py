@@ -148,7 +148,7 @@ def test_training_killed_mid_epoch_resumes_to_the_same_weights(data_root, tmp_pa
 
 def test_cam_killed_mid_write_resumes_to_the_same_seeds(trained_run, tmp_path):
     out = tmp_path / "seeds"
-    run_killed(tmp_path, "fsae.infer.atomic_write", 6, "cam", str(trained_run), "--out", str(out))
+    run_killed(tmp_path, "fsae.seeds.atomic_write", 6, "cam", str(trained_run), "--out", str(out))
     done = outputs(out, ".npz")
     assert len(done) == 5 and all(array_digest(p) for p in done)  # five whole files, none half written
     assert len(list(out.glob(".*"))) == 1  # the sixth is only a hidden temp file

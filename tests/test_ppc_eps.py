@@ -507,16 +507,20 @@ def test_reduced_resnet38_ppc_trains_without_nan(tiny_synthetic, tmp_path):
 @pytest.mark.parametrize("dataset", ["voc", "coco"])
 def test_authors_fsae_recipe_short_run(tiny_synthetic, tmp_path, dataset):
     """configs/<dataset>/ppc_eps_fsae_authors.yaml on the generated set with CPU-sized overrides: it
-    differs from the paper's recipe only in the fsae section, and it trains with its FSAE term."""
+    differs from the paper's recipe in the fsae section, the effective momentum and (COCO) the schedule,
+    and it trains with its FSAE term."""
     root, _ = tiny_synthetic
     authors = load_config(REPO / f"configs/{dataset}/ppc_eps_fsae_authors.yaml")
     paper = load_config(REPO / f"configs/{dataset}/ppc_eps_fsae.yaml")
-    for section in ("data", "model", "optim", "train", "infer", "eval"):
+    for section in ("data", "model", "infer", "eval"):
         assert getattr(authors, section) == getattr(paper, section), section
+    assert (authors.optim.momentum, paper.optim.momentum) == (5e-4, 0.9)  # PolyOptimizer's momentum slot
+    assert (authors.train.epochs, paper.train.epochs) == ((200, 50) if dataset == "coco" else (30, 30))
     fs = authors.fsae
+    teacher = "ema" if dataset == "coco" else "separate"  # script/coco_ppc1.sh --use_ema
     assert (fs.strong_ops, fs.strong_replacement, fs.enhance_range, fs.posterize_bits, fs.blur_kernel,
             fs.strong_source, fs.loss_form, fs.mask_padding, fs.teacher) == \
-        (5, True, [0.05, 0.95], [4, 7], "per_run", "original", "two_term", False, "separate")
+        (5, True, [0.05, 0.95], [4, 7], "per_run", "original", "two_term", False, teacher)
     if dataset == "coco":
         return  # the same fsae section: one run is enough
     cfg = tiny_ppc_config(root, fsae=True, teacher="separate")

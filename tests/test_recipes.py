@@ -214,8 +214,14 @@ AUTHORS_FSAE = {
     "fsae.loss_form": "two_term",           # ssl module/train.py:396-403
     "fsae.mask_padding": False,             # ssl module/train.py:369, 396
 }
-RECIPES["voc/ppc_eps_fsae_authors.yaml"] = {**PPC_VOC, **AUTHORS_FSAE, "name": "voc_ppc_eps_fsae_authors"}
-RECIPES["coco/ppc_eps_fsae_authors.yaml"] = {**PPC_COCO, **AUTHORS_FSAE, "name": "coco_ppc_eps_fsae_authors"}
+AUTHORS_OPTIM = {"optim.momentum": 5e-4}  # ssl util/torchutils.py:5-6 PolyOptimizer: weight_decay as momentum
+RECIPES["voc/ppc_eps_fsae_authors.yaml"] = {**PPC_VOC, **AUTHORS_FSAE, **AUTHORS_OPTIM,
+                                            "name": "voc_ppc_eps_fsae_authors"}
+RECIPES["coco/ppc_eps_fsae_authors.yaml"] = {**PPC_COCO, **AUTHORS_FSAE, **AUTHORS_OPTIM,
+                                             "name": "coco_ppc_eps_fsae_authors",
+                                             "train.epochs": 200,  # ssl script/coco_ppc1.sh:26-29, contrast_train.py:162
+                                             "fsae.teacher": "ema",  # ssl script/coco_ppc1.sh:33 --use_ema
+                                             "fsae.ema_decay": 0.999}  # ssl contrast_train.py:69 --ema_m
 
 # ---------------------------------------------------------------- IRN (jiwoon-ahn/irn run_sample.py)
 IRN_TABLE = {
