@@ -282,8 +282,9 @@ def train_step(model, optimizer, batch: dict, cfg: Config, two_view: TwoViewFSAE
 
     ``model`` is the unwrapped method (its ``losses``, the teacher pass); ``forward_model`` the DDP
     wrapper (or the compiled model) when there is one; ``scaler`` the GradScaler of fp16. The forward
-    passes run under ``train.precision`` (``model_forward``), the losses in fp32. Returns ``{"loss", <terms>, <FSAE statistics>}`` as 0-dim tensors and
-    makes no host sync (except under ``train.skip_nonfinite``, see ``NonFiniteGuard``).
+    passes run under ``train.precision`` (``model_forward``), the losses in fp32. Returns ``{"loss", <terms>,
+    <FSAE statistics>}`` as 0-dim tensors and makes no host sync (except under ``train.skip_nonfinite``, see
+    ``NonFiniteGuard``; fp16's GradScaler syncs once per step in ``scaler.step``).
     """
     forward_model = model if forward_model is None else forward_model  # a compiled module has no truth value
     images = batch["image"].to(device)
