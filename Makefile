@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 endif
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all bench bench-gpu clean
 
 install: $(STAMP)
 
@@ -35,6 +35,9 @@ test-all: install
 
 bench: install
 	$(PY) -m benchmarks.run
+
+bench-gpu: install  # one GPU, under 5 minutes; writes benchmarks/results_gpu.md
+	$(PY) -m benchmarks.gpu
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -138,7 +138,8 @@ def cmd_cam(args) -> None:
     _no_force_with_shards(args.force, shard, out)
     result = infer_seeds(model, dataset, out, cfg.infer.scales, cfg.infer.flip, cfg.infer.batch_size, device,
                          indices=shard_indices(range(len(dataset)), shard), protocol=resolve_protocol(cfg),
-                         source={"checkpoint": file_digest(checkpoint)}, force=args.force)
+                         source={"checkpoint": file_digest(checkpoint)}, force=args.force,
+                         precision=cfg.infer.precision)
     part = f", shard {shard[0]}/{shard[1]}" if shard[1] > 1 else ""
     print(f"seeds: {result['out']} ({result['written']} written, {result['skipped']} already there{part})")
 

@@ -538,6 +538,11 @@ class TrainConfig:
     sync_bn: bool = False  # SyncBatchNorm (CUDA only): BN statistics over the global batch when per-GPU batches are small
     checkpoint_every: int = at_least(0, 0)  # also save checkpoints/last.pt every N steps mid-epoch (0 = at epoch ends only)
     skip_nonfinite: bool = False  # a NaN/Inf loss skips the update (counted in metrics.csv "skipped") instead of stopping
+    # Speed (fsae/two_view.py model_forward): autocast dtype of the forward passes (losses stay fp32; fp16 adds
+    # a GradScaler), channels_last memory format for model and inputs, torch.compile of the forward model.
+    precision: str = setting("fp32", choices=("fp32", "bf16", "fp16"))
+    channels_last: bool = False
+    compile: bool = False
 
 
 @dataclass
@@ -551,6 +556,8 @@ class InferConfig:
     resize: str | None = setting(None, choices=("pil_bicubic", "bilinear"))
     upsample: str | None = setting(None, choices=("strided_up", "direct"))
     normalise: str | None = setting(None, choices=("max", "minmax"))
+    # autocast dtype of the CAM forward passes (the sums over scales and the normalisation stay fp32)
+    precision: str = setting("fp32", choices=("fp32", "bf16", "fp16"))
 
 
 @dataclass
@@ -579,11 +586,12 @@ class Config(Settings):
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     # Not deciding the trained weights: the name, where the data and its GT lie (moving them keeps a run
-    # resumable), held-out evaluation, inference and evaluation settings, logging, device, loader processes.
+    # resumable), held-out evaluation, inference and evaluation settings, logging, device, loader processes,
+    # memory format and compilation (like the device, they change float rounding only).
     not_hashed: ClassVar[tuple[str, ...]] = (
         "name", "data.root", "data.label_file", "data.saliency_dir", "data.mask_dir", "data.val_split",
         "data.workers", "train.device", "train.log_every", "train.tensorboard", "train.val_every",
-        "train.val_scales", "train.checkpoint_every", "infer", "eval",
+        "train.val_scales", "train.checkpoint_every", "train.channels_last", "train.compile", "infer", "eval",
     )
 
     def check(self) -> None:

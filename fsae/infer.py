@@ -34,6 +34,7 @@ from fsae.augment import normalize
 from fsae.io import atomic_write
 from fsae.seeds import load_seed, save_seed  # noqa: F401 - save_seed re-exported for callers of fsae.infer
 from fsae.stamps import make_stamp, prepare_output, weights_digest
+from fsae.two_view import autocast
 
 SEED_EPS = 1e-5
 MINMAX_EPS = 1e-8  # MCTformer engine.py:198
@@ -99,8 +100,12 @@ def upsample_cam(cams: torch.Tensor, size: Sequence[int], upsample: str = "direc
 @torch.no_grad()
 def multiscale_maps(model, images: torch.Tensor, scales: Sequence[float] = (1.0,), flip: bool = True,
                     labels: torch.Tensor | None = None, resize: str = "bilinear", upsample: str = "direct",
-                    upsample_stride: int = 16, strided: bool = False) -> dict[str, torch.Tensor | None]:
+                    upsample_stride: int = 16, strided: bool = False,
+                    precision: str = "fp32") -> dict[str, torch.Tensor | None]:
     """Summed ReLU'd CAMs over scales (and flips), not normalised.
+
+    ``precision`` (``infer.precision``): the autocast dtype of the network passes; the sums over scales,
+    the upsampling and the normalisation run in fp32 on the cast-back outputs.
 
     Shape: ``images`` as ``scaled_batch`` wants them for ``resize`` -> ``{"cams": (B, C, H, W),
     "background": (B, H, W) or None, "strided": (B, C, ceil(H/4), ceil(W/4)) or None}``. With
@@ -115,12 +120,13 @@ def multiscale_maps(model, images: torch.Tensor, scales: Sequence[float] = (1.0,
         x = scaled_batch(images, scale, resize)
         if flip:
             x = torch.cat([x, x.flip(-1)], dim=0)
-        if with_background:
-            fg, bg = model.cam_with_background(x, torch.cat([labels, labels]) if flip else labels)
-            out = torch.cat([fg, bg[:, None]], dim=1)
-        else:
-            out = model.cam(x)
-        out = F.relu(out)
+        with autocast(precision, x.device):
+            if with_background:
+                fg, bg = model.cam_with_background(x, torch.cat([labels, labels]) if flip else labels)
+                out = torch.cat([fg, bg[:, None]], dim=1)
+            else:
+                out = model.cam(x)
+        out = F.relu(out.float())
         if flip:  # fused at the network's resolution (IRN net/resnet50_cam.py:68)
             out = out[:b] + out[b:].flip(-1)
         parts = {"cams": upsample_cam(out, size, upsample, upsample_stride)}
@@ -195,7 +201,7 @@ def seed_stamp(model, scales: Sequence[float], flip: bool, source: dict | None =
 def infer_seeds(model, dataset, out_dir: str | os.PathLike, scales: Sequence[float] = (0.5, 1.0, 1.5, 2.0),
                 flip: bool = True, batch_size: int = 16, device: str | torch.device = "cpu",
                 progress: bool = True, indices: Sequence[int] | None = None, protocol=None,
-                source: dict | None = None, force: bool = False) -> dict:
+                source: dict | None = None, force: bool = False, precision: str = "fp32") -> dict:
     """Write ``out_dir/<id>.npz`` for every image (or the given ``indices``); skip finished ones.
 
     ``protocol`` (``fsae.protocol.Protocol``, e.g. ``resolve_protocol(cfg)``) decides resize, upsample,
@@ -203,7 +209,8 @@ def infer_seeds(model, dataset, out_dir: str | os.PathLike, scales: Sequence[flo
     The folder is stamped (``fsae.stamps``) with ``seed_stamp(...)``; the CLI passes
     ``source = {"checkpoint": file_digest(checkpoint)}``. A folder made otherwise is refused
     (``StaleOutputError``) unless ``force``, which deletes its seeds first; a seed file that no longer reads
-    is written again. Returns {"written": n, "skipped": n, "out": path}.
+    is written again. ``precision`` the autocast dtype of the network passes (stamped unless fp32).
+    Returns {"written": n, "skipped": n, "out": path}.
     """
     resize = protocol.resize if protocol else "bilinear"
     mode = protocol.normalise if protocol else "max"
@@ -211,7 +218,8 @@ def infer_seeds(model, dataset, out_dir: str | os.PathLike, scales: Sequence[flo
                "upsample_stride": protocol.upsample_stride if protocol else 16,
                "strided": bool(protocol and protocol.strided_cam)}
     out_dir = Path(out_dir)
-    stamp = seed_stamp(model, scales, flip, source, {**options, "normalise": mode})
+    stamp = seed_stamp(model, scales, flip, source, {**options, "normalise": mode,
+                                                     **({"precision": precision} if precision != "fp32" else {})})
     prepare_output(out_dir, stamp, force, ("*.npz",), load_seed)
     model.eval()
     indices = list(range(len(dataset))) if indices is None else list(indices)
@@ -224,7 +232,8 @@ def infer_seeds(model, dataset, out_dir: str | os.PathLike, scales: Sequence[flo
         labels = torch.stack([torch.as_tensor(s["label"]) for s in group]).float().to(device)
         images = raw.to(device) if resize == "pil_bicubic" else normalize(
             torch.stack([to_tensor_image(s["image"]) for s in group]).to(device))
-        maps = multiscale_maps(model, images, scales, flip, labels if with_background else None, **options)
+        maps = multiscale_maps(model, images, scales, flip, labels if with_background else None, **options,
+                               precision=precision)
         for j, sample in enumerate(group):
             label = torch.as_tensor(sample["label"])
             keys, kept = normalise_seed(maps["cams"][j], label, mode)

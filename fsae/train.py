@@ -50,7 +50,7 @@ from fsae.models.batchnorm import sync_batch_norm
 from fsae.protocol import resolve_protocol
 from fsae.weights import read_weight_file
 from fsae.tblog import close_writer, log_scalars, open_writer
-from fsae.two_view import TwoViewFSAE
+from fsae.two_view import TwoViewFSAE, model_forward
 
 METRIC_FIELDS = ["step", "epoch", "lr", "loss", "cls", "fsae", "mask_ratio", "confident_ratio",
                  "boundary_ratio", "sae_added_ratio", "pl_accuracy", "skipped",
@@ -157,7 +157,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def training_state(model, optimizer, ema, cfg: Config, step: int, epoch: int, skipped: int,
-                   best: dict | None = None) -> dict:
+                   best: dict | None = None, scaler=None) -> dict:
     """What a resumed run needs to continue exactly: weights, optimizer, EMA, step, completed epochs,
     skipped-step count, the best held-out epoch so far, config (+ hash) and the global torch RNG. The data
     order and the augmentations are functions of (seed, epoch, index), so the step alone says where the
@@ -167,6 +167,8 @@ def training_state(model, optimizer, ema, cfg: Config, step: int, epoch: int, sk
              "torch_rng": torch.get_rng_state()}
     if ema is not None:
         state["ema"] = ema.state_dict()
+    if scaler is not None:  # train.precision fp16: the GradScaler's scale and growth tracker
+        state["scaler"] = scaler.state_dict()
     return state
 
 
@@ -275,20 +277,22 @@ class NonFiniteGuard:
 
 
 def train_step(model, optimizer, batch: dict, cfg: Config, two_view: TwoViewFSAE, guard: NonFiniteGuard,
-               epoch: int, step: int, device, forward_model=None) -> dict[str, torch.Tensor]:
+               epoch: int, step: int, device, forward_model=None, scaler=None) -> dict[str, torch.Tensor]:
     """One optimisation step: weak view, base terms, FSAE term, backward, optimizer step, EMA.
 
     ``model`` is the unwrapped method (its ``losses``, the teacher pass); ``forward_model`` the DDP
-    wrapper when there is one. Returns ``{"loss", <terms>, <FSAE statistics>}`` as 0-dim tensors and
-    makes no host sync (except under ``train.skip_nonfinite``, see ``NonFiniteGuard``).
+    wrapper (or the compiled model) when there is one; ``scaler`` the GradScaler of fp16. The forward
+    passes run under ``train.precision`` (``model_forward``), the losses in fp32. Returns ``{"loss", <terms>,
+    <FSAE statistics>}`` as 0-dim tensors and makes no host sync (except under ``train.skip_nonfinite``, see
+    ``NonFiniteGuard``; fp16's GradScaler syncs once per step in ``scaler.step``).
     """
-    forward_model = forward_model or model
+    forward_model = model if forward_model is None else forward_model  # a compiled module has no truth value
     images = batch["image"].to(device)
     labels = batch["label"].to(device)
     generators = image_generators(cfg.train.seed, epoch, batch["index"])
     x_s = per_image(weak_view, images, generators, jitter=cfg.data.jitter)
     source = normalize(x_s)
-    out_s = forward_model(source, labels)
+    out_s = model_forward(forward_model, source, labels, cfg.train.precision, cfg.train.channels_last)
     terms = model.losses({**batch, "label": labels}, out_s)
     stats: dict[str, torch.Tensor] = {}
     if cfg.fsae.enabled:
@@ -297,7 +301,15 @@ def train_step(model, optimizer, batch: dict, cfg: Config, two_view: TwoViewFSAE
     total = sum(terms.values())
     apply = guard.admit(total, terms, step, batch["id"])
     optimizer.zero_grad(set_to_none=True)
-    if apply:
+    if apply and scaler is not None:  # fp16: scaled loss; the scaler skips a step with inf/NaN gradients
+        scaler.scale(total).backward()
+        if cfg.optim.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        two_view.after_update(model)
+    elif apply:
         total.backward()  # DDP: gradients averaged over the processes here
         if cfg.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -329,6 +341,7 @@ class TrainingRun:
     tb: object = None
     started: float = 0.0
     best: dict | None = None  # {"epoch", "val_miou"} of best.pt
+    scaler: object = None  # torch.amp.GradScaler under train.precision fp16
 
     def say(self, line: str) -> None:
         """A console line, also appended to ``RUN_DIR/log.txt`` (rank 0)."""
@@ -351,7 +364,7 @@ class TrainingRun:
         if self.main:
             save_checkpoint(self.run_dir / "checkpoints" / f"{name}.pt",
                             training_state(self.model, self.optimizer, self.two_view.ema, self.cfg, self.step,
-                                           epoch, self.guard.skipped, self.best))
+                                           epoch, self.guard.skipped, self.best, self.scaler))
 
 
 def train_one_epoch(run: TrainingRun, epoch: int) -> dict[str, float]:
@@ -369,7 +382,7 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> dict[str, float]:
         for group in run.optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
         out = train_step(run.model, run.optimizer, batch, cfg, run.two_view, run.guard, epoch, run.step,
-                         run.device, run.forward_model)
+                         run.device, run.forward_model, run.scaler)
         run.step += 1
         for key, value in out.items():
             if key not in STATISTICS:
@@ -462,11 +475,24 @@ def build_model(cfg: Config, device: torch.device, world: int):
             raise FsaeError("train.sync_bn needs CUDA (torch's SyncBatchNorm runs on GPUs only); set "
                             "train.sync_bn=false for CPU processes")
         model = sync_batch_norm(model)  # BN statistics over the global batch; frozen BN stays frozen
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     return model
 
 
-def resume_from(path: Path, cfg: Config, model, optimizer, two_view: TwoViewFSAE) -> tuple[int, int, dict | None]:
-    """Load ``last.pt`` into the model, optimizer, EMA and torch RNG; -> (step, skipped steps, best epoch)."""
+def grad_scaler(cfg: Config, device: torch.device):
+    """The GradScaler of ``train.precision`` fp16 (None otherwise); ConfigError where fp16 cannot run."""
+    if cfg.train.precision != "fp16":
+        return None
+    if not torch.amp.autocast_mode.is_autocast_available(device.type):
+        raise ConfigError(f"train.precision fp16: torch has no autocast on {device.type}; use bf16 or fp32")
+    return torch.amp.GradScaler(device.type)
+
+
+def resume_from(path: Path, cfg: Config, model, optimizer, two_view: TwoViewFSAE,
+                scaler=None) -> tuple[int, int, dict | None]:
+    """Load ``last.pt`` into the model, optimizer, EMA, GradScaler and torch RNG; -> (step, skipped steps,
+    best epoch)."""
     state = load_checkpoint(path, cfg)
     if state.get("config_hash") != cfg.hash():
         raise CheckpointError(f"{path}: written by another config ({config_changes(state['config'], cfg)}); "
@@ -475,6 +501,8 @@ def resume_from(path: Path, cfg: Config, model, optimizer, two_view: TwoViewFSAE
     optimizer.load_state_dict(state["optimizer"])
     if two_view.ema is not None:
         two_view.ema.load_state_dict(state["ema"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["torch_rng"])
     return state["step"], state.get("skipped", 0), state.get("best")
 
@@ -514,16 +542,20 @@ def start_run(cfg: Config, run_dir: Path, progress: bool, resume: bool) -> Train
     val_set = build_dataset(cfg.data, cfg.data.val_split) if cfg.train.val_every and cfg.data.val_split else None
     model = build_model(cfg, device, world)
     optimizer = build_optimizer(model, cfg.optim)  # the method's own param_groups, on the unwrapped module
-    two_view = TwoViewFSAE(cfg.fsae, model, cfg.train.seed, cfg.data.jitter)
+    two_view = TwoViewFSAE(cfg.fsae, model, cfg.train.seed, cfg.data.jitter, cfg.train.precision,
+                           cfg.train.channels_last)
+    scaler = grad_scaler(cfg, device)
     ckpt_path = run_dir / "checkpoints" / "last.pt"
     step, skipped, best = 0, 0, None
     if resume and ckpt_path.exists():
-        step, skipped, best = resume_from(ckpt_path, cfg, model, optimizer, two_view)
+        step, skipped, best = resume_from(ckpt_path, cfg, model, optimizer, two_view, scaler)
     start_epoch = step // sampler.batches_per_epoch  # a mid-epoch checkpoint resumes mid-epoch
     # One process with the global batch, or DDP: gradients are averaged over the processes in backward.
     forward_model = model
     if world > 1:
         forward_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.train.compile:  # the forward passes only; losses(), the teacher and the checkpoints use ``model``
+        forward_model = torch.compile(forward_model)
     if main:
         save_config(cfg, run_dir / "config.yaml")
         open_logs(run_dir, step, start_epoch)
@@ -532,7 +564,7 @@ def start_run(cfg: Config, run_dir: Path, progress: bool, resume: bool) -> Train
                       device, step, sampler.batches_per_epoch, main, progress and main,
                       # TensorBoard (train.tensorboard): the rows of metrics.csv / epochs.csv, in RUN_DIR/tb/.
                       tb=open_writer(run_dir / "tb", cfg.train.tensorboard, purge_step=step if step else None),
-                      started=time.time(), best=best)
+                      started=time.time(), best=best, scaler=scaler)
     if step:
         run.say(f"resuming from step {step} (epoch {start_epoch + 1}) of {ckpt_path}")
     return run

@@ -12,7 +12,9 @@ Before ``fsae.start_epoch`` the term is exactly zero. Statistics stay tensors (n
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 
 import torch
 from torch import nn
@@ -24,6 +26,43 @@ from fsae.fsae import fsae_loss, mask_absent_classes
 TEACHERS = ("reuse", "separate", "ema")
 BLUR_KERNELS = ("sigma", "per_run")
 STRONG_SOURCES = ("weak", "original")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(precision: str, device) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``precision`` "bf16" / "fp16" on ``device``'s type; "fp32": no context at all."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=AUTOCAST_DTYPES[precision])
+
+
+def to_float32(value):
+    """Floating tensors of an ``Output`` (or a dict / list / tuple of them) cast to fp32, differentiably."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() else value
+    if dataclasses.is_dataclass(value):
+        return dataclasses.replace(value, **{f.name: to_float32(getattr(value, f.name))
+                                             for f in dataclasses.fields(value)})
+    if isinstance(value, dict):
+        return {k: to_float32(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_float32(v) for v in value)
+    return value
+
+
+def model_forward(model, x: torch.Tensor, labels: torch.Tensor, precision: str = "fp32",
+                  channels_last: bool = False):
+    """``model(x, labels)`` under ``autocast(precision)``; the outputs come back in fp32.
+
+    The losses (the method's and eq. 9, with its softmax and tau comparisons) run on these fp32 outputs,
+    outside autocast: bf16 keeps 8 mantissa bits, too few for a softmax near tau_fae = 0.95 or a log-loss."""
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if precision == "fp32":
+        return model(x, labels)
+    with autocast(precision, x.device):
+        out = model(x, labels)
+    return to_float32(out)
 
 
 def downsample_nearest(x: torch.Tensor, size) -> torch.Tensor:
@@ -48,7 +87,8 @@ class TwoViewFSAE:
     student's forward so that its gradient is averaged across processes.
     """
 
-    def __init__(self, cfg: FSAEConfig, model: nn.Module, seed: int = 0, jitter=None):
+    def __init__(self, cfg: FSAEConfig, model: nn.Module, seed: int = 0, jitter=None, precision: str = "fp32",
+                 channels_last: bool = False):
         for name, value, allowed in (("teacher", cfg.teacher, TEACHERS), ("blur_kernel", cfg.blur_kernel, BLUR_KERNELS),
                                      ("strong_source", cfg.strong_source, STRONG_SOURCES)):
             if value not in allowed:
@@ -56,6 +96,8 @@ class TwoViewFSAE:
         self.cfg = cfg
         self.seed = seed
         self.jitter = jitter  # data.jitter: the original-image strong view's own colour jitter
+        self.precision = precision  # train.precision / train.channels_last of the forward passes (model_forward)
+        self.channels_last = channels_last
         self.blur_kernel = run_blur_kernel(seed) if cfg.blur_kernel == "per_run" else None
         self.ranges = None
         if (list(cfg.enhance_range), list(cfg.posterize_bits)) != ([0.05, 1.95], [4, 8]):
@@ -76,7 +118,7 @@ class TwoViewFSAE:
             return out_s.score_map.detach()
         with torch.no_grad():
             teacher = model if self.cfg.teacher == "separate" else self.ema
-            return teacher(source, labels).score_map
+            return model_forward(teacher, source, labels, self.precision, self.channels_last).score_map
 
     def strong(self, x_s, images, batch: dict, generators, epoch: int) -> torch.Tensor:
         """x_t (B, 3, H, W): A_s of the weak view, or (``strong_source: original``) of the loader's crop
@@ -101,7 +143,7 @@ class TwoViewFSAE:
             return torch.zeros((), device=device), {}  # before start_epoch: exactly zero
         fs = self.cfg
         x_t = self.strong(x_s, images, batch, generators, epoch)
-        out_t = forward_model(normalize(x_t), labels)
+        out_t = model_forward(forward_model, normalize(x_t), labels, self.precision, self.channels_last)
         teacher = self.teacher_scores(model, source, labels, out_s)
         size = teacher.shape[-2:]
         gt = downsample_nearest(batch["mask"], size).to(device) if "mask" in batch else None

@@ -102,3 +102,24 @@ def test_crf_raises_when_the_worker_run_differs(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_crf, "refine_dir", one_pixel_off_with_workers)
     with pytest.raises(MismatchError, match="1 of 3 masks differ, first img_00001"):
         bench_crf.run(num_images=3, height=24, width=32, workers=2, workdir=tmp_path, measure_startup=False)
+
+
+def test_gpu_benchmark_dry_run_on_cpu(tmp_path):
+    from benchmarks import gpu
+
+    out = tmp_path / "results_gpu.md"
+    assert gpu.main(["--tiny", "--device", "cpu", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "NO GPU WAS MEASURED" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "passed" in line]
+    assert len(rows) == 3 * 4 + 2  # 3 recipes x (fp32 -> bf16, base and FSAE; FSAE / base, fp32 and bf16) + CAM
+    assert "| CAM inference (PPC w/ EPS net), (32, 48), 4 scales + flip" in text and "max rel. diff 0e+00" in text
+
+
+def test_gpu_benchmark_refuses_a_bf16_step_outside_the_tolerance(monkeypatch):
+    from benchmarks import gpu
+
+    monkeypatch.setattr(gpu, "BF16_TOLERANCE", 0.0)
+    monkeypatch.setattr(gpu, "RECIPES", {"PPC w/ EPS, ResNet-38": "ppc_eps"})
+    with pytest.raises(MismatchError, match="PPC w/ EPS, ResNet-38 bf16"):
+        gpu.run(tiny=True, device="cpu", steps=1, repeats=1)

@@ -165,7 +165,7 @@ def test_devices_are_checked_against_the_machine():
 NOT_HASHED = {
     Config: {"name", "data.root", "data.label_file", "data.saliency_dir", "data.mask_dir", "data.val_split",
              "data.workers", "train.device", "train.log_every", "train.tensorboard", "train.val_every",
-             "train.val_scales", "train.checkpoint_every", "infer", "eval"},
+             "train.val_scales", "train.checkpoint_every", "train.channels_last", "train.compile", "infer", "eval"},
     SegConfig: {"name", "data.root", "data.mask_dir", "data.gt_dir", "data.label_file", "data.saliency_dir",
                 "data.val_split", "data.test_split", "data.workers", "train.device", "train.log_every",
                 "train.checkpoint_every", "infer"},
