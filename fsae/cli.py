@@ -12,10 +12,25 @@ from fsae import __version__
 from fsae.errors import FsaeError
 from fsae.formats import FOREIGN_FORMATS, FORMATS
 
+DESCRIPTION = """\
+fsae: weakly-supervised semantic segmentation from image-level labels, with FSAE (Feature- and
+Spatial-level Activation Expansion, WACV) as an extra loss on the classification network.
 
-def _add_set(p: argparse.ArgumentParser) -> None:
+The stages, in order (each writes into a run directory and skips work it finished before):
+  data     generate the synthetic set, or prepare / check VOC and COCO
+  train    train a base method (cam, ppc, sipe, mctformer), + FSAE when fsae.enabled
+  cam      multi-scale + flip CAMs of the trained network -> seeds
+  eval     score seeds (threshold sweep) or pseudo-masks against ground truth
+  crf      dense CRF on the seeds -> pseudo-masks   (or irn / psa: random-walk pseudo-masks)
+  seg      train DeepLab on the pseudo-masks, then predict and score val / test
+  report   one HTML page of a run: curves, scores, examples
+
+Start with `fsae demo --out runs/demo`; `fsae <stage> -h` explains each stage's options."""
+
+
+def _add_set(p: argparse.ArgumentParser, example: str = "fsae.enabled=true") -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set fsae.enabled=true (repeatable)")
+                   help=f"override a field of this stage's config, e.g. --set {example} (repeatable)")
 
 
 def _ids_in(folder, suffix: str) -> list[str]:
@@ -92,18 +107,19 @@ def cmd_data_check(args) -> int:
 
 def cmd_train(args) -> None:
     from fsae.config import check_device, load_config
-    from fsae.models.backbones import check_backbone
+
+    cfg = load_config(args.config, args.overrides)  # a bad recipe or --set answers before torch is imported
     from fsae.distributed import env_world, is_main, launch, per_rank_batch, process_group
+    from fsae.models.backbones import check_backbone
     from fsae.train import train
 
     if args.nproc > 1 and env_world()[1] == 1:  # the shortcut: torchrun this same command N times
-        per_rank_batch(load_config(args.config, args.overrides).train.batch_size, args.nproc)  # fail before spawning
+        per_rank_batch(cfg.train.batch_size, args.nproc)  # fail before spawning
         argv = ["train", args.config, *(["--out", args.out] if args.out else []),
                 *(["--device", args.device] if args.device else []), *(["--no-resume"] if args.no_resume else []),
                 *(f"--set={o}" for o in args.overrides)]
         launch(args.nproc, argv)
         return
-    cfg = load_config(args.config, args.overrides)
     if args.device:
         cfg.train.device = args.device
     check_device(cfg.train.device, "--device" if args.device else "train.device")
@@ -115,8 +131,22 @@ def cmd_train(args) -> None:
             print(f"trained: {ckpt}\nrun dir: {run_dir}")
 
 
+def _cam_checkpoint(given: str | None, run_dir: Path | None) -> Path:
+    """``--checkpoint best|last|PATH`` of ``fsae cam``: a name picks the run's own checkpoint."""
+    from fsae.train import CHECKPOINTS, run_checkpoint
+
+    if given is None or given in CHECKPOINTS:
+        if run_dir is None:
+            raise FsaeError("fsae cam: pass --checkpoint PATH (or a run directory instead of a config file)")
+        return run_checkpoint(run_dir, given or "last")
+    return Path(given)
+
+
 def cmd_cam(args) -> None:
     from fsae.config import check_device, load_config
+
+    config_path, run_dir = _run_paths(args.config)
+    cfg = load_config(config_path, args.overrides)
     from fsae.data import build_dataset
     from fsae.distributed import process_device, shard_indices
     from fsae.infer import infer_seeds
@@ -124,11 +154,7 @@ def cmd_cam(args) -> None:
     from fsae.stamps import file_digest
     from fsae.train import model_from_checkpoint
 
-    config_path, run_dir = _run_paths(args.config)
-    cfg = load_config(config_path, args.overrides)
-    checkpoint = args.checkpoint or (run_dir / "checkpoints" / "last.pt" if run_dir else None)
-    if checkpoint is None:
-        raise FsaeError("fsae cam: pass --checkpoint (or a run directory instead of a config file)")
+    checkpoint = _cam_checkpoint(args.checkpoint, run_dir)
     out = Path(args.out) if args.out else (run_dir / "seeds" if run_dir else Path("seeds"))
     device = process_device(check_device(args.device or cfg.train.device, "--device" if args.device else "train.device"))
     args.stopped_in = out
@@ -160,12 +186,7 @@ def _run_protocol(config: str | None, source: Path):
 
 
 def cmd_eval(args) -> None:
-    from fsae.evaluate import (default_thresholds, evaluate_masks, evaluate_seeds, format_scores_table,
-                               save_eval)
     from fsae.config import check_sweep
-    from fsae.distributed import env_world, is_main, process_group
-    from fsae.formats import seed_suffix
-    from fsae.io import read_id_list
 
     if args.sweep:
         check_sweep(args.sweep, "--sweep")
@@ -173,6 +194,12 @@ def cmd_eval(args) -> None:
         raise FsaeError(f"--threshold {args.threshold} is not allowed; expected a background score in [0, 1]")
     if args.num_classes < 1:
         raise FsaeError(f"--num-classes {args.num_classes} is not allowed; expected an integer >= 1")
+    from fsae.distributed import env_world, is_main, process_group
+    from fsae.evaluate import (default_thresholds, evaluate_masks, evaluate_seeds, format_scores_table,
+                               save_eval)
+    from fsae.formats import seed_suffix
+    from fsae.io import read_id_list
+
     source = Path(args.seeds or args.masks)
     if args.masks and args.format:
         raise FsaeError("fsae eval: --format applies to --seeds, not --masks")
@@ -239,6 +266,40 @@ def cmd_convert(args) -> None:
     ids = ids or _ids_in(args.seeds, ".npy")
     result = convert_seeds(args.seeds, seed_format, args.out, ids, args.num_classes)
     print(f"seeds: {result['out']} ({result['written']} written from {seed_format} files)")
+
+
+def _threshold_arg(text: str):
+    """``--threshold T|best``: a number, or ``best`` (the run's evaluated best threshold)."""
+    if text == "best":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number in [0, 1] or 'best'") from None
+
+
+def best_threshold(run_dir: str | os.PathLike) -> float:
+    """The best background threshold of the run's seed evaluation (``eval/seeds.json``, else the first seed
+    evaluation in ``eval/``); FsaeError when the run has none."""
+    from fsae.rundir import load_evals, pick_eval
+
+    picked = pick_eval(load_evals(run_dir), "seeds")
+    threshold = picked[1]["best"].get("threshold") if picked else None
+    if threshold is None:
+        raise FsaeError(f"{run_dir}: --threshold best needs a seed evaluation with a threshold in "
+                        f"{Path(run_dir) / 'eval'}; run `fsae eval --seeds {Path(run_dir) / 'seeds'} ... "
+                        f"--out {Path(run_dir) / 'eval' / 'seeds.json'}` first, or pass --threshold T")
+    return float(threshold)
+
+
+def cmd_crf_threshold(args) -> None:
+    """``fsae crf``, with ``--threshold best`` replaced by the run's best evaluated threshold."""
+    if args.threshold == "best":
+        if not args.run:
+            raise FsaeError("fsae crf: --threshold best reads RUN/eval/seeds.json; pass a run directory")
+        args.threshold = best_threshold(args.run)
+        print(f"threshold {args.threshold:g} (best of {Path(args.run) / 'eval'})")
+    return cmd_crf(args)
 
 
 def cmd_crf(args) -> None:
@@ -410,6 +471,25 @@ def cmd_predict(args) -> None:
     print(f"predictions: {Path(args.out) / 'predictions.json'}")
 
 
+CONFIG_KINDS = ("train", "seg", "irn", "psa")
+
+
+def cmd_config_show(args) -> None:
+    import yaml
+
+    config_path, _ = _run_paths(args.config)
+    if args.kind == "train":
+        from fsae.config import load_config as load
+    elif args.kind == "seg":
+        from fsae.segment.config import load_seg_config as load
+    elif args.kind == "irn":
+        from fsae.refine.irn import load_irn_config as load
+    else:
+        from fsae.refine.psa import load_psa_config as load
+    cfg = load(config_path, args.overrides)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+
+
 def cmd_demo(args) -> None:
     from fsae.demo import run_demo
 
@@ -421,11 +501,12 @@ def cmd_demo(args) -> None:
 
 def cmd_seg_train(args) -> None:
     from fsae.config import check_device
-    from fsae.models.backbones import check_backbone
     from fsae.segment.config import load_seg_config
-    from fsae.segment.train import train_segmentation
 
     cfg = load_seg_config(args.config, args.overrides)
+    from fsae.models.backbones import check_backbone
+    from fsae.segment.train import train_segmentation
+
     if args.masks:
         cfg.data.mask_dir = str(Path(args.masks).resolve())
     if args.device:
@@ -439,14 +520,15 @@ def cmd_seg_train(args) -> None:
 
 def cmd_seg_infer(args) -> None:
     from fsae.config import check_device
-    from fsae.evaluate import format_scores_table
     from fsae.segment.config import load_seg_config
+
+    config_path, run_dir = _run_paths(args.config)
+    cfg = load_seg_config(config_path, args.overrides)
+    from fsae.evaluate import format_scores_table
     from fsae.segment.infer import run_seg_inference
     from fsae.segment.train import seg_model_from_checkpoint
     from fsae.stamps import file_digest
 
-    config_path, run_dir = _run_paths(args.config)
-    cfg = load_seg_config(config_path, args.overrides)
     checkpoint = args.checkpoint or (run_dir / "checkpoints" / "last.pt" if run_dir else None)
     if checkpoint is None:
         raise FsaeError("fsae seg infer: pass --checkpoint (or a run directory instead of a config file)")
@@ -466,12 +548,13 @@ def cmd_seg_infer(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fsae", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"fsae {__version__}")
+    parser = argparse.ArgumentParser(prog="fsae", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fsae {__version__}", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="generate data, train base / +FAE / +FAE+SAE, compare seeds")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", default="runs/demo", help="output folder: data, runs and the report (default runs/demo)")
     p.add_argument("--seed", type=int, default=None, help="data and training seed (default: $FSAE_DEMO_SEED or 0)")
     p.add_argument("--quick", action="store_true", help="tiny settings, for a smoke test")
     p.set_defaults(func=cmd_demo)
@@ -479,36 +562,37 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="generate, prepare or check data sets").add_subparsers(dest="data_cmd",
                                                                                              required=True)
     p = data.add_parser("synthetic", help="write the generated WSSS data set (VOC layout)")
-    p.add_argument("out")
-    p.add_argument("--train", type=int, default=800)
-    p.add_argument("--val", type=int, default=200)
-    p.add_argument("--size", type=int, default=128)
-    p.add_argument("--classes", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("out", help="folder to write (JPEGImages/, SegmentationClass/, cls_labels.json, lists)")
+    p.add_argument("--train", type=int, default=800, help="training images (default 800)")
+    p.add_argument("--val", type=int, default=200, help="validation images (default 200)")
+    p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    p.add_argument("--classes", type=int, default=4, help="foreground classes (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the generator (default 0): same seed, same images")
     p.set_defaults(func=cmd_data_synthetic)
     p = data.add_parser("prepare", help="build train_aug / COCO masks and label files")
-    p.add_argument("kind", choices=["voc", "coco"])
-    p.add_argument("--root", required=True)
+    p.add_argument("kind", choices=["voc", "coco"], help="data set: voc (VOC2012 + SBD train_aug) or coco (2014)")
+    p.add_argument("--root", required=True, help="the data set's folder (VOC2012, or COCO with train2014/ and annotations/)")
     p.add_argument("--sbd", default=None, help="SBD benchmark_RELEASE/dataset folder (voc)")
-    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--crowd", choices=["class", "ignore"], default="class",
                    help="coco: draw crowd regions as their class (reference protocol) or as 255")
     p.set_defaults(func=cmd_data_prepare)
     p = data.add_parser("check", help="validate a data set; one line per problem")
-    p.add_argument("kind", choices=["voc", "coco", "saliency"])
-    p.add_argument("--root", required=True)
-    p.add_argument("--split", default=None)
-    p.add_argument("--saliency", default=None)
+    p.add_argument("kind", choices=["voc", "coco", "saliency"], help="layout to check")
+    p.add_argument("--root", required=True, help="the data set's folder")
+    p.add_argument("--split", default=None, help="check only this image list, e.g. train_aug (default: every list)")
+    p.add_argument("--saliency", default=None, help="folder of saliency <id>.png maps to check as well")
     p.add_argument("--fast", action="store_true", help="lists, label file and file existence only")
     p.add_argument("--num-classes", type=int, default=None,
                    help="foreground classes C (default: the data set's meta.json, else VOC 20 / COCO 80)")
     p.set_defaults(func=cmd_data_check)
 
     p = sub.add_parser("train", help="train a base method (+ FSAE when fsae.enabled)")
-    p.add_argument("config")
+    p.add_argument("config", help="a recipe, e.g. configs/synthetic/cam_fsae.yaml")
     p.add_argument("--out", default=None, help="run directory (default runs/<name>)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the recipe's train.device)")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start from scratch even when the run directory holds checkpoints/last.pt")
     p.add_argument("--nproc", type=int, default=1,
                    help="processes on this machine (one per GPU): runs `torchrun --standalone --nproc_per_node N`; "
                         "train.batch_size stays the global batch")
@@ -516,25 +600,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("cam", help="multi-scale + flip CAM inference -> seeds/<id>.npz")
-    p.add_argument("config", help="a config file or a run directory")
-    p.add_argument("--checkpoint", default=None)
-    p.add_argument("--out", default=None)
-    p.add_argument("--split", default=None)
-    p.add_argument("--device", default=None)
+    p.add_argument("config", help="a run directory (or a config file with --checkpoint PATH)")
+    p.add_argument("--checkpoint", default=None, metavar="best|last|PATH",
+                   help="the run's best.pt (best held-out epoch) or last.pt, or a checkpoint file (default: last)")
+    p.add_argument("--out", default=None, help="seed folder (default RUN/seeds)")
+    p.add_argument("--split", default=None, help="image list to infer (default: the recipe's infer.split)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the recipe's train.device)")
     p.add_argument("--force", action="store_true", help="delete the seeds already in the output folder and redo them (needed when they were made otherwise)")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="only images I, I+N, I+2N, ... of the list (split a run over jobs or machines); "
                         "under torchrun each process also takes its share")
-    _add_set(p)
+    _add_set(p, "infer.scales=[1.0,0.5]")
     p.set_defaults(func=cmd_cam)
 
     p = sub.add_parser("crf", help="dense-CRF refinement of seeds -> pseudo-mask PNGs (all cores, resumable)")
     p.add_argument("run", nargs="?", default=None, help="run directory (seeds/, config.yaml); or give paths")
-    p.add_argument("--seeds", default=None)
-    p.add_argument("--images", default=None, help="folder of <id>.jpg images")
+    p.add_argument("--seeds", default=None, help="seed folder (default RUN/seeds)")
+    p.add_argument("--images", default=None, help="folder of <id>.jpg images (default: the run's data root)")
     p.add_argument("--out", default=None, help="output folder (default RUN/crf)")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="background score of the unary (default: the run's protocol, fsae/protocol.py)")
+    p.add_argument("--threshold", type=_threshold_arg, default=None, metavar="T|best",
+                   help="background score of the unary; best: the best threshold of RUN/eval/seeds.json "
+                        "(default: the run's protocol, fsae/protocol.py)")
     p.add_argument("--background", choices=["threshold", "power"], default=None,
                    help="background plane: constant threshold, or (1 - max CAM)^bg_power (PSA/EPS/PPC)")
     p.add_argument("--bg-power", type=float, default=None, help="alpha of the power background (PPC: 8)")
@@ -545,7 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="only images I, I+N, I+2N, ... of the list (split a run over jobs or machines); "
                         "under torchrun each process also takes its share")
-    p.set_defaults(func=cmd_crf)
+    p.set_defaults(func=cmd_crf_threshold)
 
     p = sub.add_parser("irn", help="IRN: seeds -> IR labels -> boundary network -> random-walk pseudo-masks")
     p.add_argument("run", help="run directory: reads seeds/, writes ir_labels/, irn/irn.pt, irn_masks/")
@@ -553,9 +639,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", default=None, help="folder of <id>.jpg images (default: the run's data root)")
     p.add_argument("--seeds", default=None, help="seed folder (default RUN/seeds)")
     p.add_argument("--ids", default=None, help="image list (default: every seed file)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the IRN recipe's device)")
     p.add_argument("--force", action="store_true", help="delete ir_labels/, irn/ and irn_masks/ outputs and redo them (needed when they were made otherwise)")
-    _add_set(p)
+    _add_set(p, "train.epochs=1")
     p.set_defaults(func=cmd_irn)
 
     p = sub.add_parser("psa", help="PSA: seeds -> affinity labels -> AffinityNet -> random-walk pseudo-masks")
@@ -568,8 +654,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run one step only (default: all three in turn)")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="labels / masks steps: only images I, I+N, I+2N, ... of the list (training takes all)")
-    p.add_argument("--device", default=None)
-    _add_set(p)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the PSA recipe's device)")
+    _add_set(p, "train.epochs=1")
     p.set_defaults(func=cmd_psa)
 
     p = sub.add_parser("eval", help="evaluate seeds (threshold sweep) or pseudo-masks against GT "
@@ -589,7 +675,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which threshold is reported: the one given, the best of a sweep, MCTformer's first "
                         "drop, or the seed's own background plane")
     p.add_argument("--split", default=None, help="score the ids of this split of the run's data set")
-    p.add_argument("--ignore-as", type=int, default=None)
+    p.add_argument("--ignore-as", type=int, default=None, metavar="LABEL",
+                   help="--masks: score pseudo-mask pixels marked 255 (ignore) as this class, e.g. 0 = background "
+                        "(default: leave them out)")
     p.add_argument("--format", choices=FORMATS, default=None,
                    help="seed files: fsae .npz, or a base repository's .npy (irn, sipe, psa: also SEAM / PPC / "
                         "EPS, mctformer); default: detected from the first file")
@@ -655,8 +743,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None,
                    help="background threshold of the seed (default: the run's best, else eval.threshold)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.set_defaults(func=cmd_predict)
+
+    config = sub.add_parser("config", help="look at a recipe").add_subparsers(dest="config_cmd", required=True)
+    p = config.add_parser("show", help="print the resolved config (defaults, then the recipe, then --set) as YAML")
+    p.add_argument("config", help="a recipe YAML or a run directory (its config.yaml)")
+    p.add_argument("--kind", choices=CONFIG_KINDS, default="train",
+                   help="which stage's config the file is: train (fsae train / cam), seg, irn or psa (default train)")
+    _add_set(p)
+    p.set_defaults(func=cmd_config_show)
 
     seg = sub.add_parser("seg", help="DeepLab V1/V2 on pseudo-masks: train, infer").add_subparsers(
         dest="seg_cmd", required=True)
@@ -664,20 +760,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="a recipe, e.g. configs/voc/deeplabv2_r101.yaml")
     p.add_argument("--masks", default=None, help="pseudo-mask folder (sets data.mask_dir)")
     p.add_argument("--out", default=None, help="run directory (default runs/<name>)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--no-resume", action="store_true")
-    _add_set(p)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the recipe's train.device)")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start from scratch even when the run directory holds checkpoints/last.pt")
+    _add_set(p, "train.iterations=100")
     p.set_defaults(func=cmd_seg_train)
     p = seg.add_parser("infer", help="multi-scale + flip (+ CRF) masks for val (evaluated) and test (VOC server layout)")
     p.add_argument("config", help="a run directory (or a config file with --checkpoint and --out)")
-    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--checkpoint", default=None, help="a checkpoint file (default RUN/checkpoints/last.pt)")
     p.add_argument("--out", default=None, help="output root (default: the run directory)")
     p.add_argument("--split", action="append", default=[], help="split(s) to predict (default: data.val_split "
                    "and data.test_split)")
     p.add_argument("--no-crf", action="store_true", help="skip the dense CRF")
     p.add_argument("--force", action="store_true", help="delete the masks already in the output folders and redo them (needed when they were made otherwise)")
-    p.add_argument("--device", default=None)
-    _add_set(p)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the recipe's train.device)")
+    _add_set(p, "infer.scales=[1.0]")
     p.set_defaults(func=cmd_seg_infer)
 
     weights = sub.add_parser("weights", help="the pretrained files of every recipe: where, present, intact"

@@ -7,7 +7,9 @@ file to send around. The report shows what the run directory holds:
 
 - the resolved ``config.yaml``;
 - training curves from ``metrics.csv`` / ``epochs.csv``: loss terms and learning rate per step, and the
-  paper's Fig. 6 (held-out seed mIoU per epoch, pseudo-labelled pixel ratio and accuracy per step);
+  paper's Fig. 6 (held-out seed mIoU per epoch, pseudo-labelled pixel ratio and accuracy per step), epochs
+  numbered from 1 as in epochs.csv and the progress bar; a plot with nothing to show (one point, or a run
+  without FSAE for the pseudo-label plots) is left out;
 - metric tables and a per-class IoU bar chart from ``RUN_DIR/eval/*.json`` (``fsae eval ... --out``
   results). Stale evaluations (their folder was made again since) are recomputed, and when ``eval/``
   lacks a seed (or pseudo-mask) evaluation but ``seeds/`` (or ``crf/``) and the data set's GT exist, the
@@ -33,6 +35,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 from fsae.compare import compare_runs, compare_table  # noqa: E402
 from fsae.data.coco import COCO_CLASSES  # noqa: E402
@@ -75,9 +78,21 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
     return out
 
 
+IGNORE = 255  # the VOC label of unlabelled (boundary) pixels
+
+
+def legend_entries(masks: Sequence[np.ndarray], names: Sequence[str]) -> list[tuple[str, np.ndarray]]:
+    """(class name, (3,) uint8 palette colour) of every label present in ``masks``, in label order;
+    255 is ``ignore``, a label past ``names`` is ``class<label>``."""
+    present = sorted(set().union(*(np.unique(m).tolist() for m in masks))) if masks else []
+    palette = voc_palette()
+    return [("ignore" if c == IGNORE else names[c] if c < len(names) else f"class{c}", palette[c]) for c in present]
+
+
 def save_overlay_grid(path: str | os.PathLike, rows: Sequence[Sequence[np.ndarray]],
-                      titles: Sequence[str]) -> Path:
-    """A grid of images: one row per example, one column per title (all (H, W, 3) uint8)."""
+                      titles: Sequence[str], legend: Sequence[tuple[str, np.ndarray]] = ()) -> Path:
+    """A grid of images: one row per example, one column per title (all (H, W, 3) uint8); ``legend``:
+    (name, colour) pairs drawn as a class-colour key under the grid."""
     n_rows, n_cols = len(rows), len(titles)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.2 * n_cols, 2.2 * n_rows), squeeze=False)
     for r, row in enumerate(rows):
@@ -87,26 +102,49 @@ def save_overlay_grid(path: str | os.PathLike, rows: Sequence[Sequence[np.ndarra
             if r == 0:
                 axes[r][c].set_title(titles[c], fontsize=9)
     fig.tight_layout()
+    if legend:
+        handles = [Patch(facecolor=np.asarray(colour) / 255, edgecolor="#444", label=name) for name, colour in legend]
+        fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(handles), 6),
+                   fontsize=9, frameon=False)
     return save_figure(fig, path)
 
 
-def plot_training_curves(path: str | os.PathLike, runs: dict[str, Path]) -> Path:
-    """Held-out seed mIoU per epoch, pseudo-label ratio and accuracy per step (paper Fig. 6)."""
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+def training_curves(runs: dict[str, Path]) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
+    """The paper's Fig. 6 as data: ``{panel: {run: (x, y %)}}`` for panels ``miou`` (epochs.csv, epochs from
+    1, as the progress bar), ``ratio`` and ``accuracy`` (metrics.csv, per step). A curve needs two points:
+    a run without FSAE (no pseudo-labels) or with one logged step has none, and a panel without curves is
+    left out."""
+    panels: dict[str, dict] = {"miou": {}, "ratio": {}, "accuracy": {}}
     for name, run_dir in runs.items():
-        epochs = read_csv(Path(run_dir) / "epochs.csv")
-        axes[0].plot([r["epoch"] for r in epochs], [100 * r["val_miou"] for r in epochs], marker="o", label=name)
-        steps = [r for r in read_csv(Path(run_dir) / "metrics.csv") if not np.isnan(r.get("mask_ratio", np.nan))]
-        if steps:
-            axes[1].plot([r["step"] for r in steps], [100 * r["mask_ratio"] for r in steps], label=name)
-            axes[2].plot([r["step"] for r in steps], [100 * r["pl_accuracy"] for r in steps], label=name)
-    axes[0].set(title="seed mIoU on held-out split (%)", xlabel="epoch")
-    axes[1].set(title="pseudo-labelled pixels (%)", xlabel="step")
-    axes[2].set(title="pseudo-label accuracy (%)", xlabel="step")
-    for ax in axes:
+        epochs = [r for r in read_csv(Path(run_dir) / "epochs.csv") if not math.isnan(r.get("val_miou", math.nan))]
+        steps = [r for r in read_csv(Path(run_dir) / "metrics.csv") if not math.isnan(r.get("mask_ratio", math.nan))]
+        for panel, rows, x, y in (("miou", epochs, "epoch", "val_miou"), ("ratio", steps, "step", "mask_ratio"),
+                                  ("accuracy", steps, "step", "pl_accuracy")):
+            if len(rows) >= 2:
+                panels[panel][name] = ([r[x] for r in rows], [100 * r[y] for r in rows])
+    return {panel: curves for panel, curves in panels.items() if curves}
+
+
+_PANELS = {"miou": ("seed mIoU on held-out split (%)", "epoch"), "ratio": ("pseudo-labelled pixels (%)", "step"),
+           "accuracy": ("pseudo-label accuracy (%)", "step")}
+
+
+def plot_training_curves(path: str | os.PathLike, runs: dict[str, Path]) -> Path | None:
+    """Held-out seed mIoU per epoch, pseudo-label ratio and accuracy per step (paper Fig. 6), the panels with
+    something to show (``training_curves``); None when none has."""
+    panels = training_curves(runs)
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (panel, curves) in zip(axes[0], panels.items()):
+        for name, (x, y) in curves.items():
+            ax.plot(x, y, marker="o" if panel == "miou" else None, label=name)
+        title, xlabel = _PANELS[panel]
+        ax.set(title=title, xlabel=xlabel)
+        if panel == "miou":
+            ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:  # a base run has no pseudo-label curves
-            ax.legend()
+        ax.legend()
     return save_figure(fig, path)
 
 
@@ -132,10 +170,10 @@ def _finite(values) -> bool:
 
 
 def plot_loss_curves(path: str | os.PathLike, run_dir: str | os.PathLike) -> Path | None:
-    """Loss terms and learning rate per step from ``metrics.csv``; None when it has no rows."""
+    """Loss terms and learning rate per step from ``metrics.csv``; None with fewer than two rows."""
     metrics = Path(run_dir) / "metrics.csv"
     rows = read_csv(metrics) if metrics.is_file() else []
-    if not rows:
+    if len(rows) < 2:  # one logged step is a dot, not a curve
         return None
     steps = [r["step"] for r in rows]
     not_losses = {"step", "epoch", "lr", "pl_accuracy", "skipped"}
@@ -169,9 +207,10 @@ def plot_class_iou(path: str | os.PathLike, series: dict[str, Sequence[float | N
 
 
 def example_grid(path: str | os.PathLike, run_dir: str | os.PathLike, dataset, threshold: float,
-                 num_images: int = 4) -> tuple[Path, list[str], list[str]] | None:
+                 num_images: int = 4, names: Sequence[str] = ()) -> tuple[Path, list[str], list[str]] | None:
     """Rows of image / CAM overlay / seed / pseudo-mask / GT for the first ``num_images`` seed (or
-    pseudo-mask) ids; a column is shown when every chosen image has it. Returns (path, ids, columns)."""
+    pseudo-mask) ids; a column is shown when every chosen image has it; under the grid a colour key of the
+    classes in its masks (``names``: background + class names). Returns (path, ids, columns)."""
     run_dir = Path(run_dir)
     seeds, crf = run_dir / "seeds", run_dir / "crf"
     ids = output_ids(seeds, ".npz") or output_ids(crf, ".png")
@@ -183,19 +222,21 @@ def example_grid(path: str | os.PathLike, run_dir: str | os.PathLike, dataset, t
     has_gt = all(dataset.mask_path(i) is not None and dataset.mask_path(i).is_file() for i in ids)
     columns = ["image"] + (["CAM", f"seed (t={threshold:.2f})"] if has_seeds else []) + \
         (["pseudo-mask (CRF)"] if has_crf else []) + (["GT"] if has_gt else [])
-    rows = []
+    rows, masks = [], []
     for i in ids:
         image = read_image(dataset.image_path(i))
-        row = [image]
+        row, shown = [image], []
         if has_seeds:
             keys, cams = load_seed(seeds / f"{i}.npz")
-            row += [overlay(image, cam_heatmap(cams)), overlay(image, colour_mask(seed_to_mask(keys, cams, threshold)))]
+            row.append(overlay(image, cam_heatmap(cams)))
+            shown.append(seed_to_mask(keys, cams, threshold))
         if has_crf:
-            row.append(overlay(image, colour_mask(read_mask(crf / f"{i}.png"))))
+            shown.append(read_mask(crf / f"{i}.png"))
         if has_gt:
-            row.append(overlay(image, colour_mask(read_mask(dataset.mask_path(i)))))
-        rows.append(row)
-    return save_overlay_grid(path, rows, columns), ids, columns
+            shown.append(read_mask(dataset.mask_path(i)))
+        rows.append(row + [overlay(image, colour_mask(m)) for m in shown])
+        masks += shown
+    return save_overlay_grid(path, rows, columns, legend_entries(masks, names)), ids, columns
 
 
 # ---------------------------------------------------------------------------------------- HTML report
@@ -246,7 +287,8 @@ def _run_section(run_dir: Path, figures: _Figures, prefix: str, num_images: int,
     if dataset is None:
         notes.append(f"data set {cfg.data.root} not found on this machine: no example images")
     h = f"h{level}"
-    fsae = (("FAE+SAE" if cfg.fsae.use_sae else "FAE only") + f" from epoch {cfg.fsae.start_epoch}"
+    # fsae.start_epoch counts from 0 (as metrics.csv); the report numbers epochs from 1, as epochs.csv and the bar
+    fsae = (("FAE+SAE" if cfg.fsae.use_sae else "FAE only") + f" from epoch {cfg.fsae.start_epoch + 1}"
             if cfg.fsae.enabled else "off")
     parts = [f"<p><code>{html.escape(str(run_dir))}</code>: method {html.escape(cfg.model.method)}, backbone "
              f"{html.escape(cfg.model.backbone)}, FSAE {fsae}, {cfg.train.epochs} epochs of batch "
@@ -287,7 +329,8 @@ def _run_section(run_dir: Path, figures: _Figures, prefix: str, num_images: int,
     epochs = read_csv(epochs_csv) if epochs_csv.is_file() else []
     if epochs and (run_dir / "metrics.csv").is_file():
         curves = plot_training_curves(figures.path(f"{prefix}fig6.png"), {run_dir.name: run_dir})
-        parts.append(figures.img(curves, "held-out seed mIoU, pseudo-label ratio and accuracy"))
+        if curves is not None:
+            parts.append(figures.img(curves, "held-out seed mIoU, pseudo-label ratio and accuracy"))
     if epochs:
         rows = [[int(r["epoch"]), int(r["step"]), f"{r['seconds']:.0f}", pct(r.get("val_miou")),
                  pct(r.get("val_fpr")), pct(r.get("val_fnr")),
@@ -299,7 +342,8 @@ def _run_section(run_dir: Path, figures: _Figures, prefix: str, num_images: int,
     # Examples.
     seed_eval = pick_eval(evals, "seeds")
     threshold = seed_eval[1]["best"]["threshold"] if seed_eval else resolve_protocol(cfg).threshold
-    grid = example_grid(figures.path(f"{prefix}examples.png"), run_dir, dataset, threshold, num_images)
+    grid = example_grid(figures.path(f"{prefix}examples.png"), run_dir, dataset, threshold, num_images,
+                        class_names(cfg))
     if grid is not None:
         parts.append(f"<{h}>Examples</{h}>")
         parts.append(f"<p>{html.escape(', '.join(grid[1]))}; seed at the best threshold of "
@@ -343,9 +387,9 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
         table = compare_table(compare_runs(runs, compute=compute, progress=progress))
         body += ["<h2>Comparison</h2>", html_table(table["header"], table["rows"])]
         with_curves = {r.name: r for r in runs if (r / "epochs.csv").is_file() and (r / "metrics.csv").is_file()}
-        if with_curves:
-            body.append(figures.img(plot_training_curves(figures.path("fig6.png"), with_curves),
-                                    "held-out seed mIoU, pseudo-label ratio and accuracy"))
+        curves = plot_training_curves(figures.path("fig6.png"), with_curves) if with_curves else None
+        if curves is not None:
+            body.append(figures.img(curves, "held-out seed mIoU, pseudo-label ratio and accuracy"))
         for r in runs:
             body += [f"<h2>Run {html.escape(r.name)}</h2>",
                      _run_section(r, figures, f"{r.name}_", num_images, compute=False, progress=progress, level=3)]

@@ -257,3 +257,81 @@ def test_compare_does_not_import_the_html_report():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------- what the report leaves out, its key
+
+
+def _logs(run, steps, epochs):
+    """metrics.csv rows (step, epoch from 0, mask_ratio or None) and epochs.csv rows (epoch from 1, val_miou)."""
+    run.mkdir(parents=True, exist_ok=True)
+    with open(run / "metrics.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "epoch", "lr", "loss", "cls", "fsae", "mask_ratio", "pl_accuracy"])
+        for step, epoch, ratio in steps:
+            w.writerow([step, epoch, 0.1, 1.0, 1.0, "" if ratio is None else 0.5, "" if ratio is None else ratio,
+                        "" if ratio is None else 0.9])
+    with open(run / "epochs.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["epoch", "step", "seconds", "val_miou", "val_fpr", "val_fnr", "val_threshold"])
+        for epoch, miou in epochs:
+            w.writerow([epoch, 2 * epoch, 1, miou, 0.1, 0.1, 0.2])
+    return run
+
+
+def test_training_curves_leave_out_what_has_nothing_to_show(tmp_path):
+    from fsae.report import plot_training_curves, training_curves
+
+    base = _logs(tmp_path / "base", [(1, 0, None), (2, 0, None), (3, 1, None)], [(1, 0.30), (2, 0.35)])
+    fsae = _logs(tmp_path / "fsae", [(1, 0, None), (2, 0, 0.4), (3, 1, 0.5)], [(1, 0.31), (2, 0.36)])
+    one = _logs(tmp_path / "one", [(1, 0, 0.4)], [(1, 0.3)])
+    # the base run: held-out mIoU per epoch (1-based, as epochs.csv), no pseudo-label panels
+    assert training_curves({"base": base}) == {"miou": {"base": ([1.0, 2.0], [30.0, 35.0])}}
+    both = training_curves({"base": base, "fsae": fsae})
+    assert both["ratio"] == {"fsae": ([2.0, 3.0], [40.0, 50.0])} and set(both["accuracy"]) == {"fsae"}
+    assert set(both["miou"]) == {"base", "fsae"}
+    assert training_curves({"one": one}) == {}  # one epoch, one logged step: dots only
+    assert plot_training_curves(tmp_path / "none.png", {"one": one}) is None and not (tmp_path / "none.png").exists()
+    assert plot_training_curves(tmp_path / "fig.png", {"base": base}).is_file()
+
+
+def test_report_of_a_single_step_base_run_has_no_plots_and_numbers_epochs_from_one(tmp_path):
+    run = fake_run(tmp_path / "run", seed=(0.5, 0.2, 0.3, 0.25))
+    _logs(run, [(1, 0, None)], [(1, 0.3)])
+    page = parse(write_report(run, compute=False))
+    assert page.images == []  # no loss plot, no Fig. 6 (and the hand-written IoU list is too short for bars)
+    epochs_table = next(t for t in page.tables if t[0][0] == "epoch")
+    assert epochs_table[1][0] == "1"
+    cfg = Config(name="run")
+    cfg.fsae.enabled, cfg.fsae.start_epoch = True, 1  # FSAE in 0-based epoch 1 = the bar's epoch 2
+    save_config(cfg, run / "config.yaml")
+    assert "FSAE FAE+SAE from epoch 2," in \
+        write_report(run, compute=False).read_text()
+
+
+def test_legend_entries_name_the_labels_present():
+    from fsae.labels import voc_palette
+    from fsae.report import legend_entries
+
+    masks = [np.array([[0, 2], [2, 255]]), np.array([[7, 0]])]
+    entries = legend_entries(masks, ["background", "cat", "dog"])
+    assert [name for name, _ in entries] == ["background", "dog", "class7", "ignore"]
+    for (_, colour), label in zip(entries, [0, 2, 7, 255]):
+        assert np.array_equal(colour, voc_palette()[label])
+    assert legend_entries([], ["background"]) == []
+
+
+def test_example_grid_carries_the_class_key(finished_run, tmp_path):
+    from PIL import Image
+
+    from fsae.report import legend_entries, save_overlay_grid
+
+    image = np.zeros((32, 32, 3), np.uint8)
+    key = legend_entries([np.array([[0, 1, 2]])], ["background", "a", "b"])
+    plain = Image.open(save_overlay_grid(tmp_path / "plain.png", [[image, image]], ["x", "y"]))
+    keyed = Image.open(save_overlay_grid(tmp_path / "keyed.png", [[image, image]], ["x", "y"], key))
+    assert keyed.size[1] > plain.size[1] + 10  # the key is drawn under the grid
+    # the report's grid: classes named from the run's data set
+    run, _ = finished_run
+    html_text = write_report(run, out=tmp_path / "r.html", compute=False).read_text()
+    assert "report_files/examples.png" in html_text
