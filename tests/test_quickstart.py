@@ -59,7 +59,6 @@ def test_quickstart_covers_the_pipeline():
     assert set(TINY) <= set(stages)
 
 
-@pytest.mark.slow  # about 3.5 minutes on 2 cores: `make test-all`
 def test_quickstart_commands_run_verbatim_tiny(tmp_path):
     outputs = _run_all(tmp_path, tiny=True)
     run = tmp_path / "runs" / "quick"
