@@ -392,11 +392,11 @@ def run_fsae(*args, killer=None, tmp=None):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
 
 
-# Replace fsae.refine.psa.train.atomic_write: its N-th call writes the temp file, then SIGKILLs the process
-# before the rename (tests/test_faults.py does the same for the other stages).
+# Replace fsae.refine.irn.train.atomic_write (the training loop PSA shares with IRN): its N-th call writes
+# the temp file, then SIGKILLs the process before the rename (tests/test_faults.py does the same for the other stages).
 KILLER = """
 import os, signal, sys
-import fsae.refine.psa.train as module
+import fsae.refine.irn.train as module
 real, calls, n = module.atomic_write, [], int(sys.argv[1])
 
 def killing_write(path, write_fn):

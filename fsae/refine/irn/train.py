@@ -106,7 +106,7 @@ class AffinityCrops(Dataset):
         return {"id": image_id, "image": x, "label": torch.from_numpy(np.asarray(small, dtype=np.int64))}
 
 
-def _seed_worker(worker_id: int) -> None:
+def seed_loader_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
@@ -139,15 +139,26 @@ def train_irn(cfg: IRNConfig, image_dir: str | os.PathLike, label_dir: str | os.
                         f"lower train.batch_size")
     generator = torch.Generator().manual_seed(tc.seed)
     loader = DataLoader(dataset, batch_size=tc.batch_size, shuffle=True, drop_last=True, num_workers=tc.workers,
-                        generator=generator, worker_init_fn=_seed_worker)
-    total_steps = len(loader) * tc.epochs
+                        generator=generator, worker_init_fn=seed_loader_worker)
     optimizer = torch.optim.SGD(model.trainable_parameters(), lr=tc.lr, momentum=tc.momentum,
                                 weight_decay=tc.weight_decay)
+    return fit_affinity_net(model, optimizer, loader, generator, cfg, checkpoint, train_step, device, progress,
+                            "IRN")
+
+
+def fit_affinity_net(model, optimizer, loader, generator: torch.Generator, cfg, checkpoint: Path, step_fn,
+                     device, progress: bool, what: str) -> Path:
+    """The resumable training of an affinity network (IRN's boundary branch, PSA's AffinityNet): poly
+    learning rate (``lr * group lr_mult * (1 - step / total) ** power``), ``step_fn(model, images, labels,
+    radius) -> {"total", "neg", ...}``, ``checkpoint`` written atomically after each epoch with the RNG
+    states, so a killed run resumes to the same weights; a checkpoint of another ``cfg.hash()`` is refused."""
+    tc = cfg.train
+    total_steps = len(loader) * tc.epochs
     start_epoch, step = 0, 0
     if checkpoint.is_file():
-        state = read_weight_file(checkpoint, "IRN checkpoint", unwrap=False)
+        state = read_weight_file(checkpoint, f"{what} checkpoint", unwrap=False)
         if state.get("config_hash") != cfg.hash():
-            raise CheckpointError(f"{checkpoint}: trained with other IRN settings (hash {state.get('config_hash')} "
+            raise CheckpointError(f"{checkpoint}: trained with other {what} settings (hash {state.get('config_hash')} "
                                   f"!= {cfg.hash()}); delete it or use another run directory")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -159,15 +170,16 @@ def train_irn(cfg: IRNConfig, image_dir: str | os.PathLike, label_dir: str | os.
         generator.set_state(state["loader_random"])
 
     model.train()
-    bar = tqdm(total=total_steps, initial=step, desc="irn train", disable=not progress)
+    bar = tqdm(total=total_steps, initial=step, desc=f"{what.lower()} train", disable=not progress)
     for epoch in range(start_epoch, tc.epochs):
         for batch in loader:
-            lr = tc.lr * (1 - step / total_steps) ** tc.poly_power
+            poly = (1 - step / total_steps) ** tc.poly_power
             for group in optimizer.param_groups:
-                group["lr"] = lr
-            terms = train_step(model, batch["image"].to(device), batch["label"].to(device), tc.radius)
+                group["lr"] = tc.lr * group.get("lr_mult", 1.0) * poly
+            terms = step_fn(model, batch["image"].to(device), batch["label"].to(device), tc.radius)
             if not torch.isfinite(terms["total"]):
-                raise FloatingPointError(f"IRN loss is {terms['total'].item()} at step {step} (images {batch['id']})")
+                raise FloatingPointError(f"{what} loss is {terms['total'].item()} at step {step} "
+                                         f"(images {batch['id']})")
             optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()
             optimizer.step()

@@ -23,14 +23,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import ColorJitter
-from tqdm import tqdm
 
 from fsae.augment import normalize
 from fsae.errors import CheckpointError, DataError
-from fsae.infer import to_tensor_image
-from fsae.io import atomic_write, read_image
+from fsae.io import read_image
 from fsae.weights import read_weight_file
 from fsae.refine.irn.affinity import affinity_loss
+from fsae.refine.irn.train import seed_loader_worker, fit_affinity_net
 from fsae.refine.psa.aff_labels import affinity_label_map, load_aff_label
 from fsae.refine.psa.affinity import pair_affinity, psa_affinity_labels
 from fsae.refine.psa.config import FEATURE_STRIDE, AffNetConfig, PSAConfig
@@ -102,12 +101,6 @@ class AffinityCrops(Dataset):
         return {"id": image_id, "image": x, "label": torch.from_numpy(label.astype(np.int64))}
 
 
-def _seed_worker(worker_id: int) -> None:
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
-
-
 def train_step(model: AffinityNet, images: torch.Tensor, labels: torch.Tensor, radius: int) -> dict[str, torch.Tensor]:
     """Loss terms of one batch. Shape: images (B, 3, S, S), labels (B, S/8, S/8)."""
     affinity = pair_affinity(model(images), radius)
@@ -139,50 +132,13 @@ def train_psa(cfg: PSAConfig, image_dir: str | os.PathLike, label_dir: str | os.
                         f"lower train.batch_size")
     generator = torch.Generator().manual_seed(tc.seed)
     loader = DataLoader(dataset, batch_size=tc.batch_size, shuffle=True, drop_last=True, num_workers=tc.workers,
-                        generator=generator, worker_init_fn=_seed_worker)
-    total_steps = len(loader) * tc.epochs
+                        generator=generator, worker_init_fn=seed_loader_worker)
     optimizer = torch.optim.SGD([
         {"params": model.backbone_parameters(), "lr_mult": 1.0},
         {"params": model.head_parameters(), "lr_mult": tc.new_layer_lr_mult},
     ], lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)  # train_aff.py:68-74
-    start_epoch, step = 0, 0
-    if checkpoint.is_file():
-        state = read_weight_file(checkpoint, "PSA checkpoint", unwrap=False)
-        if state.get("config_hash") != cfg.hash():
-            raise CheckpointError(f"{checkpoint}: trained with other PSA settings (hash {state.get('config_hash')} "
-                                  f"!= {cfg.hash()}); delete it or use another run directory")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, step = state["epoch"], state["step"]
-        if start_epoch >= tc.epochs:
-            return checkpoint
-        random.setstate(state["py_random"])
-        torch.set_rng_state(state["torch_random"])
-        generator.set_state(state["loader_random"])
-
-    model.train()
-    bar = tqdm(total=total_steps, initial=step, desc="psa train", disable=not progress)
-    for epoch in range(start_epoch, tc.epochs):
-        for batch in loader:
-            poly = (1 - step / total_steps) ** tc.poly_power
-            for group in optimizer.param_groups:
-                group["lr"] = tc.lr * group["lr_mult"] * poly
-            terms = train_step(model, batch["image"].to(device), batch["label"].to(device), tc.radius)
-            if not torch.isfinite(terms["total"]):
-                raise FloatingPointError(f"PSA loss is {terms['total'].item()} at step {step} (images {batch['id']})")
-            optimizer.zero_grad(set_to_none=True)
-            terms["total"].backward()
-            optimizer.step()
-            step += 1
-            bar.update()
-            bar.set_postfix(loss=f"{terms['total'].item():.3f}", neg=f"{terms['neg'].item():.3f}")
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                 "step": step, "config_hash": cfg.hash(), "config": cfg.to_dict(),
-                 "py_random": random.getstate(), "torch_random": torch.get_rng_state(),
-                 "loader_random": generator.get_state()}
-        atomic_write(checkpoint, lambda tmp: torch.save(state, tmp))
-    bar.close()
-    return checkpoint
+    return fit_affinity_net(model, optimizer, loader, generator, cfg, checkpoint, train_step, device, progress,
+                            "PSA")
 
 
 def load_affinity_net(checkpoint: str | os.PathLike, cfg: PSAConfig, device: str | torch.device = "cpu") -> AffinityNet:
