@@ -410,7 +410,6 @@ class SIPEConfig:
     channels: list[int] | None = setting(None, low=1, length=4)  # timm ResNet stage widths (None: the model's own)
     freeze_bn: bool = True  # BatchNorm in eval mode (SIPE's FixedBatchNorm)
     freeze_low_stages: bool = True  # stem, stage 1 and 2 get no gradient (SIPE detaches stage 2's output)
-    score_map: str = setting("cam", choices=("cam", "is_cam"))  # FSAE's S: CAM with 1 - max background | IS-CAM
 
 
 @dataclass
@@ -466,10 +465,9 @@ class ModelConfig:
     weights: str | None = None  # local path | "timm" | "efficientnet-lite0-package"
     width: int = at_least(1, 32)  # tinycnn only
     depth: int = at_least(1, 6)  # tinycnn only
-    # Background channel of the plain CAM's (C+1)-channel score map: constant | sipe | learned (fsae/methods/cam.py)
-    background: str = setting("constant", choices=("constant", "sipe", "learned"))
-    score_scale: float = positive(10.0)  # "sipe": S = scale * [normalised CAMs, 1 - max]
-    background_logit: float = 5.0  # "constant": fixed background logit
+    score_scale: float = positive(10.0)  # method "sipe": FSAE's S = score_scale * norm_cam (fsae/methods/sipe.py)
+    # methods "cam" and "mctformer": the fixed background logit of FSAE's S = [cams, b] (fsae/methods/cam.py)
+    background_logit: float = 5.0
     sipe: SIPEConfig = field(default_factory=SIPEConfig)  # method "sipe" only (fsae/methods/sipe.py)
     mct: MCTConfig = field(default_factory=MCTConfig)  # method "mctformer" only (fsae/methods/mctformer.py)
     resnet38: ResNet38Config = field(default_factory=ResNet38Config)  # backbone "resnet38" only

@@ -53,7 +53,7 @@ COMMON = {
     "model.backbone": "resnet50_irn",
     "model.output_stride": 16,
     "model.weights": "imagenet",
-    "model.background": "constant",
+    "model.background_logit": 5.0,
     "optim.name": "sgd",
     "optim.lr": 0.1,
     "optim.weight_decay": 1e-4,

@@ -207,7 +207,7 @@ def test_skip_nonfinite_counts_skipped_steps_and_leaves_the_weights(data_root, t
     assert rows[-1]["loss"] == "inf"  # logged as it was
     # No update after epoch one: the parameters are those of the clean run's first epoch (same steps, same
     # learning rates); BatchNorm running statistics still move, the forward passes did happen.
-    params = {name for name, _ in CAM(4, width=8, output_stride=8, background="constant").named_parameters()}
+    params = {name for name, _ in CAM(4, width=8, output_stride=8).named_parameters()}
     for name in params:
         torch.testing.assert_close(final["model"][name], saved[1][name], rtol=0, atol=0, msg=name)
 

@@ -15,7 +15,7 @@ from fsae.demo import VARIANTS, demo_config
 from fsae.evaluate import load_seed
 from fsae.infer import multiscale_cam, normalise_seed
 from fsae.methods import build_method
-from fsae.methods.cam import CAM, normalised_cams, sipe_score_map
+from fsae.methods.cam import CAM
 from fsae.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,9 +36,9 @@ def tiny_config(root, **fsae):
     return cfg
 
 
-def test_cam_shapes_and_sipe_score_map():
+def test_cam_shapes_and_constant_background_score_map():
     torch.manual_seed(0)
-    model = CAM(3, backbone="tinycnn", output_stride=8, width=8, background="sipe").eval()
+    model = CAM(3, backbone="tinycnn", output_stride=8, width=8, background_logit=3.0).eval()
     x = torch.randn(2, 3, 64, 48)
     labels = torch.tensor([[1.0, 0, 1], [0, 1, 0]])
     out = model(x, labels)
@@ -47,34 +47,13 @@ def test_cam_shapes_and_sipe_score_map():
     cams = out.extras["cams"]
     # eq. 1: class score = GAP of the class score map.
     torch.testing.assert_close(out.logits, cams.mean((2, 3)))
-    # The SIPE-style map written plainly: 10 * [relu(cam)/max * label, 1 - max over classes].
-    relu = cams.clamp(min=0)
-    norm = relu / (relu.amax((2, 3), keepdim=True) + 1e-5) * labels[:, :, None, None]
-    expected = 10 * torch.cat([norm, 1 - norm.amax(1, keepdim=True)], 1)
-    torch.testing.assert_close(out.score_map, expected)
-    assert (out.score_map[1, 0] == 0).all() and (out.score_map[0, 1] == 0).all()
-    torch.testing.assert_close(sipe_score_map(cams, labels, 10.0), expected)
-    assert normalised_cams(cams).amax((2, 3)).max() <= 1.0
-    assert model.cam(x).shape == (2, 3, 8, 6) and (model.cam(x) >= 0).all()
-
-
-@pytest.mark.parametrize("background", ["constant", "learned"])
-def test_other_background_channels(background):
-    torch.manual_seed(0)
-    model = CAM(2, backbone="tinycnn", output_stride=8, width=8, background=background, background_logit=3.0)
-    x = torch.randn(1, 3, 32, 32)
-    out = model(x)
-    assert out.score_map.shape == (1, 3, 4, 4)
-    features = model.backbone(x)  # (1, D, 4, 4)
+    features = model.backbone(x)  # (2, D, 8, 6)
     # foreground channels: the bias-free 1x1 classifier, written as a plain sum over feature channels
-    w = model.classifier.weight[:, :, 0, 0]  # (2, D)
-    torch.testing.assert_close(out.score_map[:, :2], torch.einsum("kd,bdhw->bkhw", w, features))
-    if background == "constant":
-        assert (out.score_map[:, -1] == 3.0).all()
-    else:  # the learned channel: its own 1x1 conv with bias
-        bw, bb = model.bg_head.weight[0, :, 0, 0], model.bg_head.bias[0]
-        torch.testing.assert_close(out.score_map[:, -1], torch.einsum("d,bdhw->bhw", bw, features) + bb)
-        assert out.score_map[:, -1].std() > 0  # not a constant in disguise
+    w = model.classifier.weight[:, :, 0, 0]  # (3, D)
+    torch.testing.assert_close(out.score_map[:, :3], torch.einsum("kd,bdhw->bkhw", w, features))
+    assert (out.score_map[:, -1] == 3.0).all()  # the background channel LAST: the fixed logit
+    assert torch.equal(out.score_map, model(x).score_map)  # the labels do not enter S
+    assert model.cam(x).shape == (2, 3, 8, 6) and torch.equal(model.cam(x), cams.clamp(min=0))
 
 
 def test_multiscale_flip_merge_equals_a_loop():
@@ -173,8 +152,8 @@ def test_demo_reads_the_recipes_which_differ_only_in_fsae():
     cfg.data.root, cfg.train.seed, cfg.name = recipes["fsae"].data.root, 0, recipes["fsae"].name
     assert cfg == recipes["fsae"]
     # the demo's numbers come from these values (README's demo table)
-    assert (cfg.train.epochs, cfg.train.batch_size, cfg.fsae.start_epoch, cfg.model.background) == \
-        (15, 32, 5, "constant")
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.fsae.start_epoch, cfg.model.background_logit) == \
+        (15, 32, 5, 5.0)
 
 
 def test_config_errors_name_the_key(tmp_path):
@@ -184,6 +163,16 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         load_config(None, ["fsae.enabled"])
+
+
+@pytest.mark.parametrize("section, line, key", [("model", "background: learned", "model.background"),
+                                                ("model", "sipe: {score_map: is_cam}", "model.sipe.score_map")])
+def test_removed_score_map_options_are_unknown_keys(tmp_path, section, line, key):
+    # measured and removed (docs/decisions.md): a recipe that still sets them is refused by name
+    old = tmp_path / "old.yaml"
+    old.write_text(f"{section}:\n  {line}\n")
+    with pytest.raises(ConfigError, match=f"old.yaml: unknown config key '{key}'"):
+        load_config(old)
 
 
 def test_checkpoint_of_other_class_count_is_refused(tiny_synthetic, tmp_path):

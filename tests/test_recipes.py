@@ -26,7 +26,7 @@ CAM_COMMON = {
     "model.backbone": "resnet50_irn",       # irn net/resnet50_cam.py:14 resnet50(strides=(2, 2, 2, 1))
     "model.output_stride": 16,              # the same strides
     "model.weights": "imagenet",            # irn net/resnet50.py:7 resnet50-19c8e357.pth
-    "model.background": "constant",         # fsae: FSAE's background channel (fsae/methods/cam.py)
+    "model.background_logit": 5.0,          # fsae: FSAE's S = [cams, 5] (fsae/methods/cam.py)
     "optim.name": "sgd",                    # irn misc/torchutils.py PolyOptimizer(torch.optim.SGD)
     "optim.lr": 0.1,                        # irn run_sample.py:28 --cam_learning_rate
     "optim.weight_decay": 1e-4,             # irn run_sample.py:29 --cam_weight_decay
@@ -68,7 +68,6 @@ SIPE = {
     "model.sipe.side_channels": [128, 128, 256, 256],  # SIPE network/resnet50_SIPE.py:24-27
     "model.sipe.freeze_bn": True,           # SIPE network/resnet50.py:11 FixedBatchNorm
     "model.sipe.freeze_low_stages": True,   # SIPE network/resnet50_SIPE.py forward: x2 detached
-    "model.sipe.score_map": "cam",          # fsae: FSAE's S (fsae/methods/sipe.py)
     "optim.name": "sgd",                    # SIPE train_resnet50_SIPE.py:119 PolyOptimizerSGD
     "optim.lr": 0.1,                        # SIPE train_resnet50_SIPE.py:68 --lr
     "optim.weight_decay": 1e-4,             # SIPE train_resnet50_SIPE.py:70 --wt_dec
@@ -120,8 +119,7 @@ MCT = {
     "model.method": "mctformer",            # MCTformer run.sh:12 --model deit_small_MCTformerV2_patch16_224
     "model.backbone": "deit_small_patch16_224",
     "model.weights": "imagenet",            # MCTformer run.sh:18 --finetune .../deit_small_patch16_224-cd65a155.pth
-    "model.background": "constant",         # fsae: FSAE's S
-    "model.background_logit": 5.0,          # fsae
+    "model.background_logit": 5.0,          # fsae: FSAE's S = [patch CAMs, 5]
     "model.mct.img_size": 224,              # MCTformer main.py:31
     "model.mct.drop_path": 0.1,             # MCTformer main.py:35 --drop-path
     "model.mct.attention_layers": 3,        # MCTformer run.sh:31 --layer-index 3 (CAM generation)

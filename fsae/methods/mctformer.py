@@ -20,12 +20,9 @@ Inference (``cam``): with ``A_l`` the head-averaged softmax attention of layer l
   sweep, as here. Attention weights are recomputed from each block's own ``qkv`` (``attention_probs``)
   so timm's blocks run unchanged (fused attention included).
 
-V2 has no background channel. FSAE's (C + 1)-channel score map S (``background``):
-- ``"constant"``: ``S = [patch_cams, b]`` with a fixed background logit ``b = background_logit``;
-- ``"sipe"``: ``S = scale * [n_c, 1 - max_c n_c]`` of the max-normalised patch CAMs of the present
-  classes (``fsae.methods.cam.sipe_score_map``).
-"constant" is the default (the plain CAM's reason; docs/decisions.md has why it could not be measured
-for MCTformer here).
+V2 has no background channel. FSAE's (C + 1)-channel score map is the plain CAM's:
+``S = [patch_cams, b]`` with a fixed background logit ``b = background_logit`` (docs/decisions.md: SIPE's
+background was tried too; a small ViT trained from scratch could not measure the choice).
 
 Training recipe (the base repo's ``main.py``): AdamW, weight decay 0.05 except on biases, norms,
 position embeddings and class tokens (timm's rule, ``param_groups``), drop path 0.1.
@@ -39,10 +36,7 @@ from torch import nn
 
 from fsae.errors import CheckpointError
 from fsae.methods.base import Method, Output
-from fsae.methods.cam import sipe_score_map
 from fsae.weights import read_weight_file, resolve_weights
-
-BACKGROUNDS = ("constant", "sipe")
 
 
 def attention_probs(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -96,18 +90,13 @@ class MCTformerV2(Method):
     def __init__(self, num_classes: int, backbone: str = "deit_small_patch16_224", weights: str | None = None,
                  img_size: int = 224, embed_dim: int | None = None, depth: int | None = None,
                  num_heads: int | None = None, drop_path: float = 0.1, attention_layers: int = 3,
-                 patch_refine: bool = True, background: str = "constant", score_scale: float = 10.0,
-                 background_logit: float = 5.0):
+                 patch_refine: bool = True, background_logit: float = 5.0):
         super().__init__()
         import timm
 
-        if background not in BACKGROUNDS:
-            raise ValueError(f"MCTformer background must be one of {BACKGROUNDS}, got {background!r}")
         self.num_classes = num_classes
         self.attention_layers = attention_layers
         self.patch_refine = patch_refine
-        self.background = background
-        self.score_scale = score_scale
         self.background_logit = background_logit
         size = {k: v for k, v in (("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads)) if v}
         self.vit = timm.create_model(backbone, pretrained=False, num_classes=0, global_pool="", class_token=False,
@@ -131,7 +120,6 @@ class MCTformerV2(Method):
         return cls(num_classes, backbone=model_cfg.backbone, weights=model_cfg.weights, img_size=m.img_size,
                    embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, drop_path=m.drop_path,
                    attention_layers=m.attention_layers, patch_refine=m.patch_refine,
-                   background=model_cfg.background, score_scale=model_cfg.score_scale,
                    background_logit=model_cfg.background_logit)
 
     def _load_weights(self, backbone: str, weights: str) -> None:
@@ -178,10 +166,7 @@ class MCTformerV2(Method):
         tokens, grid, _ = self._encode(images)
         cls_logits = tokens[:, :self.num_classes].mean(-1)  # class token c -> score c
         patch_cams = self._patch_cams(tokens, grid)  # (B, C, h, w)
-        if self.background == "constant":
-            score_map = torch.cat([patch_cams, torch.full_like(patch_cams[:, :1], self.background_logit)], 1)
-        else:
-            score_map = sipe_score_map(patch_cams, labels, self.score_scale)
+        score_map = torch.cat([patch_cams, torch.full_like(patch_cams[:, :1], self.background_logit)], 1)
         return Output(logits=cls_logits, score_map=score_map,
                       extras={"patch_logits": patch_cams.mean(dim=(2, 3)), "patch_cams": patch_cams})
 

@@ -41,13 +41,9 @@ call it and store the background plane in the seed file. ``cam(images, labels)``
 channels of the IS-CAM, like every method's ``cam``; ``cam(images)`` without labels is the plain
 ReLU'd classifier CAM (used for the in-training held-out evaluation, which sweeps a threshold).
 
-FSAE's (C + 1)-channel score map S (``score_map``; the FSAE authors did not publish their SIPE code):
-- ``"cam"``: ``S = score_scale * norm_cam`` (CAM with SIPE's 1 - max background), gradient through the
-  classifier and the backbone;
-- ``"is_cam"``: ``S = score_scale * IS_cam / max_hw IS_cam`` (the normalised IS-CAM, background last).
-  Its gradient reaches only the side convs: SIPE detaches the backbone features they read, and the
-  seeds are an argmax.
-``"cam"`` is the default; the measurement that chose it is in docs/decisions.md.
+FSAE's (C + 1)-channel score map (the FSAE authors did not publish their SIPE code):
+``S = score_scale * norm_cam``, the CAM with SIPE's 1 - max background, gradient through the classifier
+and the backbone. docs/decisions.md has the measurement that chose it over the normalised IS-CAM.
 """
 
 from __future__ import annotations
@@ -60,7 +56,6 @@ from fsae.methods.base import Method, Output
 from fsae.models.backbones import create_backbone, load_pretrained
 from fsae.models.batchnorm import freeze_batch_norm
 
-SCORE_MAPS = ("cam", "is_cam")
 EPS = 1e-5
 
 
@@ -139,12 +134,9 @@ class SIPE(Method):
 
     def __init__(self, num_classes: int, backbone: str = "resnet50", weights: str | None = None,
                  side_channels=(128, 128, 256, 256), channels=None, freeze_bn: bool = True,
-                 freeze_low_stages: bool = True, score_map: str = "cam", score_scale: float = 10.0):
+                 freeze_low_stages: bool = True, score_scale: float = 10.0):
         super().__init__()
-        if score_map not in SCORE_MAPS:
-            raise ValueError(f"sipe.score_map must be one of {SCORE_MAPS}, got {score_map!r}")
         self.num_classes = num_classes
-        self.score_map = score_map
         self.score_scale = score_scale
         self.freeze_bn = freeze_bn
         extra = {"channels": tuple(channels), "stem_width": channels[0]} if channels else {}
@@ -167,7 +159,7 @@ class SIPE(Method):
         s = model_cfg.sipe
         return cls(num_classes, backbone=model_cfg.backbone, weights=model_cfg.weights,
                    side_channels=s.side_channels, channels=s.channels, freeze_bn=s.freeze_bn,
-                   freeze_low_stages=s.freeze_low_stages, score_map=s.score_map, score_scale=model_cfg.score_scale)
+                   freeze_low_stages=s.freeze_low_stages, score_scale=model_cfg.score_scale)
 
     def _trunk(self, images: torch.Tensor):
         x1, x2, x3, x4 = self.features(images)
@@ -190,11 +182,8 @@ class SIPE(Method):
             raise ValueError("SIPE's forward needs the image-level labels (B, C) for its seeds")
         cams, norm_cam, is_cams = self._maps(images, labels.to(images.dtype), training=True)
         logits = cams.mean(dim=(2, 3))  # GAP of the class score map
-        if self.score_map == "cam":
-            score_map = self.score_scale * norm_cam
-        else:
-            score_map = self.score_scale * is_cams / (F.adaptive_max_pool2d(is_cams, 1) + EPS)
-        return Output(logits=logits, score_map=score_map, extras={"norm_cam": norm_cam, "is_cam": is_cams})
+        return Output(logits=logits, score_map=self.score_scale * norm_cam,  # FSAE's S: CAM, 1 - max background
+                      extras={"norm_cam": norm_cam, "is_cam": is_cams})
 
     def losses(self, batch: dict, output: Output) -> dict[str, torch.Tensor]:
         norm_cam = output.extras["norm_cam"]
