@@ -368,51 +368,50 @@ def cmd_crf(args) -> None:
               f"there{part})")
 
 
-def cmd_irn(args) -> None:
+def _random_walk_inputs(args, load_stage_config):
+    """``fsae irn`` / ``fsae psa``: the stage's recipe with ``--set`` and ``--device`` (checked), the image
+    folder (default: the run's ``data.root``/JPEGImages) and the ``--ids`` list (None: every seed)."""
     from fsae.config import check_device, load_config
     from fsae.io import read_id_list
+
+    cfg = load_stage_config(args.config, args.overrides)
+    if args.device:
+        cfg.device = args.device
+    check_device(cfg.device, "--device" if args.device else "device")
+    images = args.images or Path(load_config(Path(args.run) / "config.yaml").data.root) / "JPEGImages"
+    return cfg, images, read_id_list(args.ids) if args.ids else None
+
+
+def _counts(r: dict, part: str = "") -> str:
+    """One random-walk step's result as ``OUT_DIR (N written, M already there)``."""
+    return f"{r['out_dir']} ({r['written']} written, {r['skipped']} already there{part})"
+
+
+def cmd_irn(args) -> None:
     from fsae.refine.irn import load_irn_config, run_irn
 
     run = args.stopped_in = Path(args.run)
-    cfg = load_irn_config(args.config, args.overrides)
-    if args.device:
-        cfg.device = args.device
-    check_device(cfg.device, "--device" if args.device else "device")
-    images = args.images or Path(load_config(run / "config.yaml").data.root) / "JPEGImages"
-    ids = read_id_list(args.ids) if args.ids else None
+    cfg, images, ids = _random_walk_inputs(args, load_irn_config)
     result = run_irn(run, cfg, images, ids=ids, seed_dir=args.seeds, force=args.force)
-    labels, masks = result["ir_labels"], result["masks"]
-    print(f"ir labels: {labels['out_dir']} ({labels['written']} written, {labels['skipped']} already there)\n"
-          f"irn checkpoint: {result['checkpoint']}\n"
-          f"pseudo-masks: {masks['out_dir']} ({masks['written']} written, {masks['skipped']} already there)")
+    print(f"ir labels: {_counts(result['ir_labels'])}\nirn checkpoint: {result['checkpoint']}\n"
+          f"pseudo-masks: {_counts(result['masks'])}")
 
 
 def cmd_psa(args) -> None:
-    from fsae.config import load_config
-    from fsae.io import read_id_list
-    from fsae.config import check_device
     from fsae.refine.psa import load_psa_config, run_psa
     from fsae.refine.psa.pipeline import STEPS
 
-    run = Path(args.run)
-    cfg = load_psa_config(args.config, args.overrides)
-    if args.device:
-        cfg.device = args.device
-    check_device(cfg.device, "--device" if args.device else "device")
-    images = args.images or Path(load_config(run / "config.yaml").data.root) / "JPEGImages"
-    ids = read_id_list(args.ids) if args.ids else None
+    cfg, images, ids = _random_walk_inputs(args, load_psa_config)
     shard = _shard(args.shard)
     steps = STEPS if args.step == "all" else (args.step,)
-    result = run_psa(run, cfg, images, ids=ids, seed_dir=args.seeds, steps=steps, shard=shard)
+    result = run_psa(Path(args.run), cfg, images, ids=ids, seed_dir=args.seeds, steps=steps, shard=shard)
     part = f", shard {shard[0]}/{shard[1]}" if shard[1] > 1 else ""
     if "labels" in result:
-        r = result["labels"]
-        print(f"affinity labels: {r['out_dir']} ({r['written']} written, {r['skipped']} already there{part})")
+        print(f"affinity labels: {_counts(result['labels'], part)}")
     if "train" in result:
         print(f"psa checkpoint: {result['train']}")
     if "masks" in result:
-        r = result["masks"]
-        print(f"pseudo-masks: {r['out_dir']} ({r['written']} written, {r['skipped']} already there{part})")
+        print(f"pseudo-masks: {_counts(result['masks'], part)}")
 
 
 def cmd_report(args) -> None:

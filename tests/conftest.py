@@ -1,7 +1,12 @@
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
 from fsae.data.synthetic import SyntheticSpec, generate
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +41,23 @@ def one_thread():
     yield
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(False)
+
+
+@pytest.fixture(scope="session")
+def check_seg_recipe():
+    """``check(recipe, table)``: the segmentation recipe ``recipe`` (a path under the repository) writes
+    exactly the dotted fields of ``table``, and loads to the table's values (floats approximately)."""
+    from fsae.config import _flat
+    from fsae.segment.config import load_seg_config
+
+    def check(recipe: str, table: dict) -> None:
+        written = _flat(yaml.safe_load((REPO / recipe).read_text()))  # {dotted key: value}
+        assert sorted(written) == sorted(table)  # every field of the file is in the table, and back
+        cfg = load_seg_config(REPO / recipe)
+        for key, expected in table.items():
+            value = cfg
+            for part in key.split("."):
+                value = getattr(value, part)
+            assert value == (pytest.approx(expected) if isinstance(expected, float) else expected), key
+
+    return check
