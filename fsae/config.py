@@ -316,9 +316,20 @@ def validate(cfg: Any, where: str = "config") -> Any:
     return cfg
 
 
+# Fields removed from the recipes, with the one value that stayed (docs/decisions.md): a config saved
+# before the removal (a run's config.yaml, a checkpoint) that holds that value still loads.
+REMOVED_KEYS = {"model.background": "constant", "model.sipe.score_map": "cam"}
+
+
 def _apply(obj: Any, updates: dict[str, Any], where: str, prefix: str = "") -> None:
     known = {f.name: f for f in fields(obj)}
     for key, value in updates.items():
+        if f"{prefix}{key}" in REMOVED_KEYS:
+            kept = REMOVED_KEYS[f"{prefix}{key}"]
+            if value == kept:
+                continue
+            raise ConfigError(f"{where}: '{prefix}{key}: {value}' was removed; only {kept!r} remains "
+                              "(docs/decisions.md): delete the key")
         if key not in known:
             raise ConfigError(f"{where}: unknown config key '{prefix}{key}' (known: {', '.join(known)})")
         current = getattr(obj, key)
