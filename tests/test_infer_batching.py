@@ -1,5 +1,4 @@
-"""CAM inference batching (infer.batch_size, auto) changes speed only; the training loader's persistent workers
-see every epoch."""
+"""CAM inference batching (infer.batch_size, auto) changes speed only."""
 
 import numpy as np
 import pytest
@@ -117,39 +116,3 @@ def test_the_held_out_monitor_with_auto_scores_as_with_a_fixed_batch(model_and_s
     auto = evaluate(model, dataset, load_config(None, ["infer.batch_size=auto"]), "cpu", scales=[1.0])
     assert auto == fixed
     model.eval()  # evaluate leaves it in training mode
-
-
-# ------------------------------------------------------------------ the training loader's persistent workers
-
-
-def test_persistent_workers_see_each_epoch_and_resume_stays_exact(tiny_synthetic, tmp_path, monkeypatch):
-    """Workers kept across epochs must draw epoch 2's crops, not epoch 1's again: one worker gives the weights of
-    no worker, and a run killed after epoch 1 resumes to them."""
-    import fsae.train as train_module
-
-    root, _ = tiny_synthetic
-    overrides = [f"data.root={root}", "data.long_side=null", "data.crop_size=32", "model.width=8",
-                 "train.batch_size=8", "train.val_every=0", "train.epochs=2", "train.tensorboard=false",
-                 "fsae.enabled=true", "fsae.start_epoch=0"]
-    cfg0, cfg1 = load_config(None, overrides), load_config(None, overrides + ["data.workers=1"])
-    _, _, loader = train_module.build_loader(cfg1, 0, 1)
-    assert loader.persistent_workers and loader.prefetch_factor == 2 and not loader.pin_memory
-    weights = {}
-    for name, cfg in (("none", cfg0), ("one", cfg1)):
-        weights[name] = torch.load(train_module.train(cfg, tmp_path / name, progress=False), weights_only=True)
-    real_save = train_module.save_checkpoint
-
-    def save_then_die(path, state):
-        real_save(path, state)
-        if state["epoch"] == 1:
-            raise KeyboardInterrupt("killed after epoch 1")
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train_module.train(cfg1, tmp_path / "resumed", progress=False)
-    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
-    weights["resumed"] = torch.load(train_module.train(cfg1, tmp_path / "resumed", progress=False), weights_only=True)
-    for name in ("one", "resumed"):
-        assert weights[name]["step"] == weights["none"]["step"] == 6
-        for key, value in weights["none"]["model"].items():
-            torch.testing.assert_close(weights[name]["model"][key], value, rtol=0, atol=0, msg=f"{name} {key}")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from fsae.config import Config
+from fsae.config import Config, load_config
 from fsae.io import read_id_list, write_image, write_mask
 from fsae.refine.irn import train as irn_train
 from fsae.refine.irn.config import IRNConfig
@@ -322,3 +322,50 @@ def test_the_stages_loaders_get_the_speed_arguments(seg_root, irn_batches, tmp_p
     # not persistent: each epoch's workers are seeded from the generator a resumed run restores
     assert (seen["num_workers"], seen["prefetch_factor"], seen["persistent_workers"]) == (2, 5, False)
     assert seen["worker_init_fn"] is irn_train.seed_loader_worker
+
+
+def test_persistent_workers_see_each_epoch_and_resume_stays_exact(tiny_synthetic, tmp_path, monkeypatch):
+    """Workers kept across epochs must draw epoch 2's crops, not epoch 1's again: one worker gives the weights of
+    no worker, and a run killed after epoch 1 resumes to them."""
+    import fsae.train as train_module
+
+    root, _ = tiny_synthetic
+    overrides = [f"data.root={root}", "data.long_side=null", "data.crop_size=32", "model.width=8",
+                 "train.batch_size=8", "train.val_every=0", "train.epochs=2", "train.tensorboard=false",
+                 "fsae.enabled=true", "fsae.start_epoch=0"]
+    cfg0, cfg1 = load_config(None, overrides), load_config(None, overrides + ["data.workers=1"])
+    _, _, loader = train_module.build_loader(cfg1, 0, 1)
+    assert loader.persistent_workers and loader.prefetch_factor == 2 and not loader.pin_memory
+    weights = {}
+    for name, cfg in (("none", cfg0), ("one", cfg1)):
+        weights[name] = torch.load(train_module.train(cfg, tmp_path / name, progress=False), weights_only=True)
+    real_save = train_module.save_checkpoint
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        if state["epoch"] == 1:
+            raise KeyboardInterrupt("killed after epoch 1")
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_module.train(cfg1, tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    weights["resumed"] = torch.load(train_module.train(cfg1, tmp_path / "resumed", progress=False), weights_only=True)
+    for name in ("one", "resumed"):
+        assert weights[name]["step"] == weights["none"]["step"] == 6
+        for key, value in weights["none"]["model"].items():
+            torch.testing.assert_close(weights[name]["model"][key], value, rtol=0, atol=0, msg=f"{name} {key}")
+
+
+def test_the_training_loader_leaves_the_global_rng_alone(tiny_synthetic):
+    """Its own generator: the global torch RNG (dropout, drop-path), which a checkpoint saves and a resumed run
+    restores, is not drawn from by starting an epoch, so a resume at any step sees the uninterrupted stream."""
+    import fsae.train as train_module
+
+    root, _ = tiny_synthetic
+    cfg = load_config(None, [f"data.root={root}", "data.long_side=null", "data.crop_size=32", "train.batch_size=8"])
+    _, _, loader = train_module.build_loader(cfg, 0, 1)
+    before = torch.get_rng_state()
+    for _ in range(2):  # two epochs' starts and first batches
+        next(iter(loader))
+    assert torch.equal(torch.get_rng_state(), before)
