@@ -33,8 +33,10 @@ def seeds(path):
     return out
 
 
-@pytest.mark.parametrize("protocol", [None, Protocol("cam", resize="pil_bicubic", upsample="strided_up", strided_cam=True)],
-                         ids=["bilinear", "pil_strided"])
+PIL_STRIDED = Protocol("cam", resize="pil_bicubic", upsample="strided_up", strided_cam=True)
+
+
+@pytest.mark.parametrize("protocol", [None, PIL_STRIDED], ids=["bilinear", "pil_strided"])
 def test_seeds_do_not_depend_on_the_batch(model_and_set, tmp_path, protocol):
     model, dataset = model_and_set
     made = {}

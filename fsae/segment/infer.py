@@ -88,7 +88,8 @@ def image_list(data_cfg, split: str) -> list[tuple[str, Path]]:
 
 @torch.no_grad()
 def predict_masks(model, image: np.ndarray, scales: Sequence[float], flip: bool, crf_params: dict | None,
-                  device="cpu", fuse: str = "mean_probs", precision: str = "fp32") -> tuple[np.ndarray, np.ndarray | None]:
+                  device="cpu", fuse: str = "mean_probs",
+                  precision: str = "fp32") -> tuple[np.ndarray, np.ndarray | None]:
     """One image -> (multi-scale + flip argmax mask, CRF mask or None). Shape: (H, W, 3) uint8 -> (H, W) uint8."""
     x = normalize(to_tensor_image(image)[None]).to(device)
     probs = multiscale_probs(model, x, scales, flip, fuse, precision)[0].cpu().numpy()
