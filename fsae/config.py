@@ -563,7 +563,8 @@ class InferConfig:
     scales: list[float] = setting(factory=lambda: [0.5, 1.0, 1.5, 2.0], low=0, low_open=True, nonempty=True)
     flip: bool = True
     # same-size images batched per scale; auto: on CPU the fastest per image of 1, 2, 4, 8, 16 timed on the first
-    # image, on CUDA the largest that fits half the free memory (fsae.infer.pick_batch_size); seeds do not depend on it
+    # image, on CUDA the largest that fits half the free memory (fsae.infer.pick_batch_size). Seeds: the same up
+    # to their last float16 bit (docs/precision.md)
     batch_size: int | str = setting(4, low=1, words=("auto",))
     split: str = "train"  # the paper evaluates seeds on the train set
     # Protocol (fsae/protocol.py; None = the method's own repository's)

@@ -225,7 +225,8 @@ def pick_batch_size(run_batch: Callable, images: torch.Tensor, labels: torch.Ten
     image, repeated to each candidate size. On CUDA: the largest candidate whose peak memory, estimated as
     b x that of one image's pass, fits ``CUDA_MEMORY_FRACTION`` of the free memory (a GPU gains from the
     largest batch). Elsewhere (CPU): the fastest per image of one timed pass each, after a warm-up pass.
-    Batching changes speed only: every image's seed is the same (tests/test_infer_batching.py)."""
+    Batching changes speed only: an image's seed is the same up to the last bit of its float16 values
+    (docs/precision.md, tests/test_infer_batching.py)."""
     device = images.device
     sizes = [b for b in candidates if b <= max(limit, 1)] or [1]
     if device.type == "cuda":

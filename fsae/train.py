@@ -157,7 +157,8 @@ def evaluate(model, dataset, cfg: Config, device, scales=None) -> dict:
     evaluator = SeedEvaluator(cfg.data.num_classes, default_thresholds(*(cfg.eval.sweep or MONITOR_SWEEP)))
     share = distributed.shard_indices(range(len(dataset)), (distributed.rank(), distributed.world_size()))
     scales = scales or cfg.train.val_scales
-    batch_size = resolve_batch_size(cfg.infer.batch_size, lambda x, _: multiscale_cam(model, x, scales, cfg.infer.flip),
+    batch_size = resolve_batch_size(cfg.infer.batch_size, lambda x, _: multiscale_cam(model, x, scales,
+                                                                                      cfg.infer.flip),
                                     dataset, share, "bilinear", device)
     for group in batches_by_size(dataset, share, batch_size):
         images = torch.stack([to_tensor_image(s["image"]) for s in group]).to(device)
@@ -473,8 +474,9 @@ def build_loader(cfg: Config, rank: int, world: int):
     views = TrainViews(dataset, cfg.data, cfg.train.seed)
     sampler = distributed.ResumableSampler(views, distributed.per_rank_batch(cfg.train.batch_size, world),
                                            num_replicas=world, rank=rank, seed=cfg.train.seed)
-    # Its own generator: with workers kept across epochs (persistent) the loader draws its worker seed once, so
-    # from the global RNG (which a resumed run restores) it would draw a different number of times.
+    # Its own generator: the loader draws a worker seed when an epoch starts (with persistent workers only the
+    # first time); from the global RNG, which a checkpoint saves and a resume restores, that would shift the
+    # stream of dropout / drop-path after a resume.
     loader = DataLoader(views, batch_size=sampler.batch_size, sampler=sampler, drop_last=True,
                         generator=torch.Generator().manual_seed(cfg.train.seed),
                         **loader_options(cfg.data.workers, cfg.train.device, cfg.data.prefetch))
