@@ -93,7 +93,7 @@ def test_deeplab_fp16_checkpoint_holds_the_grad_scaler(seg_root, tmp_path):
     assert state["scaler"]["scale"] > 0 and state["iteration"] == STEPS
 
 
-@pytest.mark.parametrize("train_cfg", [{}, {"precision": "bf16", "channels_last": True}])
+@pytest.mark.parametrize("train_cfg", [{}, {"precision": "bf16", "channels_last": True}, {"precision": "fp16"}])
 def test_deeplab_resume_is_bit_exact(seg_root, tmp_path, train_cfg):
     cfg = seg_config(seg_root, iterations=6, **train_cfg)
     straight = seg_train.train_segmentation(cfg, tmp_path / "a", progress=False)
@@ -238,6 +238,33 @@ def test_irn_boundary_map_in_bf16_stays_near_fp32():
     diff = (mixed - reference).abs().max().item()
     print(f"IRN boundary map bf16: max difference {diff:.1e}")
     assert mixed.dtype == torch.float32 and 0 < diff <= 2e-2  # measured 2.4e-3
+
+
+def test_irn_and_psa_pseudo_masks_in_bf16_agree_with_fp32():
+    """walk.precision bf16: the network pass in bf16, the walk in fp32 (random networks, two Gaussian CAMs)."""
+    from fsae.refine.irn.pipeline import pseudo_mask
+    from fsae.refine.psa.config import PSAWalkConfig
+    from fsae.refine.psa.walk import psa_mask
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (64, 72, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[:64, :72]
+    cams = np.stack([np.exp(-((yy - 20) ** 2 + (xx - 20) ** 2) / 200),
+                     np.exp(-((yy - 45) ** 2 + (xx - 50) ** 2) / 300)]).astype(np.float32)
+    keys = np.array([1, 3])
+    torch.manual_seed(0)
+    irn, psa = BoundaryNet("resnet18", None, 8).eval(), AffinityNet(width=0.0625, feature_channels=(8, 8, 16)).eval()
+    cfg = IRNConfig()
+    cfg.train.crop_size, cfg.walk.radius, cfg.walk.exp_times = 64, 4, 4
+    masks = {}
+    for precision in ("fp32", "bf16"):
+        cfg.walk.precision = precision
+        masks["irn", precision] = pseudo_mask(irn, image, keys, cams, cfg)
+        masks["psa", precision] = psa_mask(psa, image, keys, cams, PSAWalkConfig(radius=4, logt=4, precision=precision))
+    for stage in ("irn", "psa"):
+        agree = (masks[stage, "bf16"] == masks[stage, "fp32"]).mean()
+        print(f"{stage} pseudo-mask bf16: {agree:.4%} of the pixels as in fp32")
+        assert set(np.unique(masks[stage, "fp32"])) == {0, 1, 3} and agree >= 0.995  # measured 99.98%, 100%
 
 
 def test_psa_bf16_steps_stay_near_fp32(irn_batches):
