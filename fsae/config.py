@@ -49,6 +49,7 @@ class Rule:
     high_open: bool = False
     length: int | None = None
     nonempty: bool = False
+    words: tuple | None = None  # strings allowed besides the numbers, e.g. ("auto",)
 
     def accepts(self, value: Any) -> bool:
         if isinstance(value, list):
@@ -81,14 +82,18 @@ class Rule:
             parts.append(f"{self.length} items")
         elif self.nonempty:
             parts.append("at least one item")
+        if self.words:
+            parts.append("or " + " or ".join(self.words))
         return ", ".join(parts)
 
 
 def setting(default: Any = MISSING, *, factory: Any = MISSING, choices=None, low=None, high=None,
             low_open: bool = False, high_open: bool = False, length: int | None = None,
-            nonempty: bool = False) -> Any:
-    """A dataclass field with its allowed values (``Rule``); ``factory`` for list defaults."""
-    rule = Rule(tuple(choices) if choices is not None else None, low, high, low_open, high_open, length, nonempty)
+            nonempty: bool = False, words=None) -> Any:
+    """A dataclass field with its allowed values (``Rule``); ``factory`` for list defaults; ``words``: strings
+    allowed besides the numbers (``infer.batch_size: auto``)."""
+    rule = Rule(tuple(choices) if choices is not None else None, low, high, low_open, high_open, length, nonempty,
+                tuple(words) if words is not None else None)
     if factory is not MISSING:
         return field(default_factory=factory, metadata={"rule": rule})
     return field(default=default, metadata={"rule": rule})
@@ -164,6 +169,8 @@ def check_value(value: Any, f: dataclasses.Field, name: str) -> Any:
         if optional:
             return None
         raise ConfigError(f"{name} = null is not allowed; expected {_describe(kind, allowed)}")
+    if rule is not None and rule.words and value in rule.words:
+        return value
     refusal = ConfigError(f"{name} = {value!r} is not allowed; expected {_describe(kind, allowed)}")
     try:
         if kind.startswith("list["):
@@ -242,13 +249,18 @@ class Settings:
     """
 
     not_hashed: ClassVar[tuple[str, ...]] = ()
+    # Fields added after runs were written, hashed only when off their default, so that those runs' checkpoints
+    # still resume (e.g. train.precision: they were trained in fp32).
+    hashed_unless_default: ClassVar[tuple[str, ...]] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def hashed_fields(self) -> dict[str, Any]:
         """``{dotted name: value}`` of the fields that decide the output."""
-        return {k: v for k, v in _flat(self.to_dict()).items() if not _excluded(k, self.not_hashed)}
+        defaults = _flat(type(self)().to_dict()) if self.hashed_unless_default else {}
+        return {k: v for k, v in _flat(self.to_dict()).items() if not _excluded(k, self.not_hashed)
+                and not (k in self.hashed_unless_default and v == defaults[k])}
 
     def hash(self) -> str:
         text = json.dumps(self.hashed_fields(), sort_keys=True)
@@ -406,6 +418,7 @@ class DataConfig:
     hflip: bool = True
     jitter: list[float] | None = setting(factory=lambda: [0.3, 0.3, 0.3, 0.1], low=0, length=4)  # weak view A_w
     workers: int = at_least(0, 0)
+    prefetch: int = at_least(1, 2)  # batches each loader worker prepares ahead (workers > 0; torch's default)
     # Training crops: "fsae" (fsae.augment.random_geometry) | "timm" (timm's create_transform at crop_size,
     # with auto_augment / re_prob; fsae.augment.timm_train_view). MCTformer's recipe uses "timm".
     transform: str = setting("fsae", choices=("fsae", "timm"))
@@ -558,8 +571,10 @@ class TrainConfig:
 class InferConfig:
     scales: list[float] = setting(factory=lambda: [0.5, 1.0, 1.5, 2.0], low=0, low_open=True, nonempty=True)
     flip: bool = True
-    # same-size images batched per scale; 4 is fastest on CPU (benchmarks/results.md), raise on GPU
-    batch_size: int = at_least(1, 4)
+    # same-size images batched per scale; auto: on CPU the fastest per image of 1, 2, 4, 8, 16 timed on the first
+    # image, on CUDA the largest that fits half the free memory (fsae.infer.pick_batch_size). Seeds: the same up
+    # to their last float16 bit (docs/precision.md)
+    batch_size: int | str = setting(4, low=1, words=("auto",))
     split: str = "train"  # the paper evaluates seeds on the train set
     # Protocol (fsae/protocol.py; None = the method's own repository's)
     resize: str | None = setting(None, choices=("pil_bicubic", "bilinear"))
@@ -599,7 +614,7 @@ class Config(Settings):
     # memory format and compilation (like the device, they change float rounding only).
     not_hashed: ClassVar[tuple[str, ...]] = (
         "name", "data.root", "data.label_file", "data.saliency_dir", "data.mask_dir", "data.val_split",
-        "data.workers", "train.device", "train.log_every", "train.tensorboard", "train.val_every",
+        "data.workers", "data.prefetch", "train.device", "train.log_every", "train.tensorboard", "train.val_every",
         "train.val_scales", "train.checkpoint_every", "train.channels_last", "train.compile", "infer", "eval",
     )
 

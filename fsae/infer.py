@@ -21,7 +21,8 @@ max-normalised).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +35,13 @@ from fsae.augment import normalize
 from fsae.io import atomic_write
 from fsae.seeds import load_seed, save_seed  # noqa: F401 - save_seed re-exported for callers of fsae.infer
 from fsae.stamps import make_stamp, prepare_output, weights_digest
-from fsae.two_view import autocast
+from fsae.speed import autocast
 
 SEED_EPS = 1e-5
 MINMAX_EPS = 1e-8  # MCTformer engine.py:198
 WALK_STRIDE = 4  # the IRN random walk's grid
+BATCH_CANDIDATES = (1, 2, 4, 8, 16)  # infer.batch_size auto: the batch sizes it chooses from
+CUDA_MEMORY_FRACTION = 0.5  # auto on CUDA: the batch's estimated peak memory stays under this share of the free memory
 
 
 def to_tensor_image(image: np.ndarray) -> torch.Tensor:
@@ -177,6 +180,8 @@ def normalise_seed(cam: torch.Tensor, label: torch.Tensor, mode: str = "max") ->
 
 def batches_by_size(dataset, indices: Sequence[int], batch_size: int):
     """Yield lists of samples with equal image size, at most ``batch_size`` each, in index order."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1 (resolve 'auto' first), got {batch_size!r}")
     pending: dict[tuple[int, int], list[dict]] = {}
     for i in indices:
         sample = dataset[i]
@@ -186,6 +191,79 @@ def batches_by_size(dataset, indices: Sequence[int], batch_size: int):
         if len(group) == batch_size:
             yield pending.pop(key)
     yield from pending.values()
+
+
+def group_tensors(group: Sequence[dict], resize: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same-size samples -> (images as ``scaled_batch`` takes them for ``resize``, labels (B, C) float)."""
+    labels = torch.stack([torch.as_tensor(s["label"]) for s in group]).float().to(device)
+    if resize == "pil_bicubic":
+        return torch.stack([torch.from_numpy(np.ascontiguousarray(s["image"])) for s in group]).to(device), labels
+    return normalize(torch.stack([to_tensor_image(s["image"]) for s in group]).to(device)), labels
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def largest_fitting(sizes: Sequence[int], per_image_bytes: int, free_bytes: int) -> int:
+    """The largest of ``sizes`` (ascending) whose estimated peak, ``b * per_image_bytes``, stays within
+    ``CUDA_MEMORY_FRACTION`` of ``free_bytes``; the smallest if none does."""
+    fitting = [b for b in sizes if b * per_image_bytes <= CUDA_MEMORY_FRACTION * free_bytes]
+    return fitting[-1] if fitting else sizes[0]
+
+
+@torch.no_grad()
+def pick_batch_size(run_batch: Callable, images: torch.Tensor, labels: torch.Tensor, limit: int,
+                    candidates: Sequence[int] = BATCH_CANDIDATES) -> tuple[int, str]:
+    """``infer.batch_size: auto``: the batch of ``candidates`` (those <= ``limit``, the number of images) that
+    runs fastest, and how it was chosen (one line).
+
+    ``run_batch(images, labels)`` is one multi-scale pass; ``images`` (1, ...) / ``labels`` (1, C) the first
+    image, repeated to each candidate size. On CUDA: the largest candidate whose peak memory, estimated as
+    b x that of one image's pass, fits ``CUDA_MEMORY_FRACTION`` of the free memory (a GPU gains from the
+    largest batch). Elsewhere (CPU): the fastest per image of one timed pass each, after a warm-up pass.
+    Batching changes speed only: an image's seed is the same up to the last bit of its float16 values
+    (docs/precision.md, tests/test_infer_batching.py)."""
+    device = images.device
+    sizes = [b for b in candidates if b <= max(limit, 1)] or [1]
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        run_batch(images, labels)
+        per_image = max(torch.cuda.max_memory_allocated(device) - before, 1)
+        return largest_fitting(sizes, per_image, free), (f"largest of {sizes} within {CUDA_MEMORY_FRACTION:.0%} of "
+                                                         f"the free {free / 2**30:.1f} GiB at {per_image / 2**20:.0f} "
+                                                         f"MiB per image")
+    if len(sizes) == 1:
+        return sizes[0], "one image"
+    run_batch(images, labels)  # warm-up: first-call allocations and kernel selection
+    per_image = {}
+    for b in sizes:
+        batch = images.repeat(b, *([1] * (images.ndim - 1)))
+        started = time.perf_counter()
+        run_batch(batch, labels.repeat(b, 1))
+        _synchronize(device)
+        per_image[b] = (time.perf_counter() - started) / b
+    best = min(per_image, key=per_image.get)
+    return best, "fastest per image of " + ", ".join(f"{b}: {1e3 * t:.1f} ms" for b, t in per_image.items())
+
+
+def resolve_batch_size(batch_size: int | str, run_batch: Callable, dataset, indices: Sequence[int], resize: str,
+                       device, progress: bool = False) -> int:
+    """``batch_size``, or for "auto" ``pick_batch_size`` on the first of ``indices`` (printed with ``progress``)."""
+    if batch_size != "auto":
+        return batch_size
+    if not indices:
+        return 1
+    first = group_tensors([dataset[indices[0]]], resize, torch.device(device))
+    picked, how = pick_batch_size(run_batch, *first, len(indices))
+    if progress:
+        tqdm.write(f"cam: infer.batch_size auto -> {picked} ({how})")
+    return picked
 
 
 def seed_stamp(model, scales: Sequence[float], flip: bool, source: dict | None = None,
@@ -199,7 +277,7 @@ def seed_stamp(model, scales: Sequence[float], flip: bool, source: dict | None =
 
 @torch.no_grad()
 def infer_seeds(model, dataset, out_dir: str | os.PathLike, scales: Sequence[float] = (0.5, 1.0, 1.5, 2.0),
-                flip: bool = True, batch_size: int = 16, device: str | torch.device = "cpu",
+                flip: bool = True, batch_size: int | str = 16, device: str | torch.device = "cpu",
                 progress: bool = True, indices: Sequence[int] | None = None, protocol=None,
                 source: dict | None = None, force: bool = False, precision: str = "fp32") -> dict:
     """Write ``out_dir/<id>.npz`` for every image (or the given ``indices``); skip finished ones.
@@ -210,7 +288,8 @@ def infer_seeds(model, dataset, out_dir: str | os.PathLike, scales: Sequence[flo
     ``source = {"checkpoint": file_digest(checkpoint)}``. A folder made otherwise is refused
     (``StaleOutputError``) unless ``force``, which deletes its seeds first; a seed file that no longer reads
     is written again. ``precision`` the autocast dtype of the network passes (stamped unless fp32).
-    Returns {"written": n, "skipped": n, "out": path}.
+    ``batch_size``: same-size images per forward, or "auto" (``pick_batch_size``, printed once with ``progress``).
+    Returns {"written": n, "skipped": n, "out": path, "batch_size": the batch used}.
     """
     resize = protocol.resize if protocol else "bilinear"
     mode = protocol.normalise if protocol else "max"
@@ -227,13 +306,15 @@ def infer_seeds(model, dataset, out_dir: str | os.PathLike, scales: Sequence[flo
     written = 0
     bar = tqdm(total=len(todo), desc="cam", disable=not progress, unit="img")
     with_background = getattr(model, "seed_background", False)
-    for group in batches_by_size(dataset, todo, batch_size):
-        raw = torch.stack([torch.from_numpy(np.ascontiguousarray(s["image"])) for s in group])
-        labels = torch.stack([torch.as_tensor(s["label"]) for s in group]).float().to(device)
-        images = raw.to(device) if resize == "pil_bicubic" else normalize(
-            torch.stack([to_tensor_image(s["image"]) for s in group]).to(device))
-        maps = multiscale_maps(model, images, scales, flip, labels if with_background else None, **options,
+
+    def run_batch(images, labels):
+        return multiscale_maps(model, images, scales, flip, labels if with_background else None, **options,
                                precision=precision)
+
+    batch_size = resolve_batch_size(batch_size, run_batch, dataset, todo, resize, device, progress)
+    for group in batches_by_size(dataset, todo, batch_size):
+        images, labels = group_tensors(group, resize, device)
+        maps = run_batch(images, labels)
         for j, sample in enumerate(group):
             label = torch.as_tensor(sample["label"])
             keys, kept = normalise_seed(maps["cams"][j], label, mode)
@@ -246,4 +327,4 @@ def infer_seeds(model, dataset, out_dir: str | os.PathLike, scales: Sequence[flo
             written += 1
         bar.update(len(group))
     bar.close()
-    return {"written": written, "skipped": len(indices) - len(todo), "out": str(out_dir)}
+    return {"written": written, "skipped": len(indices) - len(todo), "out": str(out_dir), "batch_size": batch_size}

@@ -43,11 +43,12 @@ from fsae.data.check import check_training_data, format_problems
 from fsae.errors import CheckpointError, ConfigError, DataError, FsaeError
 from fsae.evaluate import SeedEvaluator, default_thresholds
 from fsae.fsae import STATISTICS
-from fsae.infer import batches_by_size, multiscale_cam, normalise_seed, to_tensor_image
+from fsae.infer import batches_by_size, multiscale_cam, normalise_seed, resolve_batch_size, to_tensor_image
 from fsae.io import atomic_write, ensure_output_dir
 from fsae.methods import build_method
 from fsae.models.batchnorm import sync_batch_norm
 from fsae.weights import read_weight_file
+from fsae.speed import grad_scaler as speed_grad_scaler, loader_options
 from fsae.tblog import close_writer, log_scalars, open_writer
 from fsae.two_view import TwoViewFSAE, model_forward
 
@@ -69,8 +70,17 @@ class TrainViews(Dataset):
         self.dataset = dataset
         self.cfg = data_cfg
         self.seed = seed
-        self.epoch = 0
+        # In shared memory: persistent loader workers (fsae.speed.loader_options) read the epoch set here.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.timm_transform = timm_train_transform(data_cfg) if data_cfg.transform == "timm" else None
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch.fill_(value)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -146,9 +156,13 @@ def evaluate(model, dataset, cfg: Config, device, scales=None) -> dict:
     model.eval()
     evaluator = SeedEvaluator(cfg.data.num_classes, default_thresholds(*(cfg.eval.sweep or MONITOR_SWEEP)))
     share = distributed.shard_indices(range(len(dataset)), (distributed.rank(), distributed.world_size()))
-    for group in batches_by_size(dataset, share, cfg.infer.batch_size):
+    scales = scales or cfg.train.val_scales
+    batch_size = resolve_batch_size(cfg.infer.batch_size, lambda x, _: multiscale_cam(model, x, scales,
+                                                                                      cfg.infer.flip),
+                                    dataset, share, "bilinear", device)
+    for group in batches_by_size(dataset, share, batch_size):
         images = torch.stack([to_tensor_image(s["image"]) for s in group]).to(device)
-        cams = multiscale_cam(model, normalize(images), scales or cfg.train.val_scales, cfg.infer.flip)
+        cams = multiscale_cam(model, normalize(images), scales, cfg.infer.flip)
         for sample, cam in zip(group, cams):
             evaluator.update(*normalise_seed(cam, torch.as_tensor(sample["label"])), sample["mask"])
     model.train()
@@ -460,8 +474,12 @@ def build_loader(cfg: Config, rank: int, world: int):
     views = TrainViews(dataset, cfg.data, cfg.train.seed)
     sampler = distributed.ResumableSampler(views, distributed.per_rank_batch(cfg.train.batch_size, world),
                                            num_replicas=world, rank=rank, seed=cfg.train.seed)
+    # Its own generator: the loader draws a worker seed when an epoch starts (with persistent workers only the
+    # first time); from the global RNG, which a checkpoint saves and a resume restores, that would shift the
+    # stream of dropout / drop-path after a resume.
     loader = DataLoader(views, batch_size=sampler.batch_size, sampler=sampler, drop_last=True,
-                        num_workers=cfg.data.workers)
+                        generator=torch.Generator().manual_seed(cfg.train.seed),
+                        **loader_options(cfg.data.workers, cfg.train.device, cfg.data.prefetch))
     if sampler.batches_per_epoch == 0:
         raise FsaeError(f"{cfg.data.root}: {len(dataset)} images is fewer than one batch of {cfg.train.batch_size}")
     return views, sampler, loader
@@ -485,11 +503,7 @@ def build_model(cfg: Config, device: torch.device, world: int):
 
 def grad_scaler(cfg: Config, device: torch.device):
     """The GradScaler of ``train.precision`` fp16 (None otherwise); ConfigError where fp16 cannot run."""
-    if cfg.train.precision != "fp16":
-        return None
-    if not torch.amp.autocast_mode.is_autocast_available(device.type):
-        raise ConfigError(f"train.precision fp16: torch has no autocast on {device.type}; use bf16 or fp32")
-    return torch.amp.GradScaler(device.type)
+    return speed_grad_scaler(cfg.train.precision, device)
 
 
 def resume_from(path: Path, cfg: Config, model, optimizer, two_view: TwoViewFSAE,

@@ -12,9 +12,7 @@ Before ``fsae.start_epoch`` the term is exactly zero. Statistics stay tensors (n
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import dataclasses
 
 import torch
 from torch import nn
@@ -22,47 +20,20 @@ from torch import nn
 from fsae.augment import normalize, per_image, run_blur_kernel, strong_view, weak_view
 from fsae.config import FSAEConfig
 from fsae.fsae import fsae_loss, mask_absent_classes
+from fsae.speed import mixed_forward
 
 TEACHERS = ("reuse", "separate", "ema")
 BLUR_KERNELS = ("sigma", "per_run")
 STRONG_SOURCES = ("weak", "original")
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(precision: str, device) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` for ``precision`` "bf16" / "fp16" on ``device``'s type; "fp32": no context at all."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=AUTOCAST_DTYPES[precision])
-
-
-def to_float32(value):
-    """Floating tensors of an ``Output`` (or a dict / list / tuple of them) cast to fp32, differentiably."""
-    if isinstance(value, torch.Tensor):
-        return value.float() if value.is_floating_point() else value
-    if dataclasses.is_dataclass(value):
-        return dataclasses.replace(value, **{f.name: to_float32(getattr(value, f.name))
-                                             for f in dataclasses.fields(value)})
-    if isinstance(value, dict):
-        return {k: to_float32(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(to_float32(v) for v in value)
-    return value
 
 
 def model_forward(model, x: torch.Tensor, labels: torch.Tensor, precision: str = "fp32",
                   channels_last: bool = False):
-    """``model(x, labels)`` under ``autocast(precision)``; the outputs come back in fp32.
+    """The method's ``model(x, labels)`` by ``fsae.speed.mixed_forward``: the outputs come back in fp32.
 
     The losses (the method's and eq. 9, with its softmax and tau comparisons) run on these fp32 outputs,
     outside autocast: bf16 keeps 8 mantissa bits, too few for a softmax near tau_fae = 0.95 or a log-loss."""
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    if precision == "fp32":
-        return model(x, labels)
-    with autocast(precision, x.device):
-        out = model(x, labels)
-    return to_float32(out)
+    return mixed_forward(model, x, labels, precision=precision, channels_last=channels_last)
 
 
 def downsample_nearest(x: torch.Tensor, size) -> torch.Tensor:

@@ -164,12 +164,12 @@ def test_devices_are_checked_against_the_machine():
 # What each stage's hash leaves out (the reasons are next to ``not_hashed`` in each class).
 NOT_HASHED = {
     Config: {"name", "data.root", "data.label_file", "data.saliency_dir", "data.mask_dir", "data.val_split",
-             "data.workers", "train.device", "train.log_every", "train.tensorboard", "train.val_every",
+             "data.workers", "data.prefetch", "train.device", "train.log_every", "train.tensorboard", "train.val_every",
              "train.val_scales", "train.checkpoint_every", "train.channels_last", "train.compile", "infer", "eval"},
     SegConfig: {"name", "data.root", "data.mask_dir", "data.gt_dir", "data.label_file", "data.saliency_dir",
-                "data.val_split", "data.test_split", "data.workers", "train.device", "train.log_every",
-                "train.checkpoint_every", "infer"},
-    IRNConfig: {"name", "device", "ir_label.workers", "train.workers", "walk"},
+                "data.val_split", "data.test_split", "data.workers", "data.prefetch", "train.device", "train.log_every",
+                "train.checkpoint_every", "train.channels_last", "infer"},
+    IRNConfig: {"name", "device", "ir_label.workers", "train.workers", "train.prefetch", "train.channels_last", "walk"},
 }
 
 

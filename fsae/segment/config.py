@@ -34,6 +34,7 @@ class SegDataConfig:
     scale_range: list[float] = setting(factory=lambda: [0.5, 1.5], low=0, low_open=True, length=2)  # rescale factor
     hflip: bool = True
     workers: int = at_least(0, 0)
+    prefetch: int = at_least(1, 2)  # batches each loader worker prepares ahead (workers > 0; torch's default)
 
 
 @dataclass
@@ -79,6 +80,10 @@ class SegTrainConfig:
     device: str = "cpu"  # checked against the machine when a stage starts (check_device)
     log_every: int = at_least(1, 20)  # iterations between metrics.csv rows
     checkpoint_every: int = at_least(1, 1000)  # iterations between checkpoints/last.pt writes (and at the end)
+    # Speed (fsae.speed.mixed_forward): autocast dtype of DeepLab's forward (the loss stays fp32; fp16 adds a
+    # GradScaler) and channels-last memory format of model and crops. The recipes keep fp32.
+    precision: str = setting("fp32", choices=("fp32", "bf16", "fp16"))
+    channels_last: bool = False
 
 
 @dataclass
@@ -99,6 +104,8 @@ class SegInferConfig:
     # over scales x flips: mean_probs | mean_logits (PPC authors') | max_probs (MCTformer)
     fuse: str = setting("mean_probs", choices=("mean_probs", "mean_logits", "max_probs"))
     crf: SegCrf = field(default_factory=_deeplab_crf)
+    # autocast dtype of the forward passes (the softmaxes and their fusion stay fp32); stamped unless fp32
+    precision: str = setting("fp32", choices=("fp32", "bf16", "fp16"))
 
 
 @dataclass
@@ -112,12 +119,13 @@ class SegConfig(Settings):
 
     # Not deciding the trained weights: the name, where the data, pseudo-masks and GT lie (moving them keeps a
     # run resumable), the splits only inference reads, logging, checkpoint spacing, device, loader processes,
-    # and inference.
+    # memory format (float rounding only, like the device) and inference.
     not_hashed: ClassVar[tuple[str, ...]] = (
         "name", "data.root", "data.mask_dir", "data.gt_dir", "data.label_file", "data.saliency_dir",
-        "data.val_split", "data.test_split", "data.workers", "train.device", "train.log_every",
-        "train.checkpoint_every", "infer",
+        "data.val_split", "data.test_split", "data.workers", "data.prefetch", "train.device", "train.log_every",
+        "train.checkpoint_every", "train.channels_last", "infer",
     )
+    hashed_unless_default: ClassVar[tuple[str, ...]] = ("train.precision",)  # runs before it trained in fp32
 
     def check(self) -> None:
         check_range_pair(self.data.scale_range, "data.scale_range")

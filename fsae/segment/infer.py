@@ -37,6 +37,7 @@ from fsae.evaluate import evaluate_masks, save_eval
 from fsae.infer import to_tensor_image
 from fsae.io import read_id_list, read_image, read_mask, write_mask
 from fsae.refine.crf import crf_inference
+from fsae.speed import mixed_forward
 from fsae.stamps import make_stamp, prepare_output, weights_digest
 
 TEST_SERVER_DIR = Path("results") / "VOC2012" / "Segmentation" / "comp6_test_cls"
@@ -44,9 +45,11 @@ TEST_SERVER_DIR = Path("results") / "VOC2012" / "Segmentation" / "comp6_test_cls
 
 @torch.no_grad()
 def multiscale_probs(model, images: torch.Tensor, scales: Sequence[float] = (1.0,), flip: bool = True,
-                     fuse: str = "mean_probs") -> torch.Tensor:
+                     fuse: str = "mean_probs", precision: str = "fp32") -> torch.Tensor:
     """Class probabilities fused over scales (and horizontal flips) at the input resolution.
 
+    ``precision`` (``infer.precision``): the autocast dtype of the network passes; the resizing, softmaxes and
+    fusion run in fp32 on the cast-back logits.
     ``fuse``: ``mean_probs`` (the mean of the softmaxes), ``mean_logits`` (softmax of the mean logit map:
     the PPC authors' test.py:84-92) or ``max_probs`` (the per-class maximum of the softmaxes: MCTformer's
     seg/infer_seg.py:91-98; then the pixels need not sum to 1).
@@ -60,7 +63,8 @@ def multiscale_probs(model, images: torch.Tensor, scales: Sequence[float] = (1.0
                                                       align_corners=False, recompute_scale_factor=False)
         if flip:
             x = torch.cat([x, x.flip(-1)], dim=0)
-        logits = F.interpolate(model(x), size=size, mode="bilinear", align_corners=False)
+        logits = F.interpolate(mixed_forward(model, x, precision=precision), size=size, mode="bilinear",
+                               align_corners=False)
         out = logits if fuse == "mean_logits" else logits.softmax(dim=1)
         outputs += [out[:b], out[b:].flip(-1)] if flip else [out]
     if fuse == "max_probs":
@@ -84,10 +88,11 @@ def image_list(data_cfg, split: str) -> list[tuple[str, Path]]:
 
 @torch.no_grad()
 def predict_masks(model, image: np.ndarray, scales: Sequence[float], flip: bool, crf_params: dict | None,
-                  device="cpu", fuse: str = "mean_probs") -> tuple[np.ndarray, np.ndarray | None]:
+                  device="cpu", fuse: str = "mean_probs",
+                  precision: str = "fp32") -> tuple[np.ndarray, np.ndarray | None]:
     """One image -> (multi-scale + flip argmax mask, CRF mask or None). Shape: (H, W, 3) uint8 -> (H, W) uint8."""
     x = normalize(to_tensor_image(image)[None]).to(device)
-    probs = multiscale_probs(model, x, scales, flip, fuse)[0].cpu().numpy()
+    probs = multiscale_probs(model, x, scales, flip, fuse, precision)[0].cpu().numpy()
     mask = probs.argmax(0).astype(np.uint8)
     if crf_params is None:
         return mask, None
@@ -97,13 +102,15 @@ def predict_masks(model, image: np.ndarray, scales: Sequence[float], flip: bool,
 def predict_split(model, items: Sequence[tuple[str, Path]], out_dir: Path | None, crf_dir: Path | None,
                   scales: Sequence[float], flip: bool, crf_params: dict | None, device="cpu",
                   progress: bool = True, desc: str = "seg infer", source: dict | None = None,
-                  force: bool = False, fuse: str = "mean_probs") -> dict:
+                  force: bool = False, fuse: str = "mean_probs", precision: str = "fp32") -> dict:
     """Write ``out_dir/<id>.png`` (argmax) and/or ``crf_dir/<id>.png`` (CRF) for every item; skip finished ids.
 
-    ``source``: what the model came from, recorded in the folders' stamps (default: its weights' digest).
+    ``source``: what the model came from, recorded in the folders' stamps (default: its weights' digest), with
+    the settings (``precision`` only when not fp32).
     """
     source = {"weights": weights_digest(model)} if source is None else source
-    settings = {"scales": [float(s) for s in scales], "flip": bool(flip), "fuse": fuse}
+    settings = {"scales": [float(s) for s in scales], "flip": bool(flip), "fuse": fuse,
+                **({"precision": precision} if precision != "fp32" else {})}
     dirs = [d for d in (out_dir, crf_dir) if d is not None]
     for d in dirs:
         stamp = make_stamp("seg infer", source, {**settings, "crf": crf_params if d is crf_dir else None})
@@ -112,7 +119,7 @@ def predict_split(model, items: Sequence[tuple[str, Path]], out_dir: Path | None
     model.eval()
     for image_id, path in tqdm(todo, desc=desc, disable=not progress, unit="img"):
         mask, refined = predict_masks(model, read_image(path), scales, flip,
-                                      crf_params if crf_dir is not None else None, device, fuse)
+                                      crf_params if crf_dir is not None else None, device, fuse, precision)
         if out_dir is not None:
             write_mask(out_dir / f"{image_id}.png", mask)
         if crf_dir is not None:
@@ -144,7 +151,7 @@ def run_seg_inference(model, cfg, run_dir: str | os.PathLike, splits: Sequence[s
             refined = run_dir / "segment" / f"{split}_crf" if crf else None
         result = predict_split(model, items, plain, refined, cfg.infer.scales, cfg.infer.flip, crf_params,
                                device, progress, desc=f"seg {split}", source=source, force=force,
-                               fuse=cfg.infer.fuse)
+                               fuse=cfg.infer.fuse, precision=cfg.infer.precision)
         result["dirs"] = [str(d) for d in (plain, refined) if d is not None]
         result["eval"] = {}
         if split == cfg.data.val_split:

@@ -4,8 +4,9 @@ One iteration, top to bottom:
 1. the loader gives ``batch_size`` crops: each image (and its pseudo-mask) is rescaled by a random factor
    in ``data.scale_range``, flipped with probability 0.5 and cropped / padded to ``crop_size``
    (``fsae.augment.random_geometry``); padding is the mean colour (0 after normalisation) and label 255;
-2. logits = DeepLab(crop) at stride 8, upsampled bilinearly to the crop size;
-3. loss = cross-entropy over the pixels whose mask is not 255 (ignored);
+2. logits = DeepLab(crop) at stride 8 (under ``train.precision``'s autocast, cast back to fp32), upsampled
+   bilinearly to the crop size;
+3. loss = cross-entropy over the pixels whose mask is not 255 (ignored), in fp32;
 4. SGD step (momentum, weight decay) at ``lr * (1 - it / iterations) ** poly_power``, x ``head_lr_mult``
    on the head (and, when set, x ``bias_lr_mult`` and no decay on biases, BatchNorm affine left out:
    ``DeepLab.param_groups``).
@@ -39,6 +40,7 @@ from fsae.config import describe_changes
 from fsae.segment.config import SegConfig
 from fsae.weights import read_weight_file
 from fsae.segment.deeplab import DeepLab, build_deeplab
+from fsae.speed import grad_scaler, loader_options, mixed_forward
 from fsae.train import poly_lr, save_checkpoint
 
 METRIC_FIELDS = ["iteration", "lr", "loss", "labelled_ratio"]
@@ -176,7 +178,10 @@ def train_segmentation(cfg: SegConfig, run_dir: str | os.PathLike, progress: boo
     dataset = build_dataset(cfg.data, cfg.data.train_split)
     check_training_masks(dataset)
     model = build_deeplab(cfg.model, cfg.data.num_classes).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = build_seg_optimizer(model, cfg)
+    scaler = grad_scaler(cfg.train.precision, device)  # train.precision fp16 only
     start = 0
     if resume and ckpt_path.exists():
         state = load_seg_checkpoint(ckpt_path, cfg.data.num_classes)
@@ -186,6 +191,8 @@ def train_segmentation(cfg: SegConfig, run_dir: str | os.PathLike, progress: boo
                                   f"use a new run directory or pass --no-resume")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"])
         start = state["iteration"]
     cfg.save(run_dir / "config.yaml")
@@ -203,14 +210,15 @@ def train_segmentation(cfg: SegConfig, run_dir: str | os.PathLike, progress: boo
     crops = SegTrainCrops(dataset, cfg.data.crop_size, cfg.data.scale_range, cfg.data.hflip, cfg.train.seed)
     sampler = IterationBatches(len(dataset), cfg.train.batch_size, total, cfg.train.seed, start)
     # Its own generator: the loader must not draw from the global RNG that a resumed run restores.
-    loader = DataLoader(crops, batch_sampler=sampler, num_workers=cfg.data.workers,
-                        generator=torch.Generator().manual_seed(cfg.train.seed))
+    loader = DataLoader(crops, batch_sampler=sampler, generator=torch.Generator().manual_seed(cfg.train.seed),
+                        **loader_options(cfg.data.workers, device, cfg.data.prefetch))
 
     def checkpoint(iteration: int) -> None:
         save_checkpoint(ckpt_path, {"kind": "segmentation", "model": model.state_dict(),
                                     "optimizer": optimizer.state_dict(), "iteration": iteration,
                                     "config": cfg.to_dict(), "config_hash": cfg.hash(),
-                                    "torch_rng": torch.get_rng_state()})
+                                    "torch_rng": torch.get_rng_state(),
+                                    **({"scaler": scaler.state_dict()} if scaler is not None else {})})
 
     model.train()
     bar = tqdm(loader, desc="seg train", total=len(sampler), disable=not progress)
@@ -220,12 +228,18 @@ def train_segmentation(cfg: SegConfig, run_dir: str | os.PathLike, progress: boo
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
         images, masks = batch["image"].to(device), batch["mask"].to(device)
-        loss, labelled = segmentation_loss(model(images), masks)
+        logits = mixed_forward(model, images, precision=cfg.train.precision, channels_last=cfg.train.channels_last)
+        loss, labelled = segmentation_loss(logits, masks)  # fp32 logits: the log-softmax needs fp32's mantissa
         if not torch.isfinite(loss):
             raise FsaeError(f"non-finite loss at iteration {iteration}; batch ids {list(batch['id'])}")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is not None:  # fp16: scaled loss; the scaler skips a step with inf/NaN gradients
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         iteration += 1
         if iteration % cfg.train.log_every == 0 or iteration == total:
             with open(metrics_path, "a", newline="") as f:

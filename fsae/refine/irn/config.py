@@ -52,6 +52,11 @@ class IRNTrainConfig:
     poly_power: float = at_least(0, 0.9)
     seed: int = at_least(0, 0)
     workers: int = at_least(0, 0)  # DataLoader processes
+    prefetch: int = at_least(1, 2)  # batches each loader worker prepares ahead (workers > 0; torch's default)
+    # Speed (fsae.speed.mixed_forward): autocast dtype of the network's forward (sigmoid, affinities and loss stay
+    # fp32; fp16 adds a GradScaler) and channels-last memory format. The recipes keep fp32.
+    precision: str = setting("fp32", choices=("fp32", "bf16", "fp16"))
+    channels_last: bool = False
 
 
 @dataclass
@@ -60,6 +65,8 @@ class WalkConfig:
     beta: float = positive(10.0)
     exp_times: int = at_least(0, 8)  # the walk runs 2^exp_times steps
     bg_threshold: float = fraction(0.25)  # sem_seg_bg_thres
+    # autocast dtype of the boundary network's pass before the walk (the walk itself stays fp32); stamped unless fp32
+    precision: str = setting("fp32", choices=("fp32", "bf16", "fp16"))
 
 
 @dataclass
@@ -71,9 +78,11 @@ class IRNConfig(Settings):
     train: IRNTrainConfig = field(default_factory=IRNTrainConfig)
     walk: WalkConfig = field(default_factory=WalkConfig)
 
-    # Not deciding the boundary network: the name, device, worker counts, and the random walk (it runs
-    # after training).
-    not_hashed: ClassVar[tuple[str, ...]] = ("name", "device", "ir_label.workers", "train.workers", "walk")
+    # Not deciding the boundary network: the name, device, worker counts and prefetch, the memory format (float
+    # rounding only, like the device), and the random walk (it runs after training).
+    not_hashed: ClassVar[tuple[str, ...]] = ("name", "device", "ir_label.workers", "train.workers", "train.prefetch",
+                                             "train.channels_last", "walk")
+    hashed_unless_default: ClassVar[tuple[str, ...]] = ("train.precision",)  # runs before it trained in fp32
 
     def check(self) -> None:
         if self.ir_label.bg_threshold > self.ir_label.fg_threshold:

@@ -22,6 +22,7 @@ from torch import nn
 
 from fsae.errors import CheckpointError
 from fsae.models.backbones import BACKBONES, create_backbone, load_pretrained
+from fsae.speed import mixed_forward
 from fsae.weights import IMAGENET
 
 FEATURE_STRIDE = 4
@@ -96,11 +97,12 @@ class BoundaryNet(nn.Module):
 
 
 @torch.no_grad()
-def boundary_map(model: BoundaryNet, image: torch.Tensor, pad_to: int = 0) -> torch.Tensor:
+def boundary_map(model: BoundaryNet, image: torch.Tensor, pad_to: int = 0, precision: str = "fp32") -> torch.Tensor:
     """Boundary probabilities of one image, averaged over the image and its flip (IRN ``EdgeDisplacement``).
 
     Shape: image (3, H, W) normalised -> (ceil(H/4), ceil(W/4)) in [0, 1]. The image is zero-padded on
     the right and bottom to at least ``pad_to`` (IRN pads to its crop size) and to a multiple of 16.
+    ``precision`` (``walk.precision``): the autocast dtype of the network pass; the sigmoid runs in fp32.
     """
     _, height, width = image.shape
     h, w = (height - 1) // FEATURE_STRIDE + 1, (width - 1) // FEATURE_STRIDE + 1
@@ -108,7 +110,7 @@ def boundary_map(model: BoundaryNet, image: torch.Tensor, pad_to: int = 0) -> to
     pw = -(-max(width, pad_to) // 16) * 16
     x = torch.stack([image, image.flip(-1)])
     x = F.pad(x, (0, pw - width, 0, ph - height))
-    logits = model(x)[:, 0]
+    logits = mixed_forward(model, x, precision=precision)[:, 0]
     # IRN crops each output to the feature size first, then flips the second back.
     logits = logits[:, :h, :w]
     return torch.sigmoid(logits[0] / 2 + logits[1].flip(-1) / 2)

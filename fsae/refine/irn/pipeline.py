@@ -48,7 +48,8 @@ def pseudo_mask(model: BoundaryNet, image: np.ndarray, keys: np.ndarray, cams: n
         raise ValueError(f"CAM size {cams.shape[1:]} does not match image size {(height, width)}")
     if len(keys) == 0:
         return np.zeros((height, width), dtype=np.uint8)
-    boundary = boundary_map(model, normalize(to_tensor_image(image)).to(device), pad_to=cfg.train.crop_size)
+    boundary = boundary_map(model, normalize(to_tensor_image(image)).to(device), pad_to=cfg.train.crop_size,
+                            precision=cfg.walk.precision)
     full = torch.from_numpy(cams).float().to(device)
     if background is not None:  # SIPE make_seg_labels.py
         small = sipe_start_cams(full, torch.from_numpy(background).float().to(device), tuple(boundary.shape))
@@ -83,9 +84,13 @@ def make_pseudo_masks(model: BoundaryNet, seed_dir: str | os.PathLike, image_dir
 
 
 def _settings(section) -> dict[str, Any]:
-    """A config section's fields, without the number of worker processes (it does not change the output)."""
+    """A config section's fields, without worker processes, prefetch and memory format (they change the speed or
+    the float rounding only), and the precision only when not fp32 (so fp32 stamps read as before it existed)."""
     d = dataclasses.asdict(section)  # nested sections (ir_label.crf) as plain dicts
-    d.pop("workers", None)
+    for name in ("workers", "prefetch", "channels_last"):
+        d.pop(name, None)
+    if d.get("precision") == "fp32":
+        del d["precision"]
     return d
 
 
@@ -113,6 +118,6 @@ def run_irn(run_dir: str | os.PathLike, cfg: IRNConfig, image_dir: str | os.Path
     cfg.save(irn_dir / "config.yaml")
     model = load_boundary_net(checkpoint, cfg, cfg.device)
     prepare_output(mask_dir, make_stamp("irn_masks", {"seeds": seeds, "irn": folder_digest(irn_dir)},
-                                        {"walk": dataclasses.asdict(cfg.walk)}), force, ("*.png",), read_mask)
+                                        {"walk": _settings(cfg.walk)}), force, ("*.png",), read_mask)
     masks = make_pseudo_masks(model, seed_dir, image_dir, mask_dir, ids, cfg, progress, image_ext)
     return {"ir_labels": labels, "checkpoint": str(checkpoint), "masks": masks}

@@ -58,6 +58,11 @@ class AffTrainConfig:
     hflip: bool = True
     seed: int = at_least(0, 0)
     workers: int = at_least(0, 0)  # DataLoader processes
+    prefetch: int = at_least(1, 2)  # batches each loader worker prepares ahead (workers > 0; torch's default)
+    # Speed (fsae.speed.mixed_forward): autocast dtype of AffinityNet's forward (affinities and loss stay fp32;
+    # fp16 adds a GradScaler) and channels-last memory format. The recipes keep fp32.
+    precision: str = setting("fp32", choices=("fp32", "bf16", "fp16"))
+    channels_last: bool = False
 
 
 @dataclass
@@ -70,6 +75,8 @@ class PSAWalkConfig:
     background: str = setting("power", choices=("power", "constant"))
     alpha: float = positive(16.0)  # PSA --alpha
     bg_threshold: float = fraction(0.39)  # MCTformer --bg_thr
+    # autocast dtype of AffinityNet's pass before the walk (the walk itself stays fp32)
+    precision: str = setting("fp32", choices=("fp32", "bf16", "fp16"))
 
 
 @dataclass
@@ -81,8 +88,11 @@ class PSAConfig(Settings):
     train: AffTrainConfig = field(default_factory=AffTrainConfig)
     walk: PSAWalkConfig = field(default_factory=PSAWalkConfig)
 
-    # Not deciding the AffinityNet: the name, device, worker counts, and the random walk (it runs after training).
-    not_hashed: ClassVar[tuple[str, ...]] = ("name", "device", "aff_label.workers", "train.workers", "walk")
+    # Not deciding the AffinityNet: the name, device, worker counts and prefetch, the memory format (float rounding
+    # only), and the random walk (it runs after training).
+    not_hashed: ClassVar[tuple[str, ...]] = ("name", "device", "aff_label.workers", "train.workers", "train.prefetch",
+                                             "train.channels_last", "walk")
+    hashed_unless_default: ClassVar[tuple[str, ...]] = ("train.precision",)  # runs before it trained in fp32
 
     def check(self) -> None:
         if self.aff_label.low_alpha > self.aff_label.high_alpha:

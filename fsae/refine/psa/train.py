@@ -29,11 +29,12 @@ from fsae.errors import CheckpointError, DataError
 from fsae.io import read_image
 from fsae.weights import read_weight_file
 from fsae.refine.irn.affinity import affinity_loss
-from fsae.refine.irn.train import seed_loader_worker, fit_affinity_net
+from fsae.refine.irn.train import affinity_loader_options, fit_affinity_net, seed_loader_worker
 from fsae.refine.psa.aff_labels import affinity_label_map, load_aff_label
 from fsae.refine.psa.affinity import pair_affinity, psa_affinity_labels
 from fsae.refine.psa.config import FEATURE_STRIDE, AffNetConfig, PSAConfig
 from fsae.refine.psa.network import AffinityNet
+from fsae.speed import mixed_forward
 
 
 def random_crop_box(size: tuple[int, int], crop: int) -> tuple[slice, slice, slice, slice]:
@@ -101,9 +102,11 @@ class AffinityCrops(Dataset):
         return {"id": image_id, "image": x, "label": torch.from_numpy(label.astype(np.int64))}
 
 
-def train_step(model: AffinityNet, images: torch.Tensor, labels: torch.Tensor, radius: int) -> dict[str, torch.Tensor]:
+def train_step(model: AffinityNet, images: torch.Tensor, labels: torch.Tensor, radius: int, precision: str = "fp32",
+               channels_last: bool = False) -> dict[str, torch.Tensor]:
     """Loss terms of one batch. Shape: images (B, 3, S, S), labels (B, S/8, S/8)."""
-    affinity = pair_affinity(model(images), radius)
+    features = mixed_forward(model, images, precision=precision, channels_last=channels_last)
+    affinity = pair_affinity(features, radius)  # fp32: exp(-|f_i - f_j|) and the log-loss near 1 need fp32
     return affinity_loss(affinity, *psa_affinity_labels(labels, radius))
 
 
@@ -131,8 +134,8 @@ def train_psa(cfg: PSAConfig, image_dir: str | os.PathLike, label_dir: str | os.
         raise DataError(f"{label_dir}: {len(dataset)} affinity labels for a batch of {tc.batch_size}; "
                         f"lower train.batch_size")
     generator = torch.Generator().manual_seed(tc.seed)
-    loader = DataLoader(dataset, batch_size=tc.batch_size, shuffle=True, drop_last=True, num_workers=tc.workers,
-                        generator=generator, worker_init_fn=seed_loader_worker)
+    loader = DataLoader(dataset, batch_size=tc.batch_size, shuffle=True, drop_last=True, generator=generator,
+                        worker_init_fn=seed_loader_worker, **affinity_loader_options(tc, device))
     optimizer = torch.optim.SGD([
         {"params": model.backbone_parameters(), "lr_mult": 1.0},
         {"params": model.head_parameters(), "lr_mult": tc.new_layer_lr_mult},

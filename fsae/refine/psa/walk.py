@@ -27,6 +27,7 @@ from fsae.refine.irn.walk import random_walk, transition_matrix
 from fsae.refine.psa.affinity import pair_affinity, pair_window
 from fsae.refine.psa.config import FEATURE_STRIDE, PSAWalkConfig
 from fsae.refine.psa.network import AffinityNet
+from fsae.speed import mixed_forward
 
 
 def dense_affinity(pair_aff: torch.Tensor, radius: int) -> torch.Tensor:
@@ -82,7 +83,7 @@ def psa_mask(model: AffinityNet, image: np.ndarray, keys: np.ndarray, cams: np.n
         return np.zeros((height, width), dtype=np.uint8)
     ph, pw = -(-height // FEATURE_STRIDE) * FEATURE_STRIDE, -(-width // FEATURE_STRIDE) * FEATURE_STRIDE
     x = F.pad(normalize(to_tensor_image(image)).to(device), (0, pw - width, 0, ph - height))  # infer_aff.py:86-89
-    features = model(x[None])[0]
+    features = mixed_forward(model, x[None], precision=cfg.precision)[0]  # the affinities and the walk in fp32
     scores = walk_scores(torch.from_numpy(np.asarray(cams, np.float32)).to(device), cfg)
     walked = propagate(scores, features, cfg)[:, :height, :width]
     labels = np.concatenate([[0], np.asarray(keys)]).astype(np.uint8)
