@@ -490,9 +490,12 @@ def cmd_config_show(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from fsae.demo import run_demo
+    from fsae.demo import run_demo, run_demo_seeds
 
-    run_demo(args.out, seed=args.seed, quick=args.quick)
+    if args.seeds:
+        run_demo_seeds(args.out, args.seeds, quick=args.quick)
+    else:
+        run_demo(args.out, seed=args.seed, quick=args.quick)
 
 
 # ------------------------------------------------------------------ fsae seg: DeepLab on pseudo-masks
@@ -555,6 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="generate data, train base / +FAE / +FAE+SAE, compare seeds")
     p.add_argument("--out", default="runs/demo", help="output folder: data, runs and the report (default runs/demo)")
     p.add_argument("--seed", type=int, default=None, help="data and training seed (default: $FSAE_DEMO_SEED or 0)")
+    p.add_argument("--seeds", type=int, nargs="+", metavar="N",
+                   help="run the demo once per seed into OUT/seed_N and write OUT/seeds.md (mean and each seed)")
     p.add_argument("--quick", action="store_true", help="tiny settings, for a smoke test")
     p.set_defaults(func=cmd_demo)
 
