@@ -194,6 +194,9 @@ def cmd_eval(args) -> None:
         raise FsaeError(f"--threshold {args.threshold} is not allowed; expected a background score in [0, 1]")
     if args.num_classes < 1:
         raise FsaeError(f"--num-classes {args.num_classes} is not allowed; expected an integer >= 1")
+    if args.workers < 1 or (args.workers > 1 and args.masks):
+        raise FsaeError(f"fsae eval: --workers {args.workers} is not allowed; expected an integer >= 1, "
+                        f"with --seeds")
     from fsae.distributed import env_world, is_main, process_group
     from fsae.evaluate import (default_thresholds, evaluate_masks, evaluate_seeds, format_scores_table,
                                save_eval)
@@ -230,7 +233,7 @@ def cmd_eval(args) -> None:
     with process_group("cpu"):
         if args.seeds:
             result = evaluate_seeds(source, args.gt, ids, args.num_classes, thresholds, shard=shard,
-                                    seed_format=seed_format, mode=mode)
+                                    seed_format=seed_format, mode=mode, workers=args.workers)
             if split:
                 result["split"] = split
         else:
@@ -681,6 +684,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=FORMATS, default=None,
                    help="seed files: fsae .npz, or a base repository's .npy (irn, sipe, psa: also SEAM / PPC / "
                         "EPS, mctformer); default: detected from the first file")
+    p.add_argument("--workers", type=int, default=1,
+                   help="--seeds: processes reading the seed files (default 1); the result does not depend on it")
     p.add_argument("--out", default=None, help="write the result as JSON")
     p.set_defaults(func=cmd_eval)
 
