@@ -33,10 +33,13 @@ def _smooth_field(rng: np.random.Generator, k: int, height: int, width: int) -> 
 
 
 def make_seed_set(root: str | Path, num_images: int, height: int = 320, width: int = 500,
-                  num_classes: int = 20, seed: int = 0) -> tuple[Path, Path, list[str]]:
-    """Write ``seeds/<id>.npz`` (as ``fsae infer`` does) and ``gt/<id>.png``; returns (seeds, gt, ids).
+                  num_classes: int = 20, seed: int = 0, classes_mean: float | None = None,
+                  seed_dtype: str = "float16") -> tuple[Path, Path, list[str]]:
+    """Write ``seeds/<id>.npz`` (as ``fsae infer`` does, ``seed_dtype`` storage: ``fsae.seeds.SEED_DTYPES``,
+    or float32 as computed) and ``gt/<id>.png``; returns (seeds, gt, ids).
 
-    Each image has 1-3 present classes; the CAMs are smooth blobs max-normalised to [0, 1], and the GT
+    Each image has 1-3 present classes (VOC-like), or with ``classes_mean`` 1 + Poisson(classes_mean - 1)
+    of them (COCO: 2.9 on average); the CAMs are smooth blobs max-normalised to [0, 1], and the GT
     is a perturbed copy of the seed at threshold 0.35 with an ignored (255) band, so the mIoU moves
     with the threshold.
     """
@@ -45,7 +48,7 @@ def make_seed_set(root: str | Path, num_images: int, height: int = 320, width: i
     ids = [f"img_{i:05d}" for i in range(num_images)]
     for i, image_id in enumerate(ids):
         rng = np.random.default_rng([seed, i])
-        k = int(rng.integers(1, 4))
+        k = int(rng.integers(1, 4)) if classes_mean is None else min(num_classes, 1 + int(rng.poisson(classes_mean - 1)))
         keys = np.sort(rng.choice(np.arange(1, num_classes + 1), size=k, replace=False)).astype(np.int64)
         cams = _smooth_field(rng, k, height, width) ** 3
         cams = cams / (cams.reshape(k, -1).max(1)[:, None, None] + 1e-5)
@@ -53,7 +56,11 @@ def make_seed_set(root: str | Path, num_images: int, height: int = 320, width: i
         gt = seed_to_mask(keys, truth, 0.35)
         band = int(rng.integers(0, width - 6))
         gt[:, band:band + 6] = IGNORE_INDEX
-        save_seed(seed_dir / f"{image_id}.npz", keys, cams)
+        if seed_dtype == "float32":  # the CAMs exactly as computed: the reference of the stored forms
+            seed_dir.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(seed_dir / f"{image_id}.npz", keys=keys, cams=cams.astype(np.float32))
+        else:
+            save_seed(seed_dir / f"{image_id}.npz", keys, cams, dtype=seed_dtype)
         write_mask(gt_dir / f"{image_id}.png", gt)
     return seed_dir, gt_dir, ids
 

@@ -165,7 +165,7 @@ def cmd_cam(args) -> None:
     result = infer_seeds(model, dataset, out, cfg.infer.scales, cfg.infer.flip, cfg.infer.batch_size, device,
                          indices=shard_indices(range(len(dataset)), shard), protocol=resolve_protocol(cfg),
                          source={"checkpoint": file_digest(checkpoint)}, force=args.force,
-                         precision=cfg.infer.precision)
+                         precision=cfg.infer.precision, seed_dtype=args.seed_dtype or cfg.infer.seed_dtype)
     part = f", shard {shard[0]}/{shard[1]}" if shard[1] > 1 else ""
     print(f"seeds: {result['out']} ({result['written']} written, {result['skipped']} already there{part})")
 
@@ -607,6 +607,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, metavar="best|last|PATH",
                    help="the run's best.pt (best held-out epoch) or last.pt, or a checkpoint file (default: last)")
     p.add_argument("--out", default=None, help="seed folder (default RUN/seeds)")
+    p.add_argument("--seed-dtype", choices=["float16", "uint8"], default=None,
+                   help="seed storage: float16, or uint8 per class on the 0.005 threshold grid (error <= 0.0025), smaller files "
+                        "(default: infer.seed_dtype)")
     p.add_argument("--split", default=None, help="image list to infer (default: the recipe's infer.split)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the recipe's train.device)")
     p.add_argument("--force", action="store_true", help="delete the seeds already in the output folder and redo them (needed when they were made otherwise)")
