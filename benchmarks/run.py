@@ -25,7 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, help="seed files in the threshold sweep (default 100, --full 500)")
     p.add_argument("--cam-images", type=int, help="tinycnn images for CAM inference (default 32, --full 64)")
     p.add_argument("--timm-images", type=int, help="resnet18 images for CAM inference, 0 = skip (default 4, --full 8)")
-    p.add_argument("--crf-images", type=int, help="320x500 images for the dense CRF (default 32, --full 96)")
+    p.add_argument("--crf-images", type=int, help="320x500 images for the dense CRF (default 96)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results file (default {DEFAULT_OUT})")
     return p.parse_args(argv)
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     seeds = args.seeds or (500 if args.full else 100)
     cam_images = args.cam_images or (64 if args.full else 32)
-    crf_images = args.crf_images or (96 if args.full else 32)
+    crf_images = args.crf_images or 96
     timm_images = args.timm_images if args.timm_images is not None else (8 if args.full else 4)
     started = time.time()
     machine = machine_info()

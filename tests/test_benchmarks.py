@@ -87,19 +87,29 @@ def test_crf_workers_give_identical_masks(tmp_path):
     assert len(numbers["labels"]) > 2  # background and several classes: the masks are not trivial
     assert numbers["goal_s"] == pytest.approx(1.05 * numbers["single_s"] / 3 * 3 / 2)
     assert result.rows[0].check.startswith("passed (all 3 pseudo-masks identical")
+    assert numbers["torch"] is False  # the timed processes and their workers start without torch
+    assert all(len(numbers[k]) == 3 for k in ("load_before", "load_after"))
+    assert "Load average (1, 5, 15 min" in result.notes[-1]
+
+
+def test_crf_pool_start_up_is_timed_without_torch(tmp_path):
+    result = bench_crf.run(num_images=2, height=16, width=20, workers=2, workdir=tmp_path)
+    assert result.numbers["startup_s"] > 0 and result.numbers["torch"] is False
+    assert "pool start-up (2 spawn workers" in result.rows[2].what
 
 
 def test_crf_raises_when_the_worker_run_differs(tmp_path, monkeypatch):
-    real = bench_crf.refine_dir
+    real = bench_crf.timed_refine
 
-    def one_pixel_off_with_workers(seed_dir, image_dir, out, ids, threshold, workers, progress):
-        real(seed_dir, image_dir, out, ids, threshold, workers=1, progress=progress)  # no pool: fast
+    def one_pixel_off_with_workers(seed_dir, image_dir, out, ids, threshold, workers, startup=False):
+        result = real(seed_dir, image_dir, out, ids, threshold, 1)  # no pool: fast
         if workers > 1:
             mask = bench_crf.read_mask(out / f"{ids[1]}.png")
             mask[0, 0] = 255 - mask[0, 0]
             write_mask(out / f"{ids[1]}.png", mask)
+        return result
 
-    monkeypatch.setattr(bench_crf, "refine_dir", one_pixel_off_with_workers)
+    monkeypatch.setattr(bench_crf, "timed_refine", one_pixel_off_with_workers)
     with pytest.raises(MismatchError, match="1 of 3 masks differ, first img_00001"):
         bench_crf.run(num_images=3, height=24, width=32, workers=2, workdir=tmp_path, measure_startup=False)
 
