@@ -7,7 +7,7 @@ identical pixel for pixel. Goal (issue 11): the parallel run takes at most 1.05 
 x N / cores), i.e. its speed-up over one worker is at least cores / 1.05; the pool's start-up is measured
 on its own, since it is what the 5 % must absorb.
 
-Each timed run is a process of its own (``benchmarks.crf_timed``) that imports what ``fsae crf`` imports
+Each timed run is a process of its own (``benchmarks.timed``) that imports what ``fsae crf`` imports
 and no torch, so its spawned workers start as the CLI's do (they re-import the parent's ``__main__``: under
 ``python -m benchmarks.run`` that would be the benchmarks' torch-importing one); the time is that of the
 ``refine_dir`` call alone, after the process's own imports.
@@ -15,11 +15,8 @@ and no torch, so its spawned workers start as the CLI's do (they re-import the p
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -27,18 +24,12 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from benchmarks.bench_seed_sweep import make_seed_set
-from benchmarks.common import BenchResult, Row, check_equal, median
+from benchmarks.common import BenchResult, Row, available_cores, check_equal, median, timed_call
 from fsae.io import read_image, read_mask, write_image
 from fsae.labels import voc_palette
 from fsae.refine.crf import CRF_DEFAULTS
 
-REPO = Path(__file__).resolve().parent.parent
-
 THRESHOLD = 0.3
-
-
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def make_crf_set(root: str | Path, num_images: int, height: int = 320, width: int = 500,
@@ -63,18 +54,11 @@ def make_crf_set(root: str | Path, num_images: int, height: int = 320, width: in
 
 def timed_refine(seed_dir: Path, image_dir: Path, out: Path, ids: list[str], threshold: float, workers: int,
                  startup: bool = False) -> dict:
-    """``refine_dir`` into ``out`` in a fresh ``benchmarks.crf_timed`` process: ``{"seconds"`` (the call),
-    ``"startup_s"`` (with ``startup``: a pool of ``workers`` doing nothing, else None), ``"torch"`` (whether
-    that process or its workers imported torch)``}``."""
-    job = out.parent / f"{out.name}.job.json"
-    job.write_text(json.dumps({"seeds": str(seed_dir), "images": str(image_dir), "out": str(out), "ids": ids,
-                               "threshold": threshold, "workers": workers, "startup": startup}))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    done = subprocess.run([sys.executable, "-m", "benchmarks.crf_timed", str(job)], capture_output=True,
-                          text=True, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"benchmarks.crf_timed failed: {done.stderr.strip().splitlines()[-1:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """``refine_dir`` into ``out`` with ``workers`` processes, timed by ``timed_call``; ``"torch"``: whether
+    the timed process or the start-up pool's workers imported torch."""
+    run = timed_call("refine_dir", [str(seed_dir), str(image_dir), str(out), ids, threshold],
+                     {"workers": workers}, out.parent / f"{out.name}.job.json", startup)
+    return {**run, "torch": run["torch"] or run["workers_torch"]}
 
 
 def read_masks(folder: Path, ids: list[str]) -> dict[str, np.ndarray]:
@@ -140,7 +124,7 @@ def run(num_images: int = 96, height: int = 320, width: int = 500, workers: int 
     notes = [("Reference: one process refines the images in a loop (`workers=1`, what the research repos' "
               "CRF scripts do). fsae: `workers = cores`, a spawn `ProcessPoolExecutor` over chunks of ids; "
               "the masks are compared pixel for pixel."),
-             ("Each timed run is a fresh process (`benchmarks.crf_timed`) importing what `fsae crf` imports; the "
+             ("Each timed run is a fresh process (`benchmarks.timed`) importing what `fsae crf` imports; the "
               "time is the `refine_dir` call's, after that process's imports. Its spawned workers import "
               "`fsae.refine.crf` (numpy, Pillow, pydensecrf) and the timed process's own module, not torch: "
               f"torch imported in the timed processes or their workers: {'YES' if torch_imported else 'no'}. "

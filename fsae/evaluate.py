@@ -290,7 +290,7 @@ def _my_share(ids: list[str], shard: tuple[int, int] | None) -> list[str]:
     return shard_indices(ids, shard)
 
 
-EVAL_CHUNK = 32  # images per job of evaluate_seeds: one (T, K, K) sum comes back per job
+EVAL_CHUNK = 32  # most images per job of evaluate_seeds: one (T, K, K) sum comes back per job
 
 
 def evaluate_seeds(
@@ -315,14 +315,17 @@ def evaluate_seeds(
     "count": n}``. ``shard = (rank, world size)`` in a torch.distributed process group: each process
     reads ids ``rank, rank + world, ...`` and the confusions are summed over the processes, so every
     process returns the result of all ``ids``. ``workers`` > 1: that many spawned processes read the files,
-    ``EVAL_CHUNK`` images per job, and their integer confusions are summed, so the result is exactly that
+    at most ``EVAL_CHUNK`` images per job, and their integer confusions are summed, so the result is exactly that
     of one process (the workers import ``fsae.sweep``, not torch).
     """
     ids = _check_ids(ids)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     seed_dir, gt_dir = Path(seed_dir), Path(gt_dir)
     ev = SeedEvaluator(num_classes, thresholds, mode)
     pairs = [(str(seed_dir / f"{i}{seed_suffix(seed_format)}"), str(gt_dir / f"{i}.png")) for i in _my_share(ids, shard)]
-    chunks = [pairs[j:j + EVAL_CHUNK] for j in range(0, len(pairs), EVAL_CHUNK)]
+    size = min(EVAL_CHUNK, max(1, math.ceil(len(pairs) / (4 * workers))))  # >= 4 jobs per worker when it can
+    chunks = [pairs[j:j + size] for j in range(0, len(pairs), size)]
     jobs = [(chunk, num_classes, ev.thresholds, seed_format, mode) for chunk in chunks]
     with tqdm(total=len(pairs), desc="eval seeds", disable=not progress) as bar:
         for counts, n in imap_jobs(count_files, jobs, workers):

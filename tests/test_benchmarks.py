@@ -12,12 +12,18 @@ import fsae.train
 
 
 def test_seed_sweep_same_miou_every_threshold(tmp_path):
-    result = bench_seed_sweep.run(num_images=3, height=40, width=60, workdir=tmp_path, fsae_every=30)
+    result = bench_seed_sweep.run(num_images=3, height=40, width=60, workdir=tmp_path, fsae_every=30, workers=2)
     ref, ours = result.numbers["miou_reference"], result.numbers["miou_fsae"]
     assert len(ref) == len(ours) == 61
     assert ref == ours and not any(math.isnan(v) for v in ref)
     assert max(ref) > min(ref)  # the generated GT makes the threshold matter
     assert result.rows[0].check.startswith("passed")
+    numbers = result.numbers
+    assert numbers["miou_workers"] == ours and numbers["workers"] == 2 and numbers["workers_torch"] is False
+    assert numbers["miou_uint8"] == numbers["miou_float32"] != ours  # uint8 = float32 CAMs; float16 rounds
+    assert numbers["bytes"]["uint8"] < numbers["bytes"]["float16"]
+    assert 0 < numbers["read_s"] and numbers["floor_ratio"] == numbers["fsae_s"] / numbers["floor_s"]
+    assert all(result.rows[i].check.startswith("passed") for i in (0, 2, 4, 6))  # sweep, floor, workers, uint8
 
 
 def test_seed_sweep_raises_when_the_ways_disagree(tmp_path, monkeypatch):
@@ -25,7 +31,8 @@ def test_seed_sweep_raises_when_the_ways_disagree(tmp_path, monkeypatch):
 
     def off_by_one_threshold(*args, **kwargs):
         out = real(*args, **kwargs)
-        out["miou"][7] += 1e-12
+        if len(out["miou"]) > 7:  # the sweep, not the single-threshold floor
+            out["miou"][7] += 1e-12
         return out
 
     monkeypatch.setattr(bench_seed_sweep, "evaluate_seeds", off_by_one_threshold)
