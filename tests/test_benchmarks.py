@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from benchmarks import bench_cam_inference, bench_crf, bench_data_loading, bench_fsae_step, bench_seed_sweep
+from benchmarks import (bench_cam_inference, bench_crf, bench_data_loading, bench_fsae_step, bench_scale,
+                        bench_seed_sweep)
 from benchmarks.common import BenchResult, MismatchError, Row, render_markdown
 from fsae.io import write_mask
 import fsae.train
@@ -140,3 +141,13 @@ def test_gpu_benchmark_refuses_a_bf16_step_outside_the_tolerance(monkeypatch):
     monkeypatch.setattr(gpu, "RECIPES", {"PPC w/ EPS, ResNet-38": "ppc_eps"})
     with pytest.raises(MismatchError, match="PPC w/ EPS, ResNet-38 bf16"):
         gpu.run(tiny=True, device="cpu", steps=1, repeats=1)
+
+
+def test_scale_projection_at_tiny_sizes(tmp_path):
+    result = bench_scale.run(num_images=2, workers=2, workdir=tmp_path, sets=("COCO train",), size_scale=0.08)
+    m = result.numbers["measured"]["COCO train"]
+    assert len(result.rows) == 4 and all(row.check.startswith(("passed", "full set")) for row in result.rows)
+    assert m["bytes"]["uint8"] < m["bytes"]["float16"] and m["torch_in_workers"] is False
+    assert all(v >= 0 for v in (*m["eval_s"].values(), *m["crf_s"].values()))
+    full_f16 = m["bytes"]["float16"] * 82_081 / 1e9
+    assert f"full set: {full_f16:.1f} GB" in result.rows[0].check  # the projection is per file x set size
