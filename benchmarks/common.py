@@ -157,8 +157,9 @@ def render_markdown(results: list[BenchResult], machine: dict[str, str], command
               "runs the reference way (as the research code does it, re-implemented plainly in `benchmarks/`) "
               "and the fsae way on the same generated inputs in one process, and fails if they give different "
               "numbers. Timings are wall clock on CPU; ratio = reference time / fsae time (> 1: fsae is "
-              "faster), except in benchmark 3 (the cost: FSAE step time / base step time) and 5 (loader "
-              "images/s / training-step images/s)."),
+              "faster), except in benchmark 1's floor rows (the cost: sweep time / floor time), 3 (the cost: FSAE "
+              "step time / base step time) and 5 (loader images/s / training-step images/s); in benchmark 6 the "
+              "ratio is reference / fsae of the row's two numbers."),
              "", "## Machine", ""]
     lines += [f"- {k}: {v}" for k, v in machine.items()]
     for r in results:
