@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +18,8 @@ import numpy as np
 import torch
 
 from fsae.data.synthetic import SyntheticSpec, generate
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def generated_set(root: str | Path, num_train: int, num_val: int = 8, seed: int = 0) -> Path:
@@ -88,6 +93,24 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> tuple[dic
     return {name: median(t) for name, t in times.items()}, outputs
 
 
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def timed_call(call: str, args: list, kwargs: dict, job_file: Path, startup: bool = False) -> dict:
+    """``call(*args, **kwargs)`` (``refine_dir`` or ``evaluate_seeds``) in a fresh ``benchmarks.timed`` process:
+    ``{"seconds"`` (the call alone), ``"result"``, ``"startup_s"`` (with ``startup``: a pool of the call's
+    ``workers`` doing nothing, else None), ``"torch"`` (imported in that process), ``"workers_torch"`` (in
+    that pool's workers)``}``."""
+    job_file.write_text(json.dumps({"call": call, "args": args, "kwargs": kwargs, "startup": startup}))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    done = subprocess.run([sys.executable, "-m", "benchmarks.timed", str(job_file)], capture_output=True,
+                          text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmarks.timed {call} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def machine_info() -> dict[str, str]:
     cpu = platform.processor() or platform.machine()
     try:
@@ -134,8 +157,9 @@ def render_markdown(results: list[BenchResult], machine: dict[str, str], command
               "runs the reference way (as the research code does it, re-implemented plainly in `benchmarks/`) "
               "and the fsae way on the same generated inputs in one process, and fails if they give different "
               "numbers. Timings are wall clock on CPU; ratio = reference time / fsae time (> 1: fsae is "
-              "faster), except in benchmark 3 (the cost: FSAE step time / base step time) and 5 (loader "
-              "images/s / training-step images/s)."),
+              "faster), except in benchmark 1's floor rows (the cost: sweep time / floor time), 3 (the cost: FSAE "
+              "step time / base step time) and 5 (loader images/s / training-step images/s); in benchmark 6 the "
+              "ratio is reference / fsae of the row's two numbers."),
              "", "## Machine", ""]
     lines += [f"- {k}: {v}" for k, v in machine.items()]
     for r in results:

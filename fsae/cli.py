@@ -165,7 +165,7 @@ def cmd_cam(args) -> None:
     result = infer_seeds(model, dataset, out, cfg.infer.scales, cfg.infer.flip, cfg.infer.batch_size, device,
                          indices=shard_indices(range(len(dataset)), shard), protocol=resolve_protocol(cfg),
                          source={"checkpoint": file_digest(checkpoint)}, force=args.force,
-                         precision=cfg.infer.precision)
+                         precision=cfg.infer.precision, seed_dtype=args.seed_dtype or cfg.infer.seed_dtype)
     part = f", shard {shard[0]}/{shard[1]}" if shard[1] > 1 else ""
     print(f"seeds: {result['out']} ({result['written']} written, {result['skipped']} already there{part})")
 
@@ -194,6 +194,9 @@ def cmd_eval(args) -> None:
         raise FsaeError(f"--threshold {args.threshold} is not allowed; expected a background score in [0, 1]")
     if args.num_classes < 1:
         raise FsaeError(f"--num-classes {args.num_classes} is not allowed; expected an integer >= 1")
+    if args.workers < 1 or (args.workers > 1 and args.masks):
+        raise FsaeError(f"fsae eval: --workers {args.workers} is not allowed; expected an integer >= 1, "
+                        f"with --seeds")
     from fsae.distributed import env_world, is_main, process_group
     from fsae.evaluate import (default_thresholds, evaluate_masks, evaluate_seeds, format_scores_table,
                                save_eval)
@@ -230,7 +233,7 @@ def cmd_eval(args) -> None:
     with process_group("cpu"):
         if args.seeds:
             result = evaluate_seeds(source, args.gt, ids, args.num_classes, thresholds, shard=shard,
-                                    seed_format=seed_format, mode=mode)
+                                    seed_format=seed_format, mode=mode, workers=args.workers)
             if split:
                 result["split"] = split
         else:
@@ -608,6 +611,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, metavar="best|last|PATH",
                    help="the run's best.pt (best held-out epoch) or last.pt, or a checkpoint file (default: last)")
     p.add_argument("--out", default=None, help="seed folder (default RUN/seeds)")
+    p.add_argument("--seed-dtype", choices=["float16", "uint8"], default=None,
+                   help="seed storage: float16, or uint8 per class on the 0.005 threshold grid (error <= 0.0025), smaller files "
+                        "(default: infer.seed_dtype)")
     p.add_argument("--split", default=None, help="image list to infer (default: the recipe's infer.split)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the recipe's train.device)")
     p.add_argument("--force", action="store_true", help="delete the seeds already in the output folder and redo them (needed when they were made otherwise)")
@@ -685,6 +691,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=FORMATS, default=None,
                    help="seed files: fsae .npz, or a base repository's .npy (irn, sipe, psa: also SEAM / PPC / "
                         "EPS, mctformer); default: detected from the first file")
+    p.add_argument("--workers", type=int, default=1,
+                   help="--seeds: processes reading the seed files (default 1); the result does not depend on it")
     p.add_argument("--out", default=None, help="write the result as JSON")
     p.set_defaults(func=cmd_eval)
 

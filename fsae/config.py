@@ -582,6 +582,8 @@ class InferConfig:
     normalise: str | None = setting(None, choices=("max", "minmax"))
     # autocast dtype of the CAM forward passes (the sums over scales and the normalisation stay fp32)
     precision: str = setting("fp32", choices=("fp32", "bf16", "fp16"))
+    # seed file storage (fsae.seeds): float16, or uint8 per class on the 0.005 threshold grid (smaller files)
+    seed_dtype: str = setting("float16", choices=("float16", "uint8"))
 
 
 @dataclass

@@ -42,11 +42,13 @@ from tqdm import tqdm
 
 from fsae.distributed import all_reduce_sum, rank, shard_indices, world_size
 from fsae.errors import DataError
-from fsae.formats import read_seed, seed_suffix
+from fsae.formats import seed_suffix
 from fsae.io import read_mask, write_json
 from fsae.labels import IGNORE_INDEX, VOC_CLASSES
+from fsae.parallel import imap_jobs
 from fsae.seeds import check_seed, load_seed  # noqa: F401 - re-exported: the seed format's reader
 from fsae.stamps import folder_digest
+from fsae.sweep import count_files, read_seed_and_gt, sweep_counts
 
 
 def _as_long(x: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -156,48 +158,11 @@ def sweep_confusions(
     Shape: keys (K,), cams (K, H, W), gt (H, W) -> (T, C+1, C+1) int64.
 
     Exactly equal to looping ``confusion_matrix(seed_to_mask(keys, cams, t), gt, num_classes)``, in
-    one pass: a pixel's foreground argmax (label ``f``, value ``m``) does not depend on ``t``, and the
-    pixel is background iff ``t >= m`` (float32 comparison, ties to background). With the thresholds
-    sorted, ``j0 = searchsorted(t, m)`` is the first threshold index at which the pixel turns
-    background; one bincount over (j0, gt, f) then gives every threshold's matrix by a suffix sum
-    (pixels still foreground) plus a prefix sum into column 0 (pixels already background).
+    one pass (``fsae.sweep.sweep_counts``, numpy: the seeds are numpy, and its per-pixel work is several
+    times faster there on CPU).
     """
-    keys, cams = check_seed(keys, cams)
-    # Per-pixel work in numpy (the seeds are numpy; its axis-0 argmax is several times faster on CPU).
-    gt = (gt.detach().cpu().numpy() if isinstance(gt, torch.Tensor) else np.asarray(gt)).astype(np.int64)
-    if gt.shape != cams.shape[1:]:
-        raise ValueError(f"gt shape {gt.shape} does not match cams size {cams.shape[1:]}")
-    if keys.size and keys.max() > num_classes:
-        raise ValueError(f"seed keys {keys.tolist()} have classes above num_classes = {num_classes}")
-    t = np.asarray(thresholds, dtype=np.float32).reshape(-1)
-    if t.size == 0 or not np.isfinite(t).all():
-        raise ValueError(f"thresholds must be a non-empty list of finite numbers, got {thresholds}")
-    k, n_t = num_classes + 1, t.size
-
-    g = gt.reshape(-1)
-    keep = g != ignore_index
-    g = g[keep]
-    bad = g[(g < 0) | (g >= k)]
-    if bad.size:
-        raise ValueError(
-            f"gt values {np.unique(bad).tolist()[:8]} are outside 0..{num_classes} and {ignore_index}"
-        )
-    if keys.size:
-        flat = cams.reshape(keys.size, -1)
-        f = keys[np.argmax(flat, 0)][keep]  # np.argmax: the first key attaining the max
-        m = flat.max(0)[keep]
-    else:
-        f = np.zeros(g.size, dtype=np.int64)
-        m = np.full(g.size, -np.inf, dtype=np.float32)
-
-    order = np.argsort(t, kind="stable")
-    j0 = np.searchsorted(t[order], m, side="left")  # first sorted threshold index with t >= m
-    hist = np.bincount((j0 * k + g) * k + f, minlength=(n_t + 1) * k * k).reshape(n_t + 1, k, k)
-    conf_sorted = np.cumsum(hist[::-1], 0)[::-1][1:]  # (T, K, K): pixels with j0 > j, still foreground
-    conf_sorted[:, :, 0] += np.cumsum(hist.sum(2), 0)[:n_t]  # (T, K): pixels with j0 <= j, by gt
-    conf = np.empty_like(conf_sorted)
-    conf[order] = conf_sorted
-    return torch.from_numpy(conf.astype(np.int64))
+    gt = gt.detach().cpu().numpy() if isinstance(gt, torch.Tensor) else np.asarray(gt)
+    return torch.from_numpy(sweep_counts(keys, cams, gt, thresholds, num_classes, ignore_index=ignore_index))
 
 
 def default_thresholds(start: float = 0.0, stop: float = 0.60, step: float = 0.01) -> list[float]:
@@ -254,31 +219,15 @@ class SeedEvaluator:
                background: np.ndarray | None = None) -> None:
         """Add one image. Shape: keys (K,), cams (K, H, W), gt (H, W); optional ``background`` (H, W):
         the seed's own background plane, the same argmax mask for every threshold."""
-        if background is None:
-            self.confusions += sweep_confusions(keys, cams, gt, self.thresholds, self.num_classes)
-        else:
-            self.confusions += confusion_matrix(seed_to_mask(keys, cams, 0.0, background), gt, self.num_classes)
+        self.confusions += torch.from_numpy(
+            sweep_counts(keys, cams, np.asarray(gt), self.thresholds, self.num_classes, background))
         self.count += 1
 
     def add_files(self, seed_path: str | os.PathLike, gt_path: str | os.PathLike,
                   seed_format: str = "fsae") -> None:
         """Add one image from its seed file (``seed_format``: ``fsae.formats.FORMATS``) and GT PNG;
         errors name the files."""
-        keys, cams, background = read_seed(seed_path, seed_format, self.num_classes)
-        if self.mode == "argmax" and background is None:
-            raise DataError(f"{seed_path}: the argmax protocol (SIPE) needs seeds with a 'background' plane; "
-                            f"rerun `fsae cam` with the method's model, or pass --mode sweep")
-        gt = read_mask(gt_path, self.num_classes)
-        if gt.shape != cams.shape[1:]:
-            raise DataError(
-                f"{seed_path}: CAM size {cams.shape[1:]} does not match ground truth {gt_path} size "
-                f"{gt.shape}; seeds must be at full image resolution"
-            )
-        if keys.size and keys.max() > self.num_classes:
-            raise DataError(
-                f"{seed_path}: seed classes {keys.tolist()} exceed num_classes = {self.num_classes}; "
-                f"wrong data set or num_classes"
-            )
+        keys, cams, background, gt = read_seed_and_gt(seed_path, gt_path, self.num_classes, seed_format, self.mode)
         self.update(keys, cams, gt, background)
 
     def merge(self, other: "SeedEvaluator") -> "SeedEvaluator":
@@ -341,6 +290,9 @@ def _my_share(ids: list[str], shard: tuple[int, int] | None) -> list[str]:
     return shard_indices(ids, shard)
 
 
+EVAL_CHUNK = 32  # most images per job of evaluate_seeds: one (T, K, K) sum comes back per job
+
+
 def evaluate_seeds(
     seed_dir: str | os.PathLike,
     gt_dir: str | os.PathLike,
@@ -351,6 +303,7 @@ def evaluate_seeds(
     shard: tuple[int, int] | None = None,
     seed_format: str = "fsae",
     mode: str = "sweep",
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Threshold sweep of ``seed_dir/<id>.npz`` against ``gt_dir/<id>.png``, each file read once.
     ``seed_format`` reads a base repository's ``<id>.npy`` files instead (``fsae.formats``).
@@ -361,13 +314,24 @@ def evaluate_seeds(
     ``{"thresholds": [...], "miou": [...], "best": {"threshold", "miou", "fpr", "fnr", "iou"},
     "count": n}``. ``shard = (rank, world size)`` in a torch.distributed process group: each process
     reads ids ``rank, rank + world, ...`` and the confusions are summed over the processes, so every
-    process returns the result of all ``ids``.
+    process returns the result of all ``ids``. ``workers`` > 1: that many spawned processes read the files,
+    at most ``EVAL_CHUNK`` images per job, and their integer confusions are summed, so the result is exactly that
+    of one process (the workers import ``fsae.sweep``, not torch).
     """
     ids = _check_ids(ids)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     seed_dir, gt_dir = Path(seed_dir), Path(gt_dir)
     ev = SeedEvaluator(num_classes, thresholds, mode)
-    for image_id in tqdm(_my_share(ids, shard), desc="eval seeds", disable=not progress):
-        ev.add_files(seed_dir / f"{image_id}{seed_suffix(seed_format)}", gt_dir / f"{image_id}.png", seed_format)
+    pairs = [(str(seed_dir / f"{i}{seed_suffix(seed_format)}"), str(gt_dir / f"{i}.png")) for i in _my_share(ids, shard)]
+    size = min(EVAL_CHUNK, max(1, math.ceil(len(pairs) / (4 * workers))))  # >= 4 jobs per worker when it can
+    chunks = [pairs[j:j + size] for j in range(0, len(pairs), size)]
+    jobs = [(chunk, num_classes, ev.thresholds, seed_format, mode) for chunk in chunks]
+    with tqdm(total=len(pairs), desc="eval seeds", disable=not progress) as bar:
+        for counts, n in imap_jobs(count_files, jobs, workers):
+            ev.confusions += torch.from_numpy(counts)
+            ev.count += n
+            bar.update(n)
     if shard is not None:
         all_reduce_sum(ev.confusions)
         ev.count = len(ids)

@@ -279,7 +279,8 @@ def seed_stamp(model, scales: Sequence[float], flip: bool, source: dict | None =
 def infer_seeds(model, dataset, out_dir: str | os.PathLike, scales: Sequence[float] = (0.5, 1.0, 1.5, 2.0),
                 flip: bool = True, batch_size: int | str = 16, device: str | torch.device = "cpu",
                 progress: bool = True, indices: Sequence[int] | None = None, protocol=None,
-                source: dict | None = None, force: bool = False, precision: str = "fp32") -> dict:
+                source: dict | None = None, force: bool = False, precision: str = "fp32",
+                seed_dtype: str = "float16") -> dict:
     """Write ``out_dir/<id>.npz`` for every image (or the given ``indices``); skip finished ones.
 
     ``protocol`` (``fsae.protocol.Protocol``, e.g. ``resolve_protocol(cfg)``) decides resize, upsample,
@@ -287,7 +288,8 @@ def infer_seeds(model, dataset, out_dir: str | os.PathLike, scales: Sequence[flo
     The folder is stamped (``fsae.stamps``) with ``seed_stamp(...)``; the CLI passes
     ``source = {"checkpoint": file_digest(checkpoint)}``. A folder made otherwise is refused
     (``StaleOutputError``) unless ``force``, which deletes its seeds first; a seed file that no longer reads
-    is written again. ``precision`` the autocast dtype of the network passes (stamped unless fp32).
+    is written again. ``precision`` the autocast dtype of the network passes (stamped unless fp32);
+    ``seed_dtype`` the seed files' storage (``fsae.seeds.SEED_DTYPES``, stamped unless float16).
     ``batch_size``: same-size images per forward, or "auto" (``pick_batch_size``, printed once with ``progress``).
     Returns {"written": n, "skipped": n, "out": path, "batch_size": the batch used}.
     """
@@ -298,7 +300,8 @@ def infer_seeds(model, dataset, out_dir: str | os.PathLike, scales: Sequence[flo
                "strided": bool(protocol and protocol.strided_cam)}
     out_dir = Path(out_dir)
     stamp = seed_stamp(model, scales, flip, source, {**options, "normalise": mode,
-                                                     **({"precision": precision} if precision != "fp32" else {})})
+                                                     **({"precision": precision} if precision != "fp32" else {}),
+                                                     **({"seed_dtype": seed_dtype} if seed_dtype != "float16" else {})})
     prepare_output(out_dir, stamp, force, ("*.npz",), load_seed)
     model.eval()
     indices = list(range(len(dataset))) if indices is None else list(indices)
@@ -323,7 +326,7 @@ def infer_seeds(model, dataset, out_dir: str | os.PathLike, scales: Sequence[flo
                 background = normalise_maps(maps["background"][j][None], "max")[0].cpu().numpy()
             if maps["strided"] is not None:
                 strided = normalise_seed(maps["strided"][j], label, "max")[1]
-            save_seed(out_dir / f"{sample['id']}.npz", keys, kept, background, strided)
+            save_seed(out_dir / f"{sample['id']}.npz", keys, kept, background, strided, seed_dtype)
             written += 1
         bar.update(len(group))
     bar.close()

@@ -8,36 +8,40 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 
 from tqdm import tqdm
 
 
 def map_jobs(fn: Callable, jobs: Sequence, workers: int | None = None, desc: str = "", progress: bool = True) -> None:
-    """Run ``fn(job)`` for every job: in this process with one worker, else in a pool of ``workers``
-    spawned processes (default: all cores), in chunks. ``fn`` must be a module-level function.
+    """Run ``fn(job)`` for every job (``imap_jobs``), with a progress bar over the jobs."""
+    with tqdm(total=len(jobs), desc=desc, disable=not progress) as bar:
+        for _ in imap_jobs(fn, jobs, workers):
+            bar.update()
+
+
+def imap_jobs(fn: Callable, jobs: Sequence, workers: int | None = None) -> Iterator:
+    """``fn(job)`` for every job, yielded in job order: in this process with one worker, else in a pool
+    of ``workers`` spawned processes (default: all cores), in chunks. ``fn`` must be a module-level
+    function.
 
     Spawned workers start clean (no forked torch / OpenMP state), the same on every platform; they
-    import ``fn``'s module, so keep such modules free of heavy imports (``fsae.refine.crf`` does not import
-    torch).
+    import ``fn``'s module (and the parent's ``__main__``, unless it is a package's ``__main__``), so keep
+    such modules free of heavy imports (``fsae.refine.crf`` and ``fsae.sweep`` do not import torch).
     """
     workers = (os.cpu_count() or 1) if workers is None else workers
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     workers = min(workers, max(1, len(jobs)))
-    bar = tqdm(total=len(jobs), desc=desc, disable=not progress)
     if workers == 1:
         for job in jobs:
-            fn(job)
-            bar.update()
-    else:
-        chunksize = max(1, min(16, len(jobs) // (4 * workers)))
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
-            for _ in pool.map(fn, jobs, chunksize=chunksize):
-                bar.update()
-    bar.close()
+            yield fn(job)
+        return
+    chunksize = max(1, min(16, len(jobs) // (4 * workers)))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
+        yield from pool.map(fn, jobs, chunksize=chunksize)
 
 
 def exit_with_parent(parent_pid: int, interval: float = 0.2) -> None:

@@ -5,19 +5,26 @@ import math
 import pytest
 import torch
 
-from benchmarks import bench_cam_inference, bench_crf, bench_data_loading, bench_fsae_step, bench_seed_sweep
+from benchmarks import (bench_cam_inference, bench_crf, bench_data_loading, bench_fsae_step, bench_scale,
+                        bench_seed_sweep)
 from benchmarks.common import BenchResult, MismatchError, Row, render_markdown
 from fsae.io import write_mask
 import fsae.train
 
 
 def test_seed_sweep_same_miou_every_threshold(tmp_path):
-    result = bench_seed_sweep.run(num_images=3, height=40, width=60, workdir=tmp_path, fsae_every=30)
+    result = bench_seed_sweep.run(num_images=3, height=40, width=60, workdir=tmp_path, fsae_every=30, workers=2)
     ref, ours = result.numbers["miou_reference"], result.numbers["miou_fsae"]
     assert len(ref) == len(ours) == 61
     assert ref == ours and not any(math.isnan(v) for v in ref)
     assert max(ref) > min(ref)  # the generated GT makes the threshold matter
     assert result.rows[0].check.startswith("passed")
+    numbers = result.numbers
+    assert numbers["miou_workers"] == ours and numbers["workers"] == 2 and numbers["workers_torch"] is False
+    assert numbers["miou_uint8"] == numbers["miou_float32"] != ours  # uint8 = float32 CAMs; float16 rounds
+    assert numbers["bytes"]["uint8"] < numbers["bytes"]["float16"]
+    assert 0 < numbers["read_s"] and numbers["floor_ratio"] == numbers["fsae_s"] / numbers["floor_s"]
+    assert all(result.rows[i].check.startswith("passed") for i in (0, 2, 4, 6))  # sweep, floor, workers, uint8
 
 
 def test_seed_sweep_raises_when_the_ways_disagree(tmp_path, monkeypatch):
@@ -25,7 +32,8 @@ def test_seed_sweep_raises_when_the_ways_disagree(tmp_path, monkeypatch):
 
     def off_by_one_threshold(*args, **kwargs):
         out = real(*args, **kwargs)
-        out["miou"][7] += 1e-12
+        if len(out["miou"]) > 7:  # the sweep, not the single-threshold floor
+            out["miou"][7] += 1e-12
         return out
 
     monkeypatch.setattr(bench_seed_sweep, "evaluate_seeds", off_by_one_threshold)
@@ -87,19 +95,29 @@ def test_crf_workers_give_identical_masks(tmp_path):
     assert len(numbers["labels"]) > 2  # background and several classes: the masks are not trivial
     assert numbers["goal_s"] == pytest.approx(1.05 * numbers["single_s"] / 3 * 3 / 2)
     assert result.rows[0].check.startswith("passed (all 3 pseudo-masks identical")
+    assert numbers["torch"] is False  # the timed processes and their workers start without torch
+    assert all(len(numbers[k]) == 3 for k in ("load_before", "load_after"))
+    assert "Load average (1, 5, 15 min" in result.notes[-1]
+
+
+def test_crf_pool_start_up_is_timed_without_torch(tmp_path):
+    result = bench_crf.run(num_images=2, height=16, width=20, workers=2, workdir=tmp_path)
+    assert result.numbers["startup_s"] > 0 and result.numbers["torch"] is False
+    assert "pool start-up (2 spawn workers" in result.rows[2].what
 
 
 def test_crf_raises_when_the_worker_run_differs(tmp_path, monkeypatch):
-    real = bench_crf.refine_dir
+    real = bench_crf.timed_refine
 
-    def one_pixel_off_with_workers(seed_dir, image_dir, out, ids, threshold, workers, progress):
-        real(seed_dir, image_dir, out, ids, threshold, workers=1, progress=progress)  # no pool: fast
+    def one_pixel_off_with_workers(seed_dir, image_dir, out, ids, threshold, workers, startup=False):
+        result = real(seed_dir, image_dir, out, ids, threshold, 1)  # no pool: fast
         if workers > 1:
             mask = bench_crf.read_mask(out / f"{ids[1]}.png")
             mask[0, 0] = 255 - mask[0, 0]
             write_mask(out / f"{ids[1]}.png", mask)
+        return result
 
-    monkeypatch.setattr(bench_crf, "refine_dir", one_pixel_off_with_workers)
+    monkeypatch.setattr(bench_crf, "timed_refine", one_pixel_off_with_workers)
     with pytest.raises(MismatchError, match="1 of 3 masks differ, first img_00001"):
         bench_crf.run(num_images=3, height=24, width=32, workers=2, workdir=tmp_path, measure_startup=False)
 
@@ -123,3 +141,13 @@ def test_gpu_benchmark_refuses_a_bf16_step_outside_the_tolerance(monkeypatch):
     monkeypatch.setattr(gpu, "RECIPES", {"PPC w/ EPS, ResNet-38": "ppc_eps"})
     with pytest.raises(MismatchError, match="PPC w/ EPS, ResNet-38 bf16"):
         gpu.run(tiny=True, device="cpu", steps=1, repeats=1)
+
+
+def test_scale_projection_at_tiny_sizes(tmp_path):
+    result = bench_scale.run(num_images=2, workers=2, workdir=tmp_path, sets=("COCO train",), size_scale=0.08)
+    m = result.numbers["measured"]["COCO train"]
+    assert len(result.rows) == 4 and all(row.check.startswith(("passed", "full set")) for row in result.rows)
+    assert m["bytes"]["uint8"] < m["bytes"]["float16"] and m["torch_in_workers"] is False
+    assert all(v >= 0 for v in (*m["eval_s"].values(), *m["crf_s"].values()))
+    full_f16 = m["bytes"]["float16"] * 82_081 / 1e9
+    assert f"full set: {full_f16:.1f} GB" in result.rows[0].check  # the projection is per file x set size

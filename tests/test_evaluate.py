@@ -255,3 +255,73 @@ def test_best_result_reports_object_coverage():
     ev = SeedEvaluator(num_classes=1, thresholds=[0.5])
     ev.update(np.array([1]), cams, gt)
     assert ev.result()["best"]["coverage"] == pytest.approx(3 / 4)
+
+
+def _seed_folder(root, c, n, rng):
+    """``n`` random seeds (one without classes, one with SIPE's background plane) and GT under ``root``."""
+    ids = [f"s{i:02d}" for i in range(n)]
+    for i, image_id in enumerate(ids):
+        keys, cams = _random_seed(rng, c, 9 + i % 3, 11, k=0 if i == 1 else None)
+        extra = {"background": rng.random(cams.shape[1:]).astype(np.float16)} if i == 2 else {}
+        (root / "seeds").mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(root / "seeds" / f"{image_id}.npz", keys=keys, cams=cams, **extra)
+        write_mask(root / "gt" / f"{image_id}.png", _random_gt(rng, c, *cams.shape[1:]))
+    return ids
+
+
+def test_evaluate_seeds_with_workers_sums_to_the_one_process_result(tmp_path, monkeypatch):
+    import fsae.evaluate
+
+    monkeypatch.setattr(fsae.evaluate, "EVAL_CHUNK", 3)  # 10 images: 4 jobs over the 2 workers
+    c, thresholds = 3, default_thresholds(0.0, 0.6, 0.1)
+    ids = _seed_folder(tmp_path, c, 10, np.random.default_rng(5))
+    one = evaluate_seeds(tmp_path / "seeds", tmp_path / "gt", ids, c, thresholds, progress=False)
+    two = evaluate_seeds(tmp_path / "seeds", tmp_path / "gt", ids, c, thresholds, progress=False, workers=2)
+    # reference: every file through SeedEvaluator.add_files in this process
+    ev = SeedEvaluator(c, thresholds)
+    for image_id in ids:
+        ev.add_files(tmp_path / "seeds" / f"{image_id}.npz", tmp_path / "gt" / f"{image_id}.png")
+    assert not any(math.isnan(v) for v in ev.result()["miou"])
+    assert one == two == ev.result() and two["count"] == 10
+    # the worker's own sums: the chunks add up to the evaluator's confusions exactly
+    from fsae.sweep import count_files
+
+    pairs = [(tmp_path / "seeds" / f"{i}.npz", tmp_path / "gt" / f"{i}.png") for i in ids]
+    parts = [count_files((pairs[j:j + 4], c, thresholds, "fsae", "sweep")) for j in (0, 4, 8)]
+    assert np.array_equal(sum(p[0] for p in parts), ev.confusions.numpy()) and sum(p[1] for p in parts) == 10
+
+
+def test_evaluate_seeds_workers_name_the_bad_file(tmp_path, monkeypatch):
+    import fsae.evaluate
+
+    monkeypatch.setattr(fsae.evaluate, "EVAL_CHUNK", 1)
+    ids = _seed_folder(tmp_path, 3, 4, np.random.default_rng(6))
+    (tmp_path / "seeds" / f"{ids[3]}.npz").write_bytes(b"truncated")
+    with pytest.raises(DataError, match=f"seeds/{ids[3]}.npz: cannot read seed file"):
+        evaluate_seeds(tmp_path / "seeds", tmp_path / "gt", ids, 3, [0.2], progress=False, workers=2)
+
+
+def test_evaluation_workers_start_without_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, fsae.sweep; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_cli_eval_workers(tmp_path, monkeypatch, capsys):
+    import fsae.evaluate
+    from fsae.cli import main as cli
+
+    monkeypatch.setattr(fsae.evaluate, "EVAL_CHUNK", 2)
+    _seed_folder(tmp_path, 3, 6, np.random.default_rng(7))
+    base = ["eval", "--seeds", str(tmp_path / "seeds"), "--gt", str(tmp_path / "gt"), "--num-classes", "3",
+            "--sweep", "0", "0.6", "0.1"]
+    assert cli(base + ["--out", str(tmp_path / "one.json")]) == 0
+    assert cli(base + ["--workers", "2", "--out", str(tmp_path / "two.json")]) == 0
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert one == two and one["count"] == 6
+    capsys.readouterr()
+    assert cli(base + ["--workers", "0"]) == 2
+    assert "--workers 0 is not allowed" in capsys.readouterr().err
