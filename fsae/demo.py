@@ -33,7 +33,7 @@ LABELS = {"base": "Base (plain CAM)", "fae": "+FAE", "fsae": "+FAE+SAE (FSAE)"}
 def demo_spec(seed: int, quick: bool = False) -> SyntheticSpec:
     if quick:
         return SyntheticSpec(num_train=48, num_val=16, seed=seed)
-    return SyntheticSpec(num_train=800, num_val=200, seed=seed)
+    return SyntheticSpec(num_train=600, num_val=100, seed=seed)
 
 
 def demo_config(variant: str, data_root: str | Path, seed: int = 0, quick: bool = False) -> Config:

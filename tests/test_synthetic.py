@@ -48,19 +48,54 @@ def test_layout_labels_and_masks_agree(tiny_synthetic):
     assert sample["label"].shape == (spec.num_classes,)
 
 
-def test_the_part_is_small_and_saturated():
-    """The discriminative disc covers a small share of each object and is the only saturated colour."""
-    spec = SyntheticSpec(image_size=128)
-    ratios = []
-    for i in range(20):
-        image, mask, _ = render_sample(np.random.default_rng(i), spec)
-        rgb = image.astype(float) / 255
-        saturation = (rgb.max(-1) - rgb.min(-1)) / (rgb.max(-1) + 1e-6)
-        part = saturation > 0.8
-        objects = (mask > 0) & (mask < 255)
-        assert not (part & (mask == 0)).any()
-        ratios.append(part.sum() / objects.sum())
-    assert 0.005 < np.mean(ratios) < 0.06
+def _grating_contrast(grey, region, period, angle):
+    """Amplitude of the grating of ``period`` at ``angle`` within ``region``: the projection of the grey
+    image on cos / sin of that grating (a plain Fourier coefficient), with the best phase."""
+    yy, xx = np.mgrid[0:grey.shape[0], 0:grey.shape[1]]
+    t = 2 * np.pi * (xx * np.cos(angle) + yy * np.sin(angle)) / period
+    values = grey[region] - grey[region].mean()
+    c, s = np.cos(t[region]), np.sin(t[region])
+    return 2 * np.hypot((values * c).mean(), (values * s).mean())
+
+
+def _single_object_samples(spec, count):
+    samples = []
+    for i in range(200):
+        image, mask, _, parts = render_sample(np.random.default_rng(i), spec, with_parts=True)
+        labels = [v for v in np.unique(mask) if 0 < v < 255]
+        if len(labels) == 1 and parts.any():
+            samples.append((image.astype(float).mean(-1) / 255, mask, parts, int(labels[0]) - 1))
+        if len(samples) == count:
+            return samples
+    raise AssertionError("too few single-object images")
+
+
+def test_the_part_is_small_with_a_strong_fine_grating_and_the_body_a_faint_coarse_one():
+    """The stated properties (fsae/data/synthetic.py): the part covers a small share of the object; its
+    grating is fine and strong, the body's coarse and faint, both at the class orientation; a blur of sigma
+    1.5 (the strong view's range is 0.1-2) removes most of the part's grating and keeps most of the body's."""
+    from scipy.ndimage import gaussian_filter
+
+    spec = SyntheticSpec(max_objects=1)
+    for grey, mask, parts, cls in _single_object_samples(spec, 6):
+        body = (mask == cls + 1) & ~parts
+        assert 0.02 < parts.sum() / (parts.sum() + body.sum()) < 0.2
+        angle = np.pi * cls / spec.num_classes
+        # the generator's periods are drawn per object: take the best period of each range
+        part_periods = np.linspace(*spec.part_period, 9)
+        body_periods = np.linspace(*spec.stripe_period, 9)
+        part = max(_grating_contrast(grey, parts, p, angle) for p in part_periods)
+        coarse = max(_grating_contrast(grey, body, p, angle) for p in body_periods)
+        assert part > 0.5 * spec.part_amplitude  # ~ the generator's amplitude (JPEG-free, noise averages out)
+        assert 0.5 * spec.stripe_amplitude[0] < coarse < 1.5 * spec.stripe_amplitude[1]
+        assert part > 4 * coarse
+        # the class orientation carries the body cue: the orthogonal orientation has far less of it
+        other = max(_grating_contrast(grey, body, p, angle + np.pi / 2) for p in body_periods)
+        assert coarse > 2 * other
+        blurred = gaussian_filter(grey, 1.5)
+        part_after = max(_grating_contrast(blurred, parts, p, angle) for p in part_periods)
+        body_after = max(_grating_contrast(blurred, body, p, angle) for p in body_periods)
+        assert part_after < 0.25 * part and body_after > 0.6 * coarse
 
 
 def test_rerun_with_other_settings_is_refused(tmp_path):

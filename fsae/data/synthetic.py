@@ -1,13 +1,16 @@
-"""A generated WSSS data set in the VOC layout with a discriminative part and a weaker whole-object cue.
+"""A generated WSSS data set in the VOC layout where a plain CAM under-covers its objects.
 
-Each object is a large ellipse ("body") whose texture is a grating at a class-specific orientation,
-drawn in a desaturated random colour, plus a small saturated disc in the class colour ("part").
-The part alone tells the classes apart perfectly; the body orientation is a second, whole-object cue
-(``orientation_cue`` < 1 makes it weaker). What a plain CAM learns from this was measured, not
-assumed: with the defaults the trained tinycnn fires on the striped body as much as on the disc
-(object coverage ~84 % at the best threshold; its misses are the object rims, where the stride-8 CAM
-is blurred), and with ``orientation_cue=0.5`` it under-covers (held-out seed mIoU ~66 instead of ~81).
-The background is desaturated noise with grey untextured blobs; ``striped_clutter`` adds small
+Each object is a large ellipse ("body") in a random desaturated colour with a faint, coarse grating at
+a class-specific orientation, and a small disc ("part") filled with a strong, fine grating at the same
+orientation. The mechanism, as measured in docs/decisions.md:
+- the part is the easy cue: high contrast, and both cues tell the classes apart, so the classifier's
+  loss falls once the part is found and the plain CAM (trained on flips and crops only) stays on the
+  part: the body's faint, coarse grating is a different, weaker feature;
+- FSAE's strong view is blurred (sigma 0.1-2) and colour-perturbed: the blur wipes out the fine part
+  grating (period ~4 px: sigma 1.5 keeps 6 % of its contrast) but not the coarse body grating (period
+  ~12 px: 73 %), so predicting the weak view's confident pixels on the strong view needs the body
+  cue, which then fires over the whole object; colour operations change neither grating's orientation.
+The background is desaturated noise with grey untextured blobs; ``striped_clutter`` adds small body-like
 gratings at the class orientations to the background (off by default, see its comment).
 
 On disk (``generate``), below ``out``::
@@ -36,7 +39,7 @@ META_FILE = "meta.json"
 
 @dataclass
 class SyntheticSpec:
-    """Knobs of the generator (all sizes in pixels)."""
+    """Knobs of the generator (all sizes in pixels; amplitudes on the [0, 1] intensity scale)."""
 
     num_train: int = 800
     num_val: int = 200
@@ -44,14 +47,15 @@ class SyntheticSpec:
     num_classes: int = 4
     max_objects: int = 2
     body_axes: tuple[float, float] = (20.0, 32.0)  # ellipse semi-axes range
-    part_radius: tuple[float, float] = (3.5, 5.0)  # discriminative disc radius range
-    stripe_period: tuple[float, float] = (6.0, 9.0)
-    stripe_amplitude: tuple[float, float] = (0.12, 0.2)
+    stripe_period: tuple[float, float] = (11.0, 14.0)  # the body's coarse grating
+    stripe_amplitude: tuple[float, float] = (0.03, 0.05)
+    part_radius: tuple[float, float] = (6.0, 9.0)  # the discriminative disc
+    part_period: tuple[float, float] = (3.5, 4.5)  # its fine grating
+    part_amplitude: float = 0.35
     orientation_cue: float = 1.0  # probability that the body grating has its class's orientation (else another's)
     clutter: int = 4  # grey blobs per image
-    # Gratings per image at the class orientations (object texture in negatives). Off by default: with 2 per
-    # image FSAE expanded into them (demo seed 0, multi-scale train seeds: base 80.8, FSAE 79.3, FPR +2);
-    # without them FSAE gained +1.5 / +0.5 (seeds 0 / 1, held-out, 600 images, 12 epochs).
+    # Body-like gratings per image at the class orientations (object texture in negatives). Off by default: with 2
+    # per image FSAE expanded into them (docs/decisions.md).
     striped_clutter: int = 0
     clutter_axes: tuple[float, float] = (5.0, 10.0)  # striped clutter semi-axes range
     seed: int = 0
@@ -59,11 +63,6 @@ class SyntheticSpec:
 
 def class_names(num_classes: int) -> list[str]:
     return [f"class{c + 1}" for c in range(num_classes)]
-
-
-def _class_colour(c: int, num_classes: int) -> np.ndarray:
-    r, g, b = colorsys.hsv_to_rgb(c / num_classes, 0.95, 0.95)
-    return np.array([r, g, b], dtype=np.float32)
 
 
 def _class_angle(c: int, num_classes: int) -> float:
@@ -89,8 +88,9 @@ def _desaturated_colour(rng: np.random.Generator) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb(h, s, v), dtype=np.float32)
 
 
-def render_sample(rng: np.random.Generator, spec: SyntheticSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One image: returns (image uint8 (S,S,3), mask uint8 (S,S) label space, saliency uint8 (S,S))."""
+def render_sample(rng: np.random.Generator, spec: SyntheticSpec, with_parts: bool = False) -> tuple[np.ndarray, ...]:
+    """One image: returns (image uint8 (S,S,3), mask uint8 (S,S) label space, saliency uint8 (S,S)), and with
+    ``with_parts`` the part pixels (S,S) bool as a fourth entry."""
     size = spec.image_size
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
 
@@ -116,6 +116,7 @@ def render_sample(rng: np.random.Generator, spec: SyntheticSpec) -> tuple[np.nda
 
     mask = np.zeros((size, size), dtype=np.uint8)
     edge = np.zeros((size, size), dtype=bool)
+    parts = np.zeros((size, size), dtype=bool)
     n_objects = int(rng.integers(1, spec.max_objects + 1))
     placed: list[tuple[float, float, float]] = []
     for _ in range(n_objects):
@@ -140,7 +141,7 @@ def render_sample(rng: np.random.Generator, spec: SyntheticSpec) -> tuple[np.nda
                            rng.uniform(0, 2 * math.pi))
         texture = body + rng.uniform(*spec.stripe_amplitude) * grating[..., None]
         img[inside] = texture[inside]
-        # The discriminative part: a small saturated disc in the class colour, inside the body.
+        # The discriminative part: a disc inside the body with a strong, fine grating at the class orientation.
         pr = rng.uniform(*spec.part_radius)
         t = rng.uniform(0, 2 * math.pi)
         rho = rng.uniform(0, 0.55)
@@ -148,7 +149,11 @@ def render_sample(rng: np.random.Generator, spec: SyntheticSpec) -> tuple[np.nda
         py = cy + u * math.sin(rot) + v * math.cos(rot)
         px = cx + u * math.cos(rot) - v * math.sin(rot)
         disc = np.hypot(yy - py, xx - px) < pr
-        img[disc & inside] = _class_colour(cls, spec.num_classes)
+        fine = _grating(yy, xx, _class_angle(cls, spec.num_classes), rng.uniform(*spec.part_period),
+                        rng.uniform(0, 2 * math.pi))
+        part = body.mean() + spec.part_amplitude * fine[..., None]
+        img[disc & inside] = part[disc & inside]
+        parts |= disc & inside
         mask[inside] = cls + 1
         edge |= np.abs(radius - 1.0) * min(a, b) < 0.75
 
@@ -156,7 +161,8 @@ def render_sample(rng: np.random.Generator, spec: SyntheticSpec) -> tuple[np.nda
     fg = (mask > 0).astype(np.float32)
     mask[edge] = 255
     saliency = np.clip(gaussian_filter(fg, sigma=2.0) + rng.normal(0, 0.05, fg.shape), 0, 1)
-    return (img * 255).round().astype(np.uint8), mask, (saliency * 255).round().astype(np.uint8)
+    out = (img * 255).round().astype(np.uint8), mask, (saliency * 255).round().astype(np.uint8)
+    return (*out, parts) if with_parts else out
 
 
 def generate(out: str | Path, spec: SyntheticSpec | None = None, progress: bool = True) -> Path:
