@@ -511,7 +511,8 @@ def resume_from(path: Path, cfg: Config, model, optimizer, two_view: TwoViewFSAE
     """Load ``last.pt`` into the model, optimizer, EMA, GradScaler and torch RNG; -> (step, skipped steps,
     best epoch)."""
     state = load_checkpoint(path, cfg)
-    if state.get("config_hash") != cfg.hash():
+    # The saved config, read by today's rules (fsae.config.REMOVED_KEYS), decides; not the hash stored with it.
+    if config_from_dict(state["config"], str(path)).hash() != cfg.hash():
         raise CheckpointError(f"{path}: written by another config ({config_changes(state['config'], cfg)}); "
                               f"use a new run directory, or --no-resume to start over")
     model.load_state_dict(state["model"])

@@ -26,6 +26,7 @@ def tiny_config(root, **fsae):
     cfg.data.long_side = None
     cfg.data.crop_size = 64
     cfg.model.width = 8
+    cfg.model.background_logit = 5.0  # an untrained net's low CAMs are then confident background: FSAE has pixels
     cfg.train.epochs = 2
     cfg.train.batch_size = 8
     cfg.train.log_every = 1
@@ -152,8 +153,8 @@ def test_demo_reads_the_recipes_which_differ_only_in_fsae():
     cfg.data.root, cfg.train.seed, cfg.name = recipes["fsae"].data.root, 0, recipes["fsae"].name
     assert cfg == recipes["fsae"]
     # the demo's numbers come from these values (README's demo table)
-    assert (cfg.train.epochs, cfg.train.batch_size, cfg.fsae.start_epoch, cfg.model.background_logit) == \
-        (15, 32, 5, 5.0)
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.fsae.start_epoch, cfg.model.background_logit,
+            cfg.model.output_stride, cfg.model.depth) == (12, 16, 3, 2.5, 4, 5)
 
 
 def test_config_errors_name_the_key(tmp_path):
@@ -177,6 +178,24 @@ def test_removed_score_map_options_are_refused_by_name(tmp_path, line, kept, key
     # a run saved before the removal holds the value that stayed: it still loads, as the default recipe
     old.write_text(f"model:\n  {kept}\n")
     assert load_config(old).hash() == load_config(None).hash()
+
+
+def test_a_checkpoint_saved_before_a_removal_resumes(tiny_synthetic, tmp_path):
+    root, _ = tiny_synthetic
+    cfg = tiny_config(root)
+    cfg.train.epochs = 1
+    ckpt = train(cfg, tmp_path / "run", progress=False)
+    state = torch.load(ckpt, weights_only=False)
+    state["config"]["model"]["background"] = "constant"  # what a checkpoint from before the removal holds
+    state["config_hash"] = "0123456789abcdef"  # and the hash of that config, computed with the field
+    torch.save(state, ckpt)
+    assert train(cfg, tmp_path / "run", progress=False) == ckpt  # resumes (finished: nothing left to train)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "epochs.csv")))
+    assert [r["epoch"] for r in rows] == ["1"]
+    state["config"]["model"]["background"] = "learned"
+    torch.save(state, ckpt)
+    with pytest.raises(ConfigError, match="'model.background: learned' was removed"):
+        train(cfg, tmp_path / "run", progress=False)
 
 
 def test_checkpoint_of_other_class_count_is_refused(tiny_synthetic, tmp_path):

@@ -33,6 +33,7 @@ def tiny_config(root, epochs=2):
     cfg.data.long_side = None
     cfg.data.crop_size = 64
     cfg.model.width = 8
+    cfg.model.background_logit = 5.0  # untrained: low CAMs are confident background, so FSAE logs its statistics
     cfg.train.epochs = epochs
     cfg.train.batch_size = 8
     cfg.train.log_every = 1
