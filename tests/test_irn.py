@@ -279,11 +279,12 @@ def tiny_irn_config(**train):
     return cfg
 
 
-def test_training_resumes_after_a_kill_to_the_same_weights(tmp_path, monkeypatch):
+@pytest.mark.parametrize("train_cfg", [{}, {"precision": "bf16", "channels_last": True}, {"precision": "fp16"}])
+def test_training_resumes_after_a_kill_to_the_same_weights(tmp_path, monkeypatch, train_cfg):
     ids = write_seed_set(tmp_path, n=4, size=24)
     make_ir_labels(tmp_path / "seeds", tmp_path / "images", tmp_path / "ir", ids, workers=1, progress=False,
                    image_ext=".png")
-    cfg = tiny_irn_config()
+    cfg = tiny_irn_config(**train_cfg)
     args = (tmp_path / "images", tmp_path / "ir", ids)
     full = train_irn(cfg, *args, tmp_path / "full.pt", progress=False, image_ext=".png")
 
@@ -303,9 +304,9 @@ def test_training_resumes_after_a_kill_to_the_same_weights(tmp_path, monkeypatch
     train_irn(cfg, *args, tmp_path / "resumed.pt", progress=False, image_ext=".png")
     a = torch.load(full, weights_only=False)
     b = torch.load(tmp_path / "resumed.pt", weights_only=False)
-    assert a["step"] == b["step"] == 4
+    assert a["step"] == b["step"] == 4 and ("scaler" in a) == (cfg.train.precision == "fp16")
     for key, value in a["model"].items():
-        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0)
+        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0, msg=key)
     with pytest.raises(CheckpointError, match="other IRN settings"):
         train_irn(tiny_irn_config(lr=0.05), *args, tmp_path / "full.pt", progress=False, image_ext=".png")
 

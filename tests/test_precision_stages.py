@@ -204,31 +204,6 @@ def test_irn_bf16_steps_stay_near_fp32_and_channels_last_equals_it(irn_batches):
     assert max_relative(affinity_losses(irn_train.train_step, model, batches, channels_last=True), reference) <= 1e-5
 
 
-@pytest.mark.parametrize("train_cfg", [{}, {"precision": "bf16", "channels_last": True}, {"precision": "fp16"}])
-def test_irn_training_resumes_bit_exact(irn_batches, tmp_path, monkeypatch, train_cfg):
-    root, ids, _ = irn_batches
-    cfg = irn_config(**train_cfg)
-    args = (root / "images", root / "ir", ids)
-    full = irn_train.train_irn(cfg, *args, tmp_path / "full.pt", progress=False, image_ext=".png")
-    real_step, calls = irn_train.train_step, []
-
-    def killed_in_epoch_two(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:  # 2 steps per epoch: the third is in epoch 2
-            raise KeyboardInterrupt
-        return real_step(*a, **k)
-
-    monkeypatch.setattr(irn_train, "train_step", killed_in_epoch_two)
-    with pytest.raises(KeyboardInterrupt):
-        irn_train.train_irn(cfg, *args, tmp_path / "resumed.pt", progress=False, image_ext=".png")
-    monkeypatch.setattr(irn_train, "train_step", real_step)
-    irn_train.train_irn(cfg, *args, tmp_path / "resumed.pt", progress=False, image_ext=".png")
-    a, b = torch.load(full, weights_only=False), torch.load(tmp_path / "resumed.pt", weights_only=False)
-    assert a["step"] == b["step"] == 4 and ("scaler" in a) == (cfg.train.precision == "fp16")
-    for key, value in a["model"].items():
-        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0, msg=key)
-
-
 def test_irn_boundary_map_in_bf16_stays_near_fp32():
     torch.manual_seed(0)
     model = BoundaryNet("resnet18", None, 8).eval()
