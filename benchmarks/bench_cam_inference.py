@@ -108,6 +108,6 @@ def run(num_images: int = 32, image_size: int = 128, batch_sizes: tuple[int, ...
         ratio = tiny[f"batch{fastest}"]["ratio"]
         notes.append(f"On this machine the fastest tinycnn batch is {fastest} ({ratio:.2f}x), "
                      f"not {max(batch_sizes)}: on a CPU, a forward of 2B images at scales 1.5 and 2.0 has "
-                     f"activations beyond the caches and costs more per image than small batches; batching "
-                     f"(`infer.batch_size`, default 16) is for GPUs.")
+                     f"activations beyond the caches and costs more per image than small batches; larger "
+                     f"batches are for GPUs (`infer.batch_size`: default 4, `auto` picks by timing).")
     return BenchResult("2. CAM inference, 4 scales + flip", setup, rows, notes, numbers)

@@ -89,7 +89,9 @@ def run(batch_size: int = 32, repeats: int = 5, workdir: str | Path | None = Non
     sv = seconds["strong_view"]
     rows.append(Row("of which `strong_view` (blur + 3 colour ops, per image) / base step", "", f"{1000 * sv:.0f} ms",
                     sv / base, "", f"{100 * sv / (seconds['reuse'] - base):.0f} % of reuse's overhead"))
-    setup = (f"Demo recipe (`configs/synthetic/cam*.yaml`: tinycnn, output stride 8, constant background, Adam), "
+    model = step_config(Path("."), "reuse", batch_size).model
+    setup = (f"Demo recipe (`configs/synthetic/cam*.yaml`: tinycnn at depth {model.depth}, output stride "
+             f"{model.output_stride}, background logit {model.background_logit}, Adam), "
              f"one fixed batch of {batch_size} 128x128 crops from `TrainViews`, CPU, loader excluded; median of "
              f"{repeats} warm steps per mode, modes round-robin. Here the ratio is the cost: fsae step time / "
              f"base step time (base = reference column).")
