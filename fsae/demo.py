@@ -2,8 +2,10 @@
 
 Steps: generate the synthetic set; train the plain CAM three times (FSAE off, FAE only, FAE+SAE) with
 a held-out seed mIoU after every epoch; infer seeds multi-scale + flip on the train split (the
-paper's protocol); sweep the background threshold; write ``report.md``, ``results.json``, CAM overlays
-and training curves. ``FSAE_DEMO_SEED`` (or ``--seed``) changes the data and training seed.
+paper's protocol), and for the base also from its best held-out epoch; sweep the background threshold;
+check the demo's claims (``claims``); write ``report.md``, ``results.json``, CAM overlays and training
+curves. ``FSAE_DEMO_SEED`` (or ``--seed``) changes the data and training seed; ``run_demo_seeds`` runs
+several seeds and tabulates them (``seeds.md``).
 """
 
 from __future__ import annotations
