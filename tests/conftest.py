@@ -62,3 +62,28 @@ def check_seg_recipe():
             assert value == (pytest.approx(expected) if isinstance(expected, float) else expected), key
 
     return check
+
+
+@pytest.fixture
+def train_killed_after_epoch(monkeypatch):
+    """``kill(cfg, run_dir, epoch, calls=None)``: ``fsae.train.train`` stopped by a KeyboardInterrupt right after it
+    saved epoch ``epoch``'s checkpoint (a killed run); ``calls`` collects the epochs saved. The real save is back
+    afterwards, so the next ``train`` resumes."""
+    import fsae.train as train_module
+
+    real_save = train_module.save_checkpoint
+
+    def kill(cfg, run_dir, epoch, calls=None):
+        def save_then_die(path, state):
+            real_save(path, state)
+            if calls is not None:
+                calls.append(state["epoch"])
+            if state["epoch"] == epoch:
+                raise KeyboardInterrupt(f"killed after epoch {epoch}")
+
+        monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            train_module.train(cfg, run_dir, progress=False)
+        monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+
+    return kill

@@ -237,28 +237,15 @@ def test_overrides_are_converted_to_the_field_type():
         load_config(None, ["optim.lr=fast"])
 
 
-def test_interrupted_training_resumes_to_the_same_weights(tiny_synthetic, tmp_path, monkeypatch):
-    import fsae.train as train_module
-
+def test_interrupted_training_resumes_to_the_same_weights(tiny_synthetic, tmp_path, train_killed_after_epoch):
     root, _ = tiny_synthetic
     cfg = tiny_config(root, enabled=True, start_epoch=1)
     cfg.train.epochs = 3
     cfg.train.val_every = 0
     straight = torch.load(train(cfg, tmp_path / "straight", progress=False), weights_only=True)
 
-    real_save = train_module.save_checkpoint
     calls = []
-
-    def save_then_die(path, state):
-        real_save(path, state)
-        calls.append(state["epoch"])
-        if state["epoch"] == 2:
-            raise KeyboardInterrupt("killed after epoch 2")
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "resumed", progress=False)
-    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    train_killed_after_epoch(cfg, tmp_path / "resumed", 2, calls)
     resumed = torch.load(train(cfg, tmp_path / "resumed", progress=False), weights_only=True)
     assert calls == [1, 2] and resumed["epoch"] == 3 and resumed["step"] == straight["step"]
     for key, value in straight["model"].items():
@@ -391,8 +378,8 @@ def test_best_checkpoint_is_the_first_epoch_with_the_top_heldout_miou(tiny_synth
     assert f"val mIoU {100 * scores[1]:.2f}" in logged[1]
 
 
-def test_resume_says_where_and_a_refused_start_leaves_the_run_dir(tiny_synthetic, tmp_path, capsys, monkeypatch):
-    import fsae.train as train_module
+def test_resume_says_where_and_a_refused_start_leaves_the_run_dir(tiny_synthetic, tmp_path, capsys,
+                                                                   train_killed_after_epoch):
     from fsae.errors import CheckpointError, DataError
     from fsae.train import run_checkpoint
 
@@ -401,17 +388,7 @@ def test_resume_says_where_and_a_refused_start_leaves_the_run_dir(tiny_synthetic
     cfg.train.epochs, cfg.train.val_every = 2, 0
     with pytest.raises(CheckpointError, match="no such checkpoint.*val_every"):
         run_checkpoint(tmp_path / "run", "best")
-    real_save = train_module.save_checkpoint
-
-    def die_after_epoch_one(path, state):
-        real_save(path, state)
-        if state["epoch"] == 1:
-            raise KeyboardInterrupt("killed after epoch 1")
-
-    monkeypatch.setattr(train_module, "save_checkpoint", die_after_epoch_one)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "run", progress=False)
-    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    train_killed_after_epoch(cfg, tmp_path / "run", 1)
     capsys.readouterr()
     train(cfg, tmp_path / "run", progress=False)
     assert "resuming from step 3 (epoch 2)" in capsys.readouterr().out

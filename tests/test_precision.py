@@ -93,23 +93,11 @@ def test_compiled_forward_equals_fp32(fp32):
 
 
 @pytest.mark.parametrize("train_cfg", [{"channels_last": True}, {"precision": "bf16"}])
-def test_resume_is_bit_exact(tiny_synthetic, tmp_path, monkeypatch, train_cfg):
-    import fsae.train as train_module
-
+def test_resume_is_bit_exact(tiny_synthetic, tmp_path, train_killed_after_epoch, train_cfg):
     root, _ = tiny_synthetic
     cfg = step_config(root, **train_cfg)
     straight = torch.load(train(cfg, tmp_path / "straight", progress=False), weights_only=True)
-    real_save = train_module.save_checkpoint
-
-    def save_then_die(path, state):
-        real_save(path, state)
-        if state["epoch"] == 2:
-            raise KeyboardInterrupt("killed after epoch 2")
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "resumed", progress=False)
-    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    train_killed_after_epoch(cfg, tmp_path / "resumed", 2)
     resumed = torch.load(train(cfg, tmp_path / "resumed", progress=False), weights_only=True)
     assert resumed["step"] == straight["step"] == 9
     for key, value in straight["model"].items():

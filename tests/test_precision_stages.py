@@ -328,7 +328,7 @@ def test_the_stages_loaders_get_the_speed_arguments(seg_root, irn_batches, tmp_p
     assert seen["worker_init_fn"] is irn_train.seed_loader_worker
 
 
-def test_persistent_workers_see_each_epoch_and_resume_stays_exact(tiny_synthetic, tmp_path, monkeypatch):
+def test_persistent_workers_see_each_epoch_and_resume_stays_exact(tiny_synthetic, tmp_path, train_killed_after_epoch):
     """Workers kept across epochs must draw epoch 2's crops, not epoch 1's again: one worker gives the weights of
     no worker, and a run killed after epoch 1 resumes to them."""
     import fsae.train as train_module
@@ -343,17 +343,7 @@ def test_persistent_workers_see_each_epoch_and_resume_stays_exact(tiny_synthetic
     weights = {}
     for name, cfg in (("none", cfg0), ("one", cfg1)):
         weights[name] = torch.load(train_module.train(cfg, tmp_path / name, progress=False), weights_only=True)
-    real_save = train_module.save_checkpoint
-
-    def save_then_die(path, state):
-        real_save(path, state)
-        if state["epoch"] == 1:
-            raise KeyboardInterrupt("killed after epoch 1")
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train_module.train(cfg1, tmp_path / "resumed", progress=False)
-    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    train_killed_after_epoch(cfg1, tmp_path / "resumed", 1)
     weights["resumed"] = torch.load(train_module.train(cfg1, tmp_path / "resumed", progress=False), weights_only=True)
     for name in ("one", "resumed"):
         assert weights[name]["step"] == weights["none"]["step"] == 6
