@@ -76,9 +76,10 @@ def run_demo(out: str | Path = "runs/demo", seed: int | None = None, quick: bool
         train(cfg, run_dir, progress=progress)
         train_set = VOCDataset(data_root, cfg.infer.split, num_classes=cfg.data.num_classes)
         val_set = VOCDataset(data_root, cfg.data.val_split, num_classes=cfg.data.num_classes)
-        ev = score_checkpoint(run_dir, "last", train_set, "seeds", cfg, thresholds, progress)
+        model, _ = model_from_checkpoint(run_checkpoint(run_dir, "last"))
+        ev = score_seeds(model, train_set, run_dir, "seeds", cfg, thresholds, progress)
         # The same multi-scale protocol on the held-out split: seeds of images the network never saw.
-        ev_val = score_checkpoint(run_dir, "last", val_set, "seeds_val", cfg, thresholds, progress)
+        ev_val = score_seeds(model, val_set, run_dir, "seeds_val", cfg, thresholds, progress)
         epochs = read_csv(run_dir / "epochs.csv")
         best_epoch = max(epochs, key=lambda r: r["val_miou"])
         results[variant] = {
@@ -87,7 +88,8 @@ def run_demo(out: str | Path = "runs/demo", seed: int | None = None, quick: bool
             "val_miou_best_epoch": 100 * best_epoch["val_miou"], "val_best_epoch": int(best_epoch["epoch"]),
         }
         if variant == "base":  # the early-stopped base: its best held-out epoch, on the paper's protocol
-            ev_best = score_checkpoint(run_dir, "best", train_set, "seeds_best", cfg, thresholds, progress)
+            best_model, _ = model_from_checkpoint(run_checkpoint(run_dir, "best"))
+            ev_best = score_seeds(best_model, train_set, run_dir, "seeds_best", cfg, thresholds, progress)
             results["base_best_epoch"] = {"epoch": int(best_epoch["epoch"]), **seed_row(ev_best)}
         print(f"[{variant}] seed mIoU {results[variant]['seed_miou']:.1f} (train split, best threshold "
               f"{ev['best']['threshold']:.2f})", flush=True)
@@ -135,11 +137,10 @@ def render_seeds_table(runs: list[dict]) -> str:
     return f"{table}\n\n" + "\n".join(lines) + f"\n\nTime per seed (s): {times}."
 
 
-def score_checkpoint(run_dir: Path, which: str, dataset: VOCDataset, name: str, cfg: Config,
-                     thresholds: list[float], progress: bool) -> dict:
-    """Seeds of ``run_dir``'s ``which`` checkpoint on ``dataset`` into ``run_dir/name``, swept and saved
-    as ``run_dir/eval/<name>.json`` (read by ``fsae report`` / ``fsae compare``)."""
-    model, _ = model_from_checkpoint(run_checkpoint(run_dir, which))
+def score_seeds(model, dataset: VOCDataset, run_dir: Path, name: str, cfg: Config, thresholds: list[float],
+                progress: bool) -> dict:
+    """``model``'s seeds of ``dataset`` into ``run_dir/name``, swept and saved as ``run_dir/eval/<name>.json``
+    (read by ``fsae report`` / ``fsae compare``)."""
     infer_seeds(model, dataset, run_dir / name, cfg.infer.scales, cfg.infer.flip, cfg.infer.batch_size,
                 progress=progress)
     ev = evaluate_seeds(run_dir / name, dataset.mask_dir, dataset.ids, dataset.num_classes, thresholds,
