@@ -104,3 +104,18 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
     with pytest.raises(FileExistsError, match="meta.json"):
         generate(tmp_path, SyntheticSpec(num_train=3, num_val=1, image_size=48, body_axes=(8.0, 12.0)),
                  progress=False)
+
+
+def test_grey_clutter_is_flat_blobs_on_a_noisy_background():
+    """Grey blobs are flat fills (no pixel noise): with ``clutter`` (4 by default) the background has flat
+    3 x 3 patches, without it none."""
+    from scipy.ndimage import generic_filter
+
+    def flat_background_share(spec):
+        image, mask, _ = render_sample(np.random.default_rng(3), spec)
+        grey = image.astype(float).mean(-1)
+        flat = generic_filter(grey, np.ptp, size=3) == 0
+        return (flat & (mask == 0)).sum() / (mask == 0).sum()
+
+    assert flat_background_share(SyntheticSpec(clutter=0)) < 0.001
+    assert flat_background_share(SyntheticSpec()) > 0.02

@@ -5,13 +5,16 @@ a class-specific orientation, and a small disc ("part") filled with a strong, fi
 orientation. The mechanism, as measured in docs/decisions.md:
 - the part is the easy cue: high contrast, and both cues tell the classes apart, so the classifier's
   loss falls once the part is found and the plain CAM (trained on flips and crops only) stays on the
-  part: the body's faint, coarse grating is a different, weaker feature;
+  part: the body's faint, coarse grating is a different, weaker feature. That needs a classifier that
+  can saturate on a small part (the demo's recipes train it at 10x the backbone's learning rate, as the
+  base repos do): the class score averages the CAM over the whole map, and a slowly grown part logit
+  leaves the loss rewarding area, which the body has;
 - FSAE's strong view is blurred (sigma 0.1-2) and colour-perturbed: the blur wipes out the fine part
   grating (period ~4 px: sigma 1.5 keeps 6 % of its contrast) but not the coarse body grating (period
   ~12 px: 73 %), so predicting the weak view's confident pixels on the strong view needs the body
   cue, which then fires over the whole object; colour operations change neither grating's orientation.
-The background is desaturated noise; ``clutter`` adds grey untextured blobs and ``striped_clutter`` small
-body-like gratings at the class orientations (both off by default, see their comments).
+The background is desaturated noise with grey untextured blobs; ``striped_clutter`` adds small body-like
+gratings at the class orientations to the background (off by default, see its comment).
 
 On disk (``generate``), below ``out``::
 
@@ -53,9 +56,7 @@ class SyntheticSpec:
     part_period: tuple[float, float] = (3.5, 4.5)  # its fine grating
     part_amplitude: float = 0.35
     orientation_cue: float = 1.0  # probability that the body grating has its class's orientation (else another's)
-    # Grey blobs per image. Off by default: at the base's threshold they are false positives that FSAE then
-    # removes, which is not the expansion the set is for (docs/decisions.md).
-    clutter: int = 0
+    clutter: int = 4  # grey blobs per image
     # Body-like gratings per image at the class orientations (object texture in negatives). Off by default: with 2
     # per image FSAE expanded into them (docs/decisions.md).
     striped_clutter: int = 0
