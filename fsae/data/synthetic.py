@@ -5,10 +5,7 @@ a class-specific orientation, and a small disc ("part") filled with a strong, fi
 orientation. The mechanism, as measured in docs/decisions.md:
 - the part is the easy cue: high contrast, and both cues tell the classes apart, so the classifier's
   loss falls once the part is found and the plain CAM (trained on flips and crops only) stays on the
-  part: the body's faint, coarse grating is a different, weaker feature. That needs a classifier that
-  can saturate on a small part (the demo's recipes train it at 10x the backbone's learning rate, as the
-  base repos do): the class score averages the CAM over the whole map, and a slowly grown part logit
-  leaves the loss rewarding area, which the body has;
+  part: the body's faint, coarse grating is a different, weaker feature;
 - FSAE's strong view is blurred (sigma 0.1-2) and colour-perturbed: the blur wipes out the fine part
   grating (period ~4 px: sigma 1.5 keeps 6 % of its contrast) but not the coarse body grating (period
   ~12 px: 73 %), so predicting the weak view's confident pixels on the strong view needs the body
