@@ -98,20 +98,16 @@ def data_root(tmp_path_factory):
     return tiny_data(tmp_path_factory.mktemp("fault_data"))
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same float summation order as the OMP_NUM_THREADS=1 subprocesses
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(False)
-
-
 @pytest.fixture(scope="module")
 def trained_run(data_root, tmp_path_factory):
     run = tmp_path_factory.mktemp("fault_run") / "run"
     train(tiny_config(data_root), run, progress=False)
-    assert cli(["cam", str(run)]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # its seeds are compared with those of OMP_NUM_THREADS=1 subprocesses
+    try:
+        assert cli(["cam", str(run)]) == 0
+    finally:
+        torch.set_num_threads(threads)
     return run
 
 
@@ -146,7 +142,7 @@ def test_training_killed_mid_epoch_resumes_to_the_same_weights(data_root, tmp_pa
         assert [(r["epoch"], r["step"]) for r in csv.DictReader(f)] == [("1", "4"), ("2", "8"), ("3", "12")]
 
 
-def test_cam_killed_mid_write_resumes_to_the_same_seeds(trained_run, tmp_path):
+def test_cam_killed_mid_write_resumes_to_the_same_seeds(trained_run, tmp_path, one_thread):
     out = tmp_path / "seeds"
     run_killed(tmp_path, "fsae.seeds.atomic_write", 6, "cam", str(trained_run), "--out", str(out))
     done = outputs(out, ".npz")
