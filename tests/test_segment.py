@@ -12,10 +12,11 @@ from PIL import Image
 
 from fsae.cli import main
 from fsae.errors import CheckpointError, DataError
-from fsae.io import read_id_list, read_json, read_mask, write_mask
+from fsae.io import read_id_list, read_json, read_mask, write_json, write_mask
 from fsae.segment.config import SegConfig
 from fsae.segment.deeplab import ASPP, build_deeplab, load_pretrained
 from fsae.segment.infer import TEST_SERVER_DIR, multiscale_probs
+from fsae.stamps import make_stamp, stamp_path
 from fsae.segment.train import (IterationBatches, build_seg_optimizer, seg_model_from_checkpoint,
                                 train_segmentation)
 
@@ -194,6 +195,35 @@ def test_resume_after_interruption_gives_the_uninterrupted_weights(seg_data, tmp
     mtime = ckpt.stat().st_mtime_ns
     train_segmentation(cfg, tmp_path / "b", progress=False)  # finished: nothing to do
     assert ckpt.stat().st_mtime_ns == mtime
+
+
+def test_a_run_on_masks_made_again_since_is_refused(seg_data, tmp_path, capsys):
+    """The pseudo-masks re-made (CRF at another threshold) after a run trained on them: a rerun into the run
+    directory would return the old model (finished) or go on with other masks (unfinished); both refused."""
+    root, pseudo = seg_data
+    masks = tmp_path / "crf"
+    shutil.copytree(pseudo, masks)
+    write_json(stamp_path(masks), make_stamp("crf", {"seeds": "a1"}, {"threshold": 0.1}))
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_config(root, masks, iterations=4, checkpoint_every=2).to_dict()))
+    argv = ["seg", "train", str(recipe), "--out", str(tmp_path / "run"), "--masks", str(masks)]
+    assert main(argv) == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    assert torch.load(ckpt, weights_only=True)["masks"]["stamp"]["settings"] == {"threshold": 0.1}
+    assert main(argv) == 0  # the same masks: finished, nothing to do
+
+    write_json(stamp_path(masks), make_stamp("crf", {"seeds": "a1"}, {"threshold": 0.5}))
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "last.pt: trained on other pseudo-masks" in err and "threshold 0.1, now 0.5" in err, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+    stamp_path(masks).unlink()  # masks without a stamp (made by hand): their file listing is the record
+    assert main([*argv, "--no-resume"]) == 0
+    write_mask(masks / sorted(p.name for p in masks.iterdir())[0], np.zeros((8, 8), np.uint8))
+    assert main(argv) == 2
+    assert "holds now (its files changed since); use a new run directory" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ inference

@@ -16,7 +16,8 @@ The data order is a function of (seed, iteration) only (``IterationBatches``) an
 seen without the interruption.
 
 Run directory: ``config.yaml``, ``checkpoints/last.pt`` (atomic; model, optimizer, iteration, config and its
-hash, RNG state), ``metrics.csv`` (iteration, lr, loss).
+hash, RNG state, and the pseudo-masks it trains on: ``data.mask_dir``'s digest and stamp, ``fsae.stamps``),
+``metrics.csv`` (iteration, lr, loss). A resume on a mask folder made again since is refused.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from fsae.segment.config import SegConfig
 from fsae.weights import read_weight_file
 from fsae.segment.deeplab import DeepLab, build_deeplab
 from fsae.speed import grad_scaler, loader_options, mixed_forward
+from fsae.stamps import StaleOutputError, folder_digest, read_stamp, stamp_changes
 from fsae.train import poly_lr, save_checkpoint
 
 METRIC_FIELDS = ["iteration", "lr", "loss", "labelled_ratio"]
@@ -123,6 +125,24 @@ def check_training_masks(dataset) -> None:
                         f"{[str(p) for p in missing[1:4]]}); data.mask_dir must hold a pseudo-mask per image")
 
 
+def mask_source(mask_dir: str | os.PathLike) -> dict:
+    """What a run trains on: ``{"digest": folder_digest, "stamp": the folder's stamp or None}``."""
+    return {"digest": folder_digest(mask_dir), "stamp": read_stamp(mask_dir)}
+
+
+def check_same_masks(state: dict, masks: dict, ckpt_path: Path, mask_dir: str) -> None:
+    """A checkpoint resumes only on the masks it was trained on (checkpoints without the record pass)."""
+    saved = state.get("masks")
+    if saved is None or saved["digest"] == masks["digest"]:
+        return
+    if saved["stamp"] is not None and masks["stamp"] is not None:
+        what = stamp_changes(saved["stamp"], masks["stamp"])
+    else:
+        what = "its files changed since"
+    raise StaleOutputError(f"{ckpt_path}: trained on other pseudo-masks than {mask_dir} holds now ({what}); "
+                           f"use a new run directory or pass --no-resume")
+
+
 def build_seg_optimizer(model: DeepLab, cfg: SegConfig) -> torch.optim.SGD:
     o = cfg.optim
     groups = [{"params": g["params"], "lr": o.lr * g["lr_mult"], "lr_mult": g["lr_mult"],
@@ -177,6 +197,7 @@ def train_segmentation(cfg: SegConfig, run_dir: str | os.PathLike, progress: boo
 
     dataset = build_dataset(cfg.data, cfg.data.train_split)
     check_training_masks(dataset)
+    trained_on = mask_source(cfg.data.mask_dir)
     model = build_deeplab(cfg.model, cfg.data.num_classes).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -189,6 +210,7 @@ def train_segmentation(cfg: SegConfig, run_dir: str | os.PathLike, progress: boo
             saved = SegConfig.from_dict(state["config"], str(ckpt_path))
             raise CheckpointError(f"{ckpt_path}: written by another config ({describe_changes(saved, cfg)}); "
                                   f"use a new run directory or pass --no-resume")
+        check_same_masks(state, trained_on, ckpt_path, cfg.data.mask_dir)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and "scaler" in state:
@@ -216,7 +238,7 @@ def train_segmentation(cfg: SegConfig, run_dir: str | os.PathLike, progress: boo
     def checkpoint(iteration: int) -> None:
         save_checkpoint(ckpt_path, {"kind": "segmentation", "model": model.state_dict(),
                                     "optimizer": optimizer.state_dict(), "iteration": iteration,
-                                    "config": cfg.to_dict(), "config_hash": cfg.hash(),
+                                    "config": cfg.to_dict(), "config_hash": cfg.hash(), "masks": trained_on,
                                     "torch_rng": torch.get_rng_state(),
                                     **({"scaler": scaler.state_dict()} if scaler is not None else {})})
 
