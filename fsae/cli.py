@@ -373,7 +373,9 @@ def cmd_crf(args) -> None:
 
 def _random_walk_inputs(args, load_stage_config):
     """``fsae irn`` / ``fsae psa``: the stage's recipe with ``--set`` and ``--device`` (checked), the image
-    folder (default: the run's ``data.root``/JPEGImages) and the ``--ids`` list (None: every seed)."""
+    folder (default: the run's ``data.root``/JPEGImages; COCO: the split folder holding the seeds' images),
+    the ``--ids`` list (None: every seed) and the pseudo-masks' subfolder (COCO: that split, the layout COCO
+    segmentation training reads; else none)."""
     from fsae.config import check_device, load_config
     from fsae.io import read_id_list
 
@@ -381,8 +383,17 @@ def _random_walk_inputs(args, load_stage_config):
     if args.device:
         cfg.device = args.device
     check_device(cfg.device, "--device" if args.device else "device")
-    images = args.images or Path(load_config(Path(args.run) / "config.yaml").data.root) / "JPEGImages"
-    return cfg, images, read_id_list(args.ids) if args.ids else None
+    ids = read_id_list(args.ids) if args.ids else None
+    run_config = Path(args.run) / "config.yaml"
+    if args.images and not run_config.is_file():  # seeds from elsewhere (`fsae convert`): no recipe to read
+        return cfg, args.images, ids, ""
+    data = load_config(run_config).data
+    if data.kind != "coco":
+        return cfg, args.images or Path(data.root) / "JPEGImages", ids, ""
+    from fsae.data.coco import single_split
+
+    split = single_split(data.root, ids if ids is not None else _ids_in(args.seeds or Path(args.run) / "seeds", ".npz"))
+    return cfg, args.images or Path(data.root) / split, ids, split
 
 
 def _counts(r: dict, part: str = "") -> str:
@@ -394,8 +405,8 @@ def cmd_irn(args) -> None:
     from fsae.refine.irn import load_irn_config, run_irn
 
     run = args.stopped_in = Path(args.run)
-    cfg, images, ids = _random_walk_inputs(args, load_irn_config)
-    result = run_irn(run, cfg, images, ids=ids, seed_dir=args.seeds, force=args.force)
+    cfg, images, ids, mask_subdir = _random_walk_inputs(args, load_irn_config)
+    result = run_irn(run, cfg, images, ids=ids, seed_dir=args.seeds, force=args.force, mask_subdir=mask_subdir)
     print(f"ir labels: {_counts(result['ir_labels'])}\nirn checkpoint: {result['checkpoint']}\n"
           f"pseudo-masks: {_counts(result['masks'])}")
 
@@ -404,10 +415,11 @@ def cmd_psa(args) -> None:
     from fsae.refine.psa import load_psa_config, run_psa
     from fsae.refine.psa.pipeline import STEPS
 
-    cfg, images, ids = _random_walk_inputs(args, load_psa_config)
+    cfg, images, ids, mask_subdir = _random_walk_inputs(args, load_psa_config)
     shard = _shard(args.shard)
     steps = STEPS if args.step == "all" else (args.step,)
-    result = run_psa(Path(args.run), cfg, images, ids=ids, seed_dir=args.seeds, steps=steps, shard=shard)
+    result = run_psa(Path(args.run), cfg, images, ids=ids, seed_dir=args.seeds, steps=steps, shard=shard,
+                     mask_subdir=mask_subdir)
     part = f", shard {shard[0]}/{shard[1]}" if shard[1] > 1 else ""
     if "labels" in result:
         print(f"affinity labels: {_counts(result['labels'], part)}")

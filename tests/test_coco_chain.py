@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_data_real import make_coco  # noqa: E402  (a helper only: importing test_* names would re-collect them)
 
 from fsae.cli import main  # noqa: E402
-from fsae.data.coco import COCODataset, ids_by_split, split_of  # noqa: E402
+from fsae.data.coco import COCODataset, ids_by_split, single_split, split_of  # noqa: E402
 from fsae.data.prepare import prepare_coco  # noqa: E402
 from fsae.errors import DataError  # noqa: E402
 from fsae.io import read_id_list, read_image, read_mask  # noqa: E402
@@ -112,3 +112,30 @@ def test_sipe_coco_recipes_train_and_infer_on_the_fake_tree(recipe, tmp_path):
         rows = list(csv.DictReader(f))
     assert rows and all(float(r["gsc"]) >= 0 for r in rows)  # SIPE's GSC term was trained
     assert all((r["fsae"] != "") == recipe.endswith("_fsae.yaml") for r in rows)  # FSAE's term: +FSAE only
+
+
+IRN_OVERRIDES = ["train.epochs=1", "train.batch_size=2", "train.crop_size=16", "net.branch_width=8",
+                 "ir_label.workers=1"]
+
+
+def test_irn_reads_the_split_folder_and_writes_the_masks_coco_training_reads(coco_chain):
+    root, run, _ = coco_chain
+    sets_irn = [arg for value in IRN_OVERRIDES for arg in ("--set", value)]
+    assert main(["irn", str(run), "--config", str(REPO / "configs/synthetic/irn.yaml"), *sets_irn]) == 0
+    ids = read_id_list(root / "ImageSets/train.txt")
+    assert sorted(p.stem for p in (run / "irn_masks" / "train2014").glob("*.png")) == sorted(ids)
+    assert not list((run / "irn_masks").glob("*.png"))  # nothing flat: COCO reads <mask_dir>/<split>/
+    dataset = COCODataset(root, "train2014", mask_dir=str(run / "irn_masks"))
+    for index, image_id in enumerate(dataset.ids):
+        # each mask has its own image's size: the walk read that image from train2014/
+        assert dataset[index]["mask"].shape == read_image(root / "train2014" / f"{image_id}.jpg").shape[:2]
+
+
+def test_a_random_walk_over_both_splits_is_refused(coco_chain, capsys):
+    root, run, tmp = coco_chain
+    both = tmp / "both.txt"
+    both.write_text("COCO_train2014_000000000009\nCOCO_val2014_000000000042\n")
+    with pytest.raises(DataError, match=r"images are in train2014 \(1\), val2014 \(1\); IRN and PSA train on one"):
+        single_split(root, read_id_list(both))
+    assert main(["irn", str(run), "--ids", str(both)]) == 2
+    assert "pass --ids with one split's ids" in capsys.readouterr().err

@@ -116,3 +116,13 @@ def ids_by_split(root: str | Path, ids) -> dict[str, list[str]]:
     for image_id in ids:
         groups.setdefault(split_of(root, image_id), []).append(image_id)
     return groups
+
+
+def single_split(root: str | Path, ids) -> str:
+    """The one split holding every image of ``ids`` (a random walk trains on one split); DataError otherwise."""
+    groups = ids_by_split(root, ids)
+    if len(groups) != 1:
+        counts = ", ".join(f"{split} ({len(group)})" for split, group in groups.items()) or "none"
+        raise DataError(f"{root}: the seeds' images are in {counts}; IRN and PSA train on one split: pass --ids "
+                        f"with one split's ids")
+    return next(iter(groups))

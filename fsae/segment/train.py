@@ -130,7 +130,7 @@ def mask_source(mask_dir: str | os.PathLike) -> dict:
     return {"digest": folder_digest(mask_dir), "stamp": read_stamp(mask_dir)}
 
 
-def check_same_masks(state: dict, masks: dict, ckpt_path: Path, mask_dir: str) -> None:
+def check_same_masks(state: dict, masks: dict, ckpt_path: Path, mask_dir: Path) -> None:
     """A checkpoint resumes only on the masks it was trained on (checkpoints without the record pass)."""
     saved = state.get("masks")
     if saved is None or saved["digest"] == masks["digest"]:
@@ -197,7 +197,9 @@ def train_segmentation(cfg: SegConfig, run_dir: str | os.PathLike, progress: boo
 
     dataset = build_dataset(cfg.data, cfg.data.train_split)
     check_training_masks(dataset)
-    trained_on = mask_source(cfg.data.mask_dir)
+    # the folder the masks are read from (COCO: data.mask_dir/<split>), recorded in the checkpoint
+    mask_folder = dataset.mask_path(dataset.ids[0]).parent if dataset.ids else Path(cfg.data.mask_dir)
+    trained_on = mask_source(mask_folder)
     model = build_deeplab(cfg.model, cfg.data.num_classes).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -210,7 +212,7 @@ def train_segmentation(cfg: SegConfig, run_dir: str | os.PathLike, progress: boo
             saved = SegConfig.from_dict(state["config"], str(ckpt_path))
             raise CheckpointError(f"{ckpt_path}: written by another config ({describe_changes(saved, cfg)}); "
                                   f"use a new run directory or pass --no-resume")
-        check_same_masks(state, trained_on, ckpt_path, cfg.data.mask_dir)
+        check_same_masks(state, trained_on, ckpt_path, mask_folder)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and "scaler" in state:

@@ -4,7 +4,7 @@
 
     run_dir/ir_labels/<id>.png     IR labels (0 bg, 1..C, 255 ignore)
     run_dir/irn/irn.pt             boundary network checkpoint; irn/config.yaml the resolved IRN config
-    run_dir/irn_masks/<id>.png     pseudo-masks (0 bg, 1..C)
+    run_dir/irn_masks/<id>.png     pseudo-masks (0 bg, 1..C; COCO: irn_masks/<split>/<id>.png)
 
 Each of the three outputs is stamped (``fsae.stamps``): ``ir_labels/`` with the seed folder's stamp and the
 IR-label settings, ``irn/`` with ``ir_labels/``'s stamp and the network and training settings,
@@ -96,15 +96,17 @@ def _settings(section) -> dict[str, Any]:
 
 def run_irn(run_dir: str | os.PathLike, cfg: IRNConfig, image_dir: str | os.PathLike,
             ids: list[str] | None = None, seed_dir: str | os.PathLike | None = None,
-            progress: bool = True, image_ext: str = ".jpg", force: bool = False) -> dict[str, Any]:
-    """All three IRN steps for a run directory (module docstring). ``ids`` default: every seed file."""
+            progress: bool = True, image_ext: str = ".jpg", force: bool = False,
+            mask_subdir: str = "") -> dict[str, Any]:
+    """All three IRN steps for a run directory (module docstring). ``ids`` default: every seed file;
+    ``mask_subdir``: the pseudo-masks go to ``irn_masks/<mask_subdir>/`` (COCO: the split)."""
     run_dir = Path(run_dir)
     seed_dir = Path(seed_dir) if seed_dir else run_dir / "seeds"
     if ids is None:
         ids = sorted(p.stem for p in seed_dir.glob("*.npz") if not p.name.startswith("."))
     if not ids:
         raise DataError(f"{seed_dir}: no seed files; run `fsae cam {run_dir}` first")
-    label_dir, irn_dir, mask_dir = run_dir / "ir_labels", run_dir / "irn", run_dir / "irn_masks"
+    label_dir, irn_dir, mask_dir = run_dir / "ir_labels", run_dir / "irn", run_dir / "irn_masks" / mask_subdir
     seeds = folder_digest(seed_dir)
     prepare_output(label_dir, make_stamp("ir_labels", {"seeds": seeds}, _settings(cfg.ir_label)), force,
                    ("*.png",), read_mask)

@@ -4,7 +4,7 @@
 
     run_dir/aff_labels/<id>.npz    la / ha CRF posteriors (``fsae.refine.psa.aff_labels``)
     run_dir/psa/psa.pt             AffinityNet checkpoint; psa/config.yaml the resolved PSA config
-    run_dir/psa_masks/<id>.png     pseudo-masks (VOC palette, 0 bg, 1..C)
+    run_dir/psa_masks/<id>.png     pseudo-masks (VOC palette, 0 bg, 1..C; COCO: psa_masks/<split>/)
 
 Each step can run alone (``steps``); the per-image steps (labels, masks) split over jobs with
 ``shard``, training needs every label. Every step skips finished work on a rerun (``pending`` for the
@@ -63,8 +63,9 @@ def make_psa_masks(model: AffinityNet, seed_dir: str | os.PathLike, image_dir: s
 def run_psa(run_dir: str | os.PathLike, cfg: PSAConfig, image_dir: str | os.PathLike,
             ids: list[str] | None = None, seed_dir: str | os.PathLike | None = None,
             steps: Iterable[str] = STEPS, shard: tuple[int, int] = (0, 1), progress: bool = True,
-            image_ext: str = ".jpg") -> dict[str, Any]:
-    """The PSA steps for a run directory (module docstring). ``ids`` default: every seed file.
+            image_ext: str = ".jpg", mask_subdir: str = "") -> dict[str, Any]:
+    """The PSA steps for a run directory (module docstring). ``ids`` default: every seed file;
+    ``mask_subdir``: the pseudo-masks go to ``psa_masks/<mask_subdir>/`` (COCO: the split).
 
     Returns per step ``{"total", "written", "skipped", "out_dir"}`` (labels, masks: this shard's ids) or
     the checkpoint path (train).
@@ -82,7 +83,7 @@ def run_psa(run_dir: str | os.PathLike, cfg: PSAConfig, image_dir: str | os.Path
         ids = sorted(p.stem for p in seed_dir.glob("*.npz") if not p.name.startswith("."))
     if not ids:
         raise DataError(f"{seed_dir}: no seed files; run `fsae cam {run_dir}` first")
-    label_dir, psa_dir, mask_dir = run_dir / "aff_labels", run_dir / "psa", run_dir / "psa_masks"
+    label_dir, psa_dir, mask_dir = run_dir / "aff_labels", run_dir / "psa", run_dir / "psa_masks" / mask_subdir
     mine = shard_indices(list(ids), shard)
     result: dict[str, Any] = {}
     if "labels" in steps:
