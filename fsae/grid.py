@@ -221,22 +221,24 @@ def run_job(run: GridRun, spec: GridSpec, device: str | None = None) -> None:
                            progress=False, mode=protocol.eval_mode)
     save_eval(run_dir / "eval" / "seeds.json", seeds, scored=run_dir / "seeds", gt_dir=dataset.mask_dir, ids=ids)
     print(f"{run_dir}: seed mIoU {100 * seeds['best']['miou']:.1f} at threshold {seeds['best']['threshold']:.2f}")
+    split = dataset.split if cfg.data.kind == "coco" else ""  # COCO's masks: <folder>/<split>/, as `fsae crf`
     if spec.masks == "crf":
         from fsae.refine import refine_dir
 
-        refine_dir(run_dir / "seeds", dataset.image_dir, run_dir / "crf", ids, threshold=seeds["best"]["threshold"],
-                   progress=False, background=protocol.background, bg_power=protocol.bg_power,
-                   iterations=protocol.crf_iterations)
+        refine_dir(run_dir / "seeds", dataset.image_dir, run_dir / "crf" / split, ids,
+                   threshold=seeds["best"]["threshold"], progress=False, background=protocol.background,
+                   bg_power=protocol.bg_power, iterations=protocol.crf_iterations)
     elif spec.masks == "irn":
         from fsae.refine.irn import load_irn_config, run_irn
 
         irn_cfg = load_irn_config(spec.irn_config, [])
         irn_cfg.device = device
-        run_irn(run_dir, irn_cfg, dataset.image_dir, ids=ids, progress=False)
+        run_irn(run_dir, irn_cfg, dataset.image_dir, ids=ids, progress=False, mask_subdir=split)
     if spec.masks:
         folder, name = MASK_KINDS[spec.masks]
-        masks = evaluate_masks(run_dir / folder, dataset.mask_dir, ids, classes, progress=False)
-        save_eval(run_dir / "eval" / f"{name}.json", masks, scored=run_dir / folder, gt_dir=dataset.mask_dir, ids=ids)
+        scored = run_dir / folder / split
+        masks = evaluate_masks(scored, dataset.mask_dir, ids, classes, progress=False)
+        save_eval(run_dir / "eval" / f"{name}.json", masks, scored=scored, gt_dir=dataset.mask_dir, ids=ids)
         print(f"{run_dir}: pseudo-mask ({spec.masks}) mIoU {100 * masks['miou']:.1f}")
 
 

@@ -17,7 +17,8 @@ from fsae.cli import main  # noqa: E402
 from fsae.data.coco import COCODataset, ids_by_split, single_split, split_of  # noqa: E402
 from fsae.data.prepare import prepare_coco  # noqa: E402
 from fsae.errors import DataError  # noqa: E402
-from fsae.io import read_id_list, read_image, read_mask  # noqa: E402
+from fsae.grid import GridSpec, parse_vary, plan_grid, run_job  # noqa: E402
+from fsae.io import read_id_list, read_image, read_json, read_mask  # noqa: E402
 from fsae.refine.crf import refine_seed  # noqa: E402
 from fsae.seeds import load_seed  # noqa: E402
 
@@ -139,3 +140,16 @@ def test_a_random_walk_over_both_splits_is_refused(coco_chain, capsys):
         single_split(root, read_id_list(both))
     assert main(["irn", str(run), "--ids", str(both)]) == 2
     assert "pass --ids with one split's ids" in capsys.readouterr().err
+
+
+def test_grid_crf_masks_go_to_the_split_folder(coco_chain):
+    root, run, tmp = coco_chain
+    spec = GridSpec(str(REPO / "configs/coco/cam.yaml"), [parse_vary("fsae.enabled=false")], [0], tmp / "grid",
+                    masks="crf", overrides=[f"data.root={root}", *CAM_OVERRIDES])
+    (job,) = plan_grid(spec)
+    run_job(job, spec)
+    ids = read_id_list(root / "ImageSets/train.txt")
+    assert sorted(p.stem for p in (job.run_dir / "crf" / "train2014").glob("*.png")) == sorted(ids)
+    assert not list((job.run_dir / "crf").glob("*.png"))
+    scored = read_json(job.run_dir / "eval" / "crf.json")
+    assert scored["count"] == len(ids) and scored["scored"]["dir"].endswith("crf/train2014")
