@@ -526,6 +526,9 @@ class FSAEConfig:
     # reuse (weak view's own output, detached) | separate (extra no-grad pass) | ema
     teacher: str = setting("reuse", choices=("reuse", "separate", "ema"))
     ema_decay: float = fraction(0.999)
+    # the EMA teacher's layers: eval | train (dropout on, as the authors swap the EMA weights into the model in
+    # train mode: obeychoi0120/wseg ssl module/train.py:355-361)
+    ema_mode: str = setting("eval", choices=("eval", "train"))
     reduction: str = setting("mean", choices=("mean", "masked_mean"))  # mean over all B*H*W pixels | masked_mean
     strong_ops: int = at_least(0, 3)  # RandAugment colour ops per image
     blur: list[float] = setting(factory=lambda: [0.1, 2.0], low=0, length=2)  # Gaussian blur sigma range

@@ -88,7 +88,7 @@ class TwoViewFSAE:
         if self.cfg.teacher == "reuse":
             return out_s.score_map.detach()
         with torch.no_grad():
-            teacher = model if self.cfg.teacher == "separate" else self.ema
+            teacher = model if self.cfg.teacher == "separate" else self.ema.train(self.cfg.ema_mode == "train")
             return model_forward(teacher, source, labels, self.precision, self.channels_last).score_map
 
     def strong(self, x_s, images, batch: dict, generators, epoch: int) -> torch.Tensor:

@@ -718,3 +718,42 @@ def test_two_term_loss_form_counts_the_overlap_twice():
     assert padded.item() == pytest.approx(ce0 / 3, rel=1e-6)
     with pytest.raises(ValueError, match="two_term"):
         fsae_loss(source, target, form="two_term", reduction="masked_mean")
+
+
+class _DropoutScores(torch.nn.Module):
+    """A method whose score map is a 1x1 conv after Dropout2d(0.5): ``model(x, labels).score_map``."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop, self.conv = torch.nn.Dropout2d(0.5), torch.nn.Conv2d(3, 5, 1)
+
+    def forward(self, x, labels):
+        return type("Out", (), {"score_map": self.conv(self.drop(x))})()
+
+
+def test_ema_teacher_runs_in_eval_mode_or_as_the_authors_in_train_mode():
+    """ema_mode eval: the EMA copy without dropout; train (wseg ssl module/train.py:355-361: the EMA weights
+    in the model in train mode): with dropout, the same draws as the model itself under that RNG state."""
+    from fsae.config import FSAEConfig
+    from fsae.two_view import TwoViewFSAE, update_ema
+
+    torch.manual_seed(0)
+    model, x, labels = _DropoutScores().train(), torch.rand(2, 3, 4, 4), torch.ones(2, 4)
+    for mode in ("eval", "train"):
+        fs = TwoViewFSAE(FSAEConfig(enabled=True, teacher="ema", ema_mode=mode, ema_decay=0.5), model)
+        with torch.no_grad():
+            model.conv.weight.add_(1.0)
+        update_ema(fs.ema, model, 0.5)  # the EMA weights: halfway between the start and the model's
+        ema_weight = fs.ema.conv.weight.clone()
+        torch.testing.assert_close(ema_weight, model.conv.weight - 0.5)
+        torch.manual_seed(1)
+        got = fs.teacher_scores(model, x, labels, None)
+        torch.manual_seed(1)
+        dropped = torch.nn.functional.dropout2d(x, 0.5, training=mode == "train")
+        want = torch.nn.functional.conv2d(dropped, ema_weight, fs.ema.conv.bias)
+        torch.testing.assert_close(got, want)
+        plain = torch.nn.functional.conv2d(x, ema_weight, fs.ema.conv.bias)
+        assert torch.allclose(got, plain) == (mode == "eval")  # train: some channels dropped (and x2 the rest)
+        assert model.training  # the student stays in train mode
+        with torch.no_grad():
+            model.conv.weight.sub_(1.0)

@@ -219,7 +219,8 @@ RECIPES["coco/ppc_eps_fsae_authors.yaml"] = {**PPC_COCO, **AUTHORS_FSAE, **AUTHO
                                              "name": "coco_ppc_eps_fsae_authors",
                                              "train.epochs": 200,  # ssl script/coco_ppc1.sh:26-29, contrast_train.py:162
                                              "fsae.teacher": "ema",  # ssl script/coco_ppc1.sh:33 --use_ema
-                                             "fsae.ema_decay": 0.999}  # ssl contrast_train.py:69 --ema_m
+                                             "fsae.ema_decay": 0.999,  # ssl contrast_train.py:69 --ema_m
+                                             "fsae.ema_mode": "train"}  # ssl module/train.py:355-361, model.train()
 
 # ---------------------------------------------------------------- IRN (jiwoon-ahn/irn run_sample.py)
 IRN_TABLE = {
