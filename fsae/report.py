@@ -45,7 +45,7 @@ from fsae.evaluate import load_seed, output_ids, seed_to_mask  # noqa: E402
 from fsae.io import atomic_write, read_image, read_json, read_mask, write_text  # noqa: E402
 from fsae.labels import VOC_CLASSES, voc_palette  # noqa: E402
 from fsae.protocol import resolve_protocol  # noqa: E402
-from fsae.rundir import (EVAL_DIR, current_evals, eval_scores, load_run_config, pick_eval, run_dataset,  # noqa: E402
+from fsae.rundir import (EVAL_DIR, crf_folder, current_evals, eval_scores, load_run_config, pick_eval, run_dataset,  # noqa: E402
                          update_evals)
 
 
@@ -207,12 +207,13 @@ def plot_class_iou(path: str | os.PathLike, series: dict[str, Sequence[float | N
 
 
 def example_grid(path: str | os.PathLike, run_dir: str | os.PathLike, dataset, threshold: float,
-                 num_images: int = 4, names: Sequence[str] = ()) -> tuple[Path, list[str], list[str]] | None:
-    """Rows of image / CAM overlay / seed / pseudo-mask / GT for the first ``num_images`` seed (or
-    pseudo-mask) ids; a column is shown when every chosen image has it; under the grid a colour key of the
-    classes in its masks (``names``: background + class names). Returns (path, ids, columns)."""
+                 num_images: int = 4, names: Sequence[str] = (),
+                 crf_dir: str = "crf") -> tuple[Path, list[str], list[str]] | None:
+    """Rows of image / CAM overlay / seed / pseudo-mask (``run_dir/crf_dir``) / GT for the first ``num_images``
+    seed (or pseudo-mask) ids; a column is shown when every chosen image has it; under the grid a colour key
+    of the classes in its masks (``names``: background + class names). Returns (path, ids, columns)."""
     run_dir = Path(run_dir)
-    seeds, crf = run_dir / "seeds", run_dir / "crf"
+    seeds, crf = run_dir / "seeds", run_dir / crf_dir
     ids = output_ids(seeds, ".npz") or output_ids(crf, ".png")
     ids = [i for i in ids if dataset is not None and dataset.image_path(i).is_file()][:num_images]
     if not ids:
@@ -343,12 +344,12 @@ def _run_section(run_dir: Path, figures: _Figures, prefix: str, num_images: int,
     seed_eval = pick_eval(evals, "seeds")
     threshold = seed_eval[1]["best"]["threshold"] if seed_eval else resolve_protocol(cfg).threshold
     grid = example_grid(figures.path(f"{prefix}examples.png"), run_dir, dataset, threshold, num_images,
-                        class_names(cfg))
+                        class_names(cfg), crf_folder(cfg))
     if grid is not None:
         parts.append(f"<{h}>Examples</{h}>")
         parts.append(f"<p>{html.escape(', '.join(grid[1]))}; seed at the best threshold of "
                      f"{'eval/' + seed_eval[0] + '.json' if seed_eval else 'eval.threshold (no sweep)'}.</p>")
-        parts.append(figures.img(grid[0], "image / CAM / seed / pseudo-mask / GT"))
+        parts.append(figures.img(grid[0], " / ".join(grid[2])))  # alt: the columns shown
 
     parts.append(f"<{h}>Config</{h}>")
     parts.append(f"<pre>{html.escape((run_dir / 'config.yaml').read_text())}</pre>")

@@ -30,6 +30,16 @@ RUN_EVALS = {"seeds": ("seeds", "seeds"), "crf": ("masks", "crf")}
 SEED_EVAL, MASK_EVAL = "seeds", "crf"
 
 
+def crf_folder(cfg) -> str:
+    """Where `fsae crf` writes a run's pseudo-masks, relative to the run: ``crf`` (COCO: ``crf/<split>``)."""
+    return f"crf/{cfg.infer.split}" if cfg.data.kind == "coco" else "crf"
+
+
+def run_evals(cfg) -> dict[str, tuple[str, str]]:
+    """``RUN_EVALS`` with the run's own CRF folder (``crf_folder``)."""
+    return {**RUN_EVALS, "crf": ("masks", crf_folder(cfg))}
+
+
 def is_seed_eval(result: dict) -> bool:
     """An ``evaluate_seeds`` result (threshold sweep, ``best``) rather than an ``evaluate_masks`` one."""
     return "best" in result
@@ -136,6 +146,7 @@ def update_evals(run_dir: str | os.PathLike, cfg, dataset, progress: bool = Fals
         ids = output_ids(folder, ".npz" if kind == "seeds" else ".png")
         return ids if scored_ids is None else [i for i in ids if i in set(scored_ids)]
 
+    own_evals = run_evals(cfg)
     notes = []
     jobs = []  # (name, kind, folder, gt, ids, num_classes, thresholds, mode, ignore_as, old result, reason)
     for name, result in evals.items():
@@ -145,7 +156,7 @@ def update_evals(run_dir: str | os.PathLike, cfg, dataset, progress: bool = Fals
         kind = "seeds" if is_seed_eval(result) else "masks"
         scored = result.get("scored")
         if scored is None:  # one of the run's own, saved without a record: redo it the run's way
-            folder = run_dir / RUN_EVALS[name][1]
+            folder = run_dir / own_evals[name][1]
             jobs.append((name, kind, folder, gt_default, own_ids(folder, kind), cfg.data.num_classes,
                          protocol.thresholds(), protocol.eval_mode, None, result, reason))
             continue
@@ -155,7 +166,7 @@ def update_evals(run_dir: str | os.PathLike, cfg, dataset, progress: bool = Fals
             continue
         jobs.append((name, kind, folder, Path(scored["gt"]), scored.get("ids"), len(eval_scores(result)["iou"]) - 1,
                      result.get("thresholds"), result.get("mode", "sweep"), scored.get("ignore_as"), result, reason))
-    for name, (kind, folder) in RUN_EVALS.items():
+    for name, (kind, folder) in own_evals.items():
         ids = own_ids(run_dir / folder, kind)
         if ids and pick_eval(evals, kind) is None:
             jobs.append((name, kind, run_dir / folder, gt_default, ids, cfg.data.num_classes,

@@ -153,3 +153,12 @@ def test_grid_crf_masks_go_to_the_split_folder(coco_chain):
     assert not list((job.run_dir / "crf").glob("*.png"))
     scored = read_json(job.run_dir / "eval" / "crf.json")
     assert scored["count"] == len(ids) and scored["scored"]["dir"].endswith("crf/train2014")
+
+
+def test_report_scores_and_shows_the_split_folder_masks(coco_chain):
+    root, run, _ = coco_chain
+    assert main(["report", str(run)]) == 0
+    scored = read_json(run / "eval" / "crf.json")
+    assert scored["count"] == len(read_id_list(root / "ImageSets/train.txt"))
+    assert scored["scored"]["dir"].endswith("crf/train2014")
+    assert 'alt="image / CAM / seed (t=0.15) / pseudo-mask (CRF) / GT"' in (run / "report.html").read_text()
