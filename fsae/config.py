@@ -622,6 +622,7 @@ class Config(Settings):
         "data.workers", "data.prefetch", "train.device", "train.log_every", "train.tensorboard", "train.val_every",
         "train.val_scales", "train.checkpoint_every", "train.channels_last", "train.compile", "infer", "eval",
     )
+    hashed_unless_default: ClassVar[tuple[str, ...]] = ("fsae.ema_mode",)  # runs before it: EMA teacher in eval mode
 
     def check(self) -> None:
         check_range_pair(self.data.long_side, "data.long_side")
