@@ -392,7 +392,8 @@ def _random_walk_inputs(args, load_stage_config):
         return cfg, args.images or Path(data.root) / "JPEGImages", ids, ""
     from fsae.data.coco import single_split
 
-    split = single_split(data.root, ids if ids is not None else _ids_in(args.seeds or Path(args.run) / "seeds", ".npz"))
+    seed_ids = ids if ids is not None else _ids_in(args.seeds or Path(args.run) / "seeds", ".npz")
+    split = single_split(data.root, seed_ids)
     return cfg, args.images or Path(data.root) / split, ids, split
 
 

@@ -45,8 +45,8 @@ from fsae.evaluate import load_seed, output_ids, seed_to_mask  # noqa: E402
 from fsae.io import atomic_write, read_image, read_json, read_mask, write_text  # noqa: E402
 from fsae.labels import VOC_CLASSES, voc_palette  # noqa: E402
 from fsae.protocol import resolve_protocol  # noqa: E402
-from fsae.rundir import (EVAL_DIR, crf_folder, current_evals, eval_scores, load_run_config, pick_eval, run_dataset,  # noqa: E402
-                         update_evals)
+from fsae.rundir import (EVAL_DIR, crf_folder, current_evals, eval_scores, load_run_config, pick_eval,  # noqa: E402
+                         run_dataset, update_evals)
 
 
 def read_csv(path: str | os.PathLike) -> list[dict[str, float]]:

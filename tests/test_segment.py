@@ -16,9 +16,9 @@ from fsae.io import read_id_list, read_json, read_mask, write_json, write_mask
 from fsae.segment.config import SegConfig
 from fsae.segment.deeplab import ASPP, build_deeplab, load_pretrained
 from fsae.segment.infer import TEST_SERVER_DIR, multiscale_probs
-from fsae.stamps import make_stamp, stamp_path
 from fsae.segment.train import (IterationBatches, build_seg_optimizer, seg_model_from_checkpoint,
                                 train_segmentation)
+from fsae.stamps import make_stamp, stamp_path
 
 C = 4  # foreground classes of the generated set
 
