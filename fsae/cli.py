@@ -419,8 +419,9 @@ def cmd_psa(args) -> None:
     cfg, images, ids, mask_subdir = _random_walk_inputs(args, load_psa_config)
     shard = _shard(args.shard)
     steps = STEPS if args.step == "all" else (args.step,)
+    _no_force_with_shards(args.force, shard, Path(args.run))
     result = run_psa(Path(args.run), cfg, images, ids=ids, seed_dir=args.seeds, steps=steps, shard=shard,
-                     mask_subdir=mask_subdir)
+                     mask_subdir=mask_subdir, force=args.force)
     part = f", shard {shard[0]}/{shard[1]}" if shard[1] > 1 else ""
     if "labels" in result:
         print(f"affinity labels: {_counts(result['labels'], part)}")
@@ -678,6 +679,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="labels / masks steps: only images I, I+N, I+2N, ... of the list (training takes all)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the PSA recipe's device)")
+    p.add_argument("--force", action="store_true",
+                   help="delete the outputs of the steps run (aff_labels/, psa/, psa_masks/) and redo them (needed "
+                        "when they were made otherwise)")
     _add_set(p, "train.epochs=1")
     p.set_defaults(func=cmd_psa)
 

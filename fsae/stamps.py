@@ -34,6 +34,7 @@ and its CLI command a ``--force`` flag. An evaluation records ``folder_digest`` 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -113,6 +114,18 @@ def folder_digest(folder: str | os.PathLike) -> str:
         return _digest(_canonical(stamp))
     listing = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in output_files(folder, ["*"])]
     return "files-" + _digest(_canonical(listing))
+
+
+def section_settings(section) -> dict[str, Any]:
+    """A config section's fields for a stamp, without worker processes, prefetch and memory format (they change
+    the speed or the float rounding only), and the precision only when not fp32 (so fp32 stamps read as before
+    it existed)."""
+    d = dataclasses.asdict(section)  # nested sections (ir_label.crf) as plain dicts
+    for name in ("workers", "prefetch", "channels_last"):
+        d.pop(name, None)
+    if d.get("precision") == "fp32":
+        del d["precision"]
+    return d
 
 
 def make_stamp(stage: str, inputs: dict[str, Any], settings: dict[str, Any]) -> dict:

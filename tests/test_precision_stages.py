@@ -16,7 +16,6 @@ from fsae.io import read_id_list, write_image, write_mask
 from fsae.refine.irn import train as irn_train
 from fsae.refine.irn.config import IRNConfig
 from fsae.refine.irn.network import BoundaryNet, boundary_map
-from fsae.refine.irn.pipeline import _settings
 from fsae.refine.psa import train as psa_train
 from fsae.refine.psa.config import PSAConfig
 from fsae.refine.psa.network import AffinityNet
@@ -25,6 +24,7 @@ from fsae.segment.config import SegConfig
 from fsae.segment.deeplab import build_deeplab
 from fsae.segment.infer import multiscale_probs, predict_split
 from fsae.speed import loader_options
+from fsae.stamps import section_settings
 
 C = 4
 STEPS = 4
@@ -260,7 +260,7 @@ def test_psa_bf16_steps_stay_near_fp32(irn_batches):
 # ------------------------------------------------------------------- fp32 runs hash and stamp as before
 
 
-def test_fp32_hashes_and_stamps_are_those_from_before_the_speed_settings():
+def test_fp32_hashes_and_stamps_are_those_from_before_the_speedsection_settings():
     # The hashes of the default configs computed by the code before train.precision / channels_last / prefetch
     # existed in these stages (commit 317e9ca): their checkpoints still resume. Config's changed once since, when
     # model.background and model.sipe.score_map were removed (fsae.config.REMOVED_KEYS; resume compares the hash
@@ -276,11 +276,11 @@ def test_fp32_hashes_and_stamps_are_those_from_before_the_speed_settings():
         cfg.train.precision = "bf16"
         assert cfg.hash() != digest, root.__name__
     irn = IRNConfig()
-    assert set(_settings(irn.train)) == {"epochs", "batch_size", "crop_size", "scale_range", "hflip", "radius", "lr",
+    assert set(section_settings(irn.train)) == {"epochs", "batch_size", "crop_size", "scale_range", "hflip", "radius", "lr",
                                          "weight_decay", "momentum", "poly_power", "seed"}  # the fp32 stamp's keys
-    assert set(_settings(irn.walk)) == {"radius", "beta", "exp_times", "bg_threshold"}
+    assert set(section_settings(irn.walk)) == {"radius", "beta", "exp_times", "bg_threshold"}
     irn.train.precision = irn.walk.precision = "bf16"
-    assert _settings(irn.train)["precision"] == _settings(irn.walk)["precision"] == "bf16"
+    assert section_settings(irn.train)["precision"] == section_settings(irn.walk)["precision"] == "bf16"
 
 
 # ----------------------------------------------------------------------------------------- loaders

@@ -4,6 +4,7 @@ affinity and its loss, and the random walk against plainly written references of
 resumed; the `fsae psa` stage end to end on a tiny generated set."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from fsae.cli import main as cli
 from fsae.data.synthetic import SyntheticSpec, generate
 from fsae.errors import ConfigError
 from fsae.infer import save_seed
-from fsae.io import read_mask, write_mask
+from fsae.io import read_mask, write_json, write_mask
 from fsae.refine.irn.affinity import pair_set
 from fsae.refine.psa.aff_labels import aff_label_scores, affinity_label_map, crf_with_alpha
 from fsae.refine.psa.affinity import pair_affinity, pair_window, psa_affinity_labels
@@ -31,6 +32,7 @@ from fsae.refine.psa.network import AffinityNet
 from fsae.refine.psa.train import AffinityCrops, pool, train_step
 from fsae.refine.psa.walk import propagate, psa_mask, walk_scores
 from fsae.refine.irn.affinity import affinity_loss
+from fsae.stamps import folder_digest, make_stamp, read_stamp, stamp_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -474,4 +476,37 @@ def test_fsae_psa_end_to_end_resumes_and_shards(tiny_run, tmp_path, capsys):
     np.testing.assert_array_equal(read_mask(run / "psa_masks" / f"{ids[0]}.png"), sentinel)
     assert (run / "psa_masks" / f"{ids[1]}.png").is_file()
     assert cli([*base, "--set", "train.lr=0.5"]) == 2  # the checkpoint was trained with other settings
-    assert "other PSA settings" in capsys.readouterr().err
+    assert "psa: made with train.lr 0.01, now 0.5; rerun with --force" in capsys.readouterr().err
+
+
+def test_psa_outputs_made_otherwise_are_refused_then_redone_with_force(tiny_run, tmp_path, capsys):
+    """Each PSA folder is stamped: other walk settings stop the masks step only; new seeds stop the labels
+    step (the old labels, network and masks would be taken as finished); --force redoes them."""
+    root, data, ids = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(root / "run" / "seeds", run / "seeds")
+    write_json(stamp_path(run / "seeds"), make_stamp("cam", {"checkpoint": "a1"}, {}))
+    config = tiny_psa_config(tmp_path / "psa.yaml", epochs=1)
+    base = ["psa", str(run), "--config", str(config), "--images", str(data / "JPEGImages")]
+    assert cli(base) == 0
+    label_stamp, net = read_stamp(run / "aff_labels"), (run / "psa" / "psa.pt").read_bytes()
+    assert label_stamp["inputs"]["seeds"] == folder_digest(run / "seeds")
+
+    assert cli([*base, "--set", "walk.beta=4"]) == 2
+    assert "psa_masks: made with walk.beta 8.0, now 4.0; rerun with --force" in capsys.readouterr().err
+    assert cli([*base, "--set", "walk.beta=4", "--step", "masks", "--force"]) == 0
+    assert read_stamp(run / "psa_masks")["settings"]["walk"]["beta"] == 4.0
+    assert (run / "psa" / "psa.pt").read_bytes() == net  # training untouched
+
+    write_json(stamp_path(run / "seeds"), make_stamp("cam", {"checkpoint": "b2"}, {}))  # `fsae cam` made again
+    capsys.readouterr()
+    assert cli(base) == 2
+    err = capsys.readouterr().err
+    assert "aff_labels: made with seeds" in err and "rerun with --force" in err, err
+    assert cli([*base, "--force"]) == 0
+    new_seeds = folder_digest(run / "seeds")
+    assert read_stamp(run / "aff_labels")["inputs"]["seeds"] == new_seeds != label_stamp["inputs"]["seeds"]
+    assert read_stamp(run / "psa")["inputs"]["aff_labels"] == folder_digest(run / "aff_labels")
+    assert read_stamp(run / "psa_masks")["inputs"]["psa"] == folder_digest(run / "psa")
+    assert sorted(p.stem for p in (run / "psa_masks").glob("*.png")) == ids
+    assert cli([*base, "--force", "--shard", "0/2", "--step", "labels"]) == 2  # a shard would delete the others' work

@@ -35,7 +35,7 @@ from fsae.refine.irn.ir_labels import make_ir_labels
 from fsae.refine.irn.network import FEATURE_STRIDE, BoundaryNet, boundary_map
 from fsae.refine.irn.train import load_boundary_net, train_irn
 from fsae.refine.irn.walk import irn_start_cams, load_strided, propagate, sipe_start_cams, walk_to_mask
-from fsae.stamps import folder_digest, make_stamp, prepare_output
+from fsae.stamps import folder_digest, make_stamp, prepare_output, section_settings
 
 
 def pseudo_mask(model: BoundaryNet, image: np.ndarray, keys: np.ndarray, cams: np.ndarray, cfg: IRNConfig,
@@ -83,17 +83,6 @@ def make_pseudo_masks(model: BoundaryNet, seed_dir: str | os.PathLike, image_dir
     return {"total": len(ids), "written": len(todo), "skipped": len(ids) - len(todo), "out_dir": str(out_dir)}
 
 
-def _settings(section) -> dict[str, Any]:
-    """A config section's fields, without worker processes, prefetch and memory format (they change the speed or
-    the float rounding only), and the precision only when not fp32 (so fp32 stamps read as before it existed)."""
-    d = dataclasses.asdict(section)  # nested sections (ir_label.crf) as plain dicts
-    for name in ("workers", "prefetch", "channels_last"):
-        d.pop(name, None)
-    if d.get("precision") == "fp32":
-        del d["precision"]
-    return d
-
-
 def run_irn(run_dir: str | os.PathLike, cfg: IRNConfig, image_dir: str | os.PathLike,
             ids: list[str] | None = None, seed_dir: str | os.PathLike | None = None,
             progress: bool = True, image_ext: str = ".jpg", force: bool = False,
@@ -108,18 +97,18 @@ def run_irn(run_dir: str | os.PathLike, cfg: IRNConfig, image_dir: str | os.Path
         raise DataError(f"{seed_dir}: no seed files; run `fsae cam {run_dir}` first")
     label_dir, irn_dir, mask_dir = run_dir / "ir_labels", run_dir / "irn", run_dir / "irn_masks" / mask_subdir
     seeds = folder_digest(seed_dir)
-    prepare_output(label_dir, make_stamp("ir_labels", {"seeds": seeds}, _settings(cfg.ir_label)), force,
+    prepare_output(label_dir, make_stamp("ir_labels", {"seeds": seeds}, section_settings(cfg.ir_label)), force,
                    ("*.png",), read_mask)
     lc = cfg.ir_label
     labels = make_ir_labels(seed_dir, image_dir, label_dir, ids, lc.fg_threshold, lc.bg_threshold, lc.gt_prob,
                             workers=lc.workers, progress=progress, image_ext=image_ext, **lc.crf_params())
     train_stamp = make_stamp("irn", {"ir_labels": folder_digest(label_dir)},
-                             {"net": dataclasses.asdict(cfg.net), "train": _settings(cfg.train)})
+                             {"net": dataclasses.asdict(cfg.net), "train": section_settings(cfg.train)})
     prepare_output(irn_dir, train_stamp, force, ("irn.pt", "config.yaml"))
     checkpoint = train_irn(cfg, image_dir, label_dir, ids, irn_dir / "irn.pt", progress, image_ext)
     cfg.save(irn_dir / "config.yaml")
     model = load_boundary_net(checkpoint, cfg, cfg.device)
     prepare_output(mask_dir, make_stamp("irn_masks", {"seeds": seeds, "irn": folder_digest(irn_dir)},
-                                        {"walk": _settings(cfg.walk)}), force, ("*.png",), read_mask)
+                                        {"walk": section_settings(cfg.walk)}), force, ("*.png",), read_mask)
     masks = make_pseudo_masks(model, seed_dir, image_dir, mask_dir, ids, cfg, progress, image_ext)
     return {"ir_labels": labels, "checkpoint": str(checkpoint), "masks": masks}

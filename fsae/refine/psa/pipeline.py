@@ -7,12 +7,17 @@
     run_dir/psa_masks/<id>.png     pseudo-masks (VOC palette, 0 bg, 1..C; COCO: psa_masks/<split>/)
 
 Each step can run alone (``steps``); the per-image steps (labels, masks) split over jobs with
-``shard``, training needs every label. Every step skips finished work on a rerun (``pending`` for the
-per-image outputs, the checkpoint's epoch for training) and writes atomically.
+``shard``, training needs every label. Each output is stamped (``fsae.stamps``), as IRN's are:
+``aff_labels/`` with the seed folder's stamp and the label settings, ``psa/`` with ``aff_labels/``'s stamp
+and the network and training settings, ``psa_masks/`` with the seeds', ``psa/``'s stamps and the walk
+settings. A rerun with the same stamp skips finished work (``pending`` for the per-image outputs, the
+checkpoint's epoch for training); another stamp stops naming the change (``force`` redoes that step's
+folder). Every file is written atomically.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Iterable
@@ -22,13 +27,14 @@ from tqdm import tqdm
 
 from fsae.distributed import shard_indices
 from fsae.errors import DataError, FsaeError
-from fsae.io import ensure_output_dir, read_image, write_mask
-from fsae.refine.psa.aff_labels import make_aff_labels
+from fsae.io import read_image, read_mask, write_mask
+from fsae.refine.psa.aff_labels import load_aff_label, make_aff_labels
 from fsae.refine.psa.config import PSAConfig
 from fsae.refine.psa.network import AffinityNet
 from fsae.refine.psa.train import load_affinity_net, train_psa
 from fsae.refine.psa.walk import psa_mask
 from fsae.seeds import load_seed
+from fsae.stamps import folder_digest, make_stamp, prepare_output, section_settings
 
 STEPS = ("labels", "train", "masks")
 
@@ -63,7 +69,7 @@ def make_psa_masks(model: AffinityNet, seed_dir: str | os.PathLike, image_dir: s
 def run_psa(run_dir: str | os.PathLike, cfg: PSAConfig, image_dir: str | os.PathLike,
             ids: list[str] | None = None, seed_dir: str | os.PathLike | None = None,
             steps: Iterable[str] = STEPS, shard: tuple[int, int] = (0, 1), progress: bool = True,
-            image_ext: str = ".jpg", mask_subdir: str = "") -> dict[str, Any]:
+            image_ext: str = ".jpg", mask_subdir: str = "", force: bool = False) -> dict[str, Any]:
     """The PSA steps for a run directory (module docstring). ``ids`` default: every seed file;
     ``mask_subdir``: the pseudo-masks go to ``psa_masks/<mask_subdir>/`` (COCO: the split).
 
@@ -85,9 +91,12 @@ def run_psa(run_dir: str | os.PathLike, cfg: PSAConfig, image_dir: str | os.Path
         raise DataError(f"{seed_dir}: no seed files; run `fsae cam {run_dir}` first")
     label_dir, psa_dir, mask_dir = run_dir / "aff_labels", run_dir / "psa", run_dir / "psa_masks" / mask_subdir
     mine = shard_indices(list(ids), shard)
+    seeds = folder_digest(seed_dir)
     result: dict[str, Any] = {}
     if "labels" in steps:
-        todo = pending(ensure_output_dir(label_dir), mine, ".npz")
+        prepare_output(label_dir, make_stamp("aff_labels", {"seeds": seeds}, section_settings(cfg.aff_label)), force,
+                       ("*.npz",), load_aff_label)
+        todo = pending(label_dir, mine, ".npz")
         lc = cfg.aff_label
         make_aff_labels(seed_dir, image_dir, label_dir, todo, lc.low_alpha, lc.high_alpha, lc.workers, progress,
                         image_ext, **lc.crf_params())
@@ -99,11 +108,16 @@ def run_psa(run_dir: str | os.PathLike, cfg: PSAConfig, image_dir: str | os.Path
         if missing:
             raise DataError(f"{label_dir}: {len(missing)} of {len(ids)} affinity labels missing (e.g. {missing[0]}); "
                             f"run the labels step for every shard first")
+        prepare_output(psa_dir, make_stamp("psa", {"aff_labels": folder_digest(label_dir)},
+                                           {"net": dataclasses.asdict(cfg.net), "train": section_settings(cfg.train)}),
+                       force, ("psa.pt", "config.yaml"))
         train_psa(cfg, image_dir, label_dir, list(ids), checkpoint, progress, image_ext)
         cfg.save(psa_dir / "config.yaml")
         result["train"] = str(checkpoint)
     if "masks" in steps:
-        todo = pending(ensure_output_dir(mask_dir), mine, ".png")
+        prepare_output(mask_dir, make_stamp("psa_masks", {"seeds": seeds, "psa": folder_digest(psa_dir)},
+                                            {"walk": section_settings(cfg.walk)}), force, ("*.png",), read_mask)
+        todo = pending(mask_dir, mine, ".png")
         if todo:
             model = load_affinity_net(checkpoint, cfg, cfg.device)
             make_psa_masks(model, seed_dir, image_dir, mask_dir, todo, cfg, progress, image_ext)
