@@ -14,10 +14,10 @@ Layout below ``out``::
     base/seed=<s>/                                with ``base``: the recipe with fsae.enabled=false
     grid.md, grid.json, grid.html, grid_files/<field>.png   (mIoU vs value, error bars = std over seeds)
 
-A rerun skips finished runs (``run_finished``) and resumes the others (training from its checkpoint,
-``cam`` from the seeds already written). ``devices`` runs one job per device side by side; one device
-(the default: the recipe's ``train.device``) runs them one at a time. ``nproc`` trains each job with
-``fsae train --nproc N`` (torchrun), one job at a time.
+A rerun skips finished runs (``run_finished``: the same config, all epochs, evaluations written) and
+resumes the others (training from its checkpoint, ``cam`` from the seeds already written). ``devices`` runs
+one job per device side by side; one device (the default: the recipe's ``train.device``) runs them one at a
+time. ``nproc`` trains each job with ``fsae train --nproc N`` (torchrun), one job at a time.
 """
 
 from __future__ import annotations
@@ -177,14 +177,18 @@ def _eval_path(run_dir: Path, masks: str | None) -> list[Path]:
 
 
 def run_finished(run: GridRun, masks: str | None) -> bool:
-    """Whether a rerun skips this run: its checkpoint has all ``train.epochs`` epochs and its evaluations
-    exist. (The grid's only test of "finished": to become the stage stamps' check.)"""
+    """Whether a rerun skips this run: its checkpoint was trained by this run's config (the hash a resume
+    compares) for all ``train.epochs`` epochs and its evaluations exist. Another config is not finished: its
+    job runs, and training refuses it naming the changed fields."""
     ckpt = run.run_dir / "checkpoints" / "last.pt"
     if not ckpt.is_file() or not all(p.is_file() for p in _eval_path(run.run_dir, masks)):
         return False
+    from fsae.config import config_from_dict
     from fsae.train import load_checkpoint
 
-    return load_checkpoint(ckpt).get("epoch") == run.cfg.train.epochs
+    state = load_checkpoint(ckpt)
+    same = config_from_dict(state["config"], str(ckpt)).hash() == run.cfg.hash()
+    return same and state.get("epoch") == run.cfg.train.epochs
 
 
 def run_job(run: GridRun, spec: GridSpec, device: str | None = None) -> None:

@@ -18,8 +18,8 @@ from fsae import grid as grid_module
 from fsae.cli import main as cli
 from fsae.compare import compare_markdown, compare_runs, seed_group_table, seed_groups
 from fsae.data.synthetic import SyntheticSpec, generate
-from fsae.errors import ConfigError
-from fsae.grid import GridSpec, parse_vary, plan_grid, run_jobs
+from fsae.errors import CheckpointError, ConfigError
+from fsae.grid import GridSpec, parse_vary, plan_grid, run_finished, run_job, run_jobs
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = """name: tiny
@@ -176,6 +176,18 @@ def test_killed_grid_resumes_and_skips_finished_runs(killed_grid):
     for setting in SETTINGS:
         for seed in (0, 1):
             assert (out / setting / f"seed={seed}" / "eval" / "crf.json").is_file()
+
+
+def test_a_rerun_with_another_override_is_not_finished(killed_grid, recipe, capsys):
+    """The same grid folder with another --set: no run counts as finished (its numbers would come from the old
+    recipe); the job's training refuses the checkpoint, naming the field."""
+    spec = GridSpec(str(recipe), [parse_vary("fsae.tau_fae=0.5,0.95")], [0, 1], killed_grid["out"], masks="crf")
+    assert all(run_finished(run, "crf") for run in plan_grid(spec))
+    changed = GridSpec(str(recipe), spec.varies, spec.seeds, spec.out, masks="crf", overrides=["optim.lr=0.5"])
+    first = plan_grid(changed)[0]
+    assert not run_finished(first, "crf")
+    with pytest.raises(CheckpointError, match=r"written by another config \(optim.lr 0.001 -> 0.5\)"):
+        run_job(first, changed)
 
 
 def _hand(values):
