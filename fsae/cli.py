@@ -267,7 +267,7 @@ def cmd_convert(args) -> None:
     if seed_format == "fsae":
         raise FsaeError(f"{args.seeds}: holds fsae seeds (.npz) already; nothing to convert")
     ids = ids or _ids_in(args.seeds, ".npy")
-    result = convert_seeds(args.seeds, seed_format, args.out, ids, args.num_classes)
+    result = convert_seeds(args.seeds, seed_format, args.out, ids, args.num_classes, force=args.force)
     print(f"seeds: {result['out']} ({result['written']} written from {seed_format} files)")
 
 
@@ -721,6 +721,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the fsae seeds")
     p.add_argument("--ids", default=None, help="image list (default: every .npy file in the folder)")
     p.add_argument("--num-classes", type=int, default=None, help="foreground classes C: check the class indices")
+    p.add_argument("--force", action="store_true",
+                   help="delete the seeds in --out first (needed when they were converted from other files)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("report", help="RUN_DIR/report.html: config, curves, metric tables, per-class IoU, examples")

@@ -38,6 +38,7 @@ import numpy as np
 
 from fsae.errors import DataError
 from fsae.seeds import load_seed, save_seed
+from fsae.stamps import folder_digest, make_stamp, prepare_output
 
 FORMATS = ("fsae", "irn", "sipe", "psa", "mctformer")
 FOREIGN_FORMATS = FORMATS[1:]
@@ -294,10 +295,12 @@ def _unit_range(path: Path, name: str, array: np.ndarray) -> np.ndarray:
 
 
 def convert_seeds(seed_dir: str | os.PathLike, seed_format: str, out_dir: str | os.PathLike,
-                  ids: Sequence[str], num_classes: int | None = None) -> dict:
+                  ids: Sequence[str], num_classes: int | None = None, force: bool = False) -> dict:
     """Write ``out_dir/<id>.npz`` fsae seeds (``fsae.seeds.save_seed``, atomic) from a base repository's
     ``seed_dir/<id>.npy`` files. Cams and background become float16, so a map value within float16
-    rounding (2^-11 relative) of a threshold can fall on the other side of it.
+    rounding (2^-11 relative) of a threshold can fall on the other side of it. ``out_dir`` is stamped with
+    the source folder and the format (``fsae.stamps``): seeds converted from elsewhere are not mixed in
+    (``force`` deletes them first).
 
     Returns {"written": n, "out": path}.
     """
@@ -305,6 +308,9 @@ def convert_seeds(seed_dir: str | os.PathLike, seed_format: str, out_dir: str | 
     seed_dir, out_dir = Path(seed_dir), Path(out_dir)
     if not ids:
         raise DataError(f"{seed_dir}: no seed files (<id>.npy) to convert")
+    stamp = make_stamp("convert", {"source": folder_digest(seed_dir)}, {"format": seed_format,
+                                                                         "num_classes": num_classes})
+    prepare_output(out_dir, stamp, force, ("*.npz",), load_seed)
     for image_id in ids:
         path = seed_dir / f"{image_id}{seed_suffix(seed_format)}"
         keys, cams, background = read_foreign_seed(path, seed_format, num_classes)

@@ -194,7 +194,26 @@ def test_convert_clips_negatives_and_refuses_values_above_one(tmp_path):
     with np.load(tmp_path / "out" / "a.npz") as z:
         assert z["cams"].tolist() == [[[0.0, 0.5]]] and z["keys"].tolist() == [2]
     np.save(src / "a.npy", {1: np.array([[0.0, 3.0]], np.float32)})
-    assert main(["convert", str(src), "--format", "psa", "--out", str(tmp_path / "out")]) == 2
+    assert main(["convert", str(src), "--format", "psa", "--out", str(tmp_path / "out2")]) == 2
+
+
+def test_convert_into_a_folder_of_other_seeds_is_refused(tmp_path, capsys):
+    """Seeds converted from another folder (or another format) are not mixed with the new ones."""
+    for name, value in (("a", 0.5), ("b", 0.25)):
+        (tmp_path / name).mkdir()
+        np.save(tmp_path / name / "x.npy", {1: np.array([[value, 0.5]], np.float32)})
+    out = tmp_path / "out"
+    assert main(["convert", str(tmp_path / "a"), "--format", "psa", "--out", str(out)]) == 0
+    assert main(["convert", str(tmp_path / "a"), "--format", "psa", "--out", str(out)]) == 0  # the same: redone
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "b"), "--format", "psa", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "out: made with source files-" in err and "rerun with --force" in err, err
+    with np.load(out / "x.npz") as z:
+        assert z["cams"].tolist() == [[[0.5, 0.5]]]  # the old seed is untouched
+    assert main(["convert", str(tmp_path / "b"), "--format", "psa", "--out", str(out), "--force"]) == 0
+    with np.load(out / "x.npz") as z:
+        assert z["cams"].tolist() == [[[0.25, 0.5]]]
 
 
 class _RunsCode:
