@@ -38,9 +38,10 @@ from pathlib import Path
 import yaml
 
 from fsae.compare import run_summary, seed_spread, spread_cell
-from fsae.config import Config, load_config
+from fsae.config import Config, config_from_dict, load_config
 from fsae.errors import ConfigError, FsaeError
 from fsae.io import ensure_output_dir, read_json, write_json, write_text
+from fsae.rundir import mask_split
 
 MASK_KINDS = {"crf": ("crf", "crf"), "irn": ("irn_masks", "irn")}  # --masks -> (mask folder, eval/<name>.json)
 METRICS = [("seed_miou", "Seed mIoU"), ("seed_fpr", "FPR"), ("seed_fnr", "FNR"), ("threshold", "best threshold"),
@@ -183,7 +184,6 @@ def run_finished(run: GridRun, masks: str | None) -> bool:
     ckpt = run.run_dir / "checkpoints" / "last.pt"
     if not ckpt.is_file() or not all(p.is_file() for p in _eval_path(run.run_dir, masks)):
         return False
-    from fsae.config import config_from_dict
     from fsae.train import load_checkpoint
 
     state = load_checkpoint(ckpt)
@@ -225,7 +225,7 @@ def run_job(run: GridRun, spec: GridSpec, device: str | None = None) -> None:
                            progress=False, mode=protocol.eval_mode)
     save_eval(run_dir / "eval" / "seeds.json", seeds, scored=run_dir / "seeds", gt_dir=dataset.mask_dir, ids=ids)
     print(f"{run_dir}: seed mIoU {100 * seeds['best']['miou']:.1f} at threshold {seeds['best']['threshold']:.2f}")
-    split = dataset.split if cfg.data.kind == "coco" else ""  # COCO's masks: <folder>/<split>/, as `fsae crf`
+    split = mask_split(cfg)  # COCO's masks: <folder>/<split>/, as `fsae crf` writes them
     if spec.masks == "crf":
         from fsae.refine import refine_dir
 

@@ -30,9 +30,15 @@ RUN_EVALS = {"seeds": ("seeds", "seeds"), "crf": ("masks", "crf")}
 SEED_EVAL, MASK_EVAL = "seeds", "crf"
 
 
+def mask_split(cfg) -> str:
+    """The subfolder of a run's pseudo-mask folders (crf/, irn_masks/) holding its inferred split: COCO's
+    ``<split>`` (the layout COCO segmentation training reads), else none."""
+    return cfg.infer.split if cfg.data.kind == "coco" else ""
+
+
 def crf_folder(cfg) -> str:
     """Where `fsae crf` writes a run's pseudo-masks, relative to the run: ``crf`` (COCO: ``crf/<split>``)."""
-    return f"crf/{cfg.infer.split}" if cfg.data.kind == "coco" else "crf"
+    return str(Path("crf") / mask_split(cfg))
 
 
 def run_evals(cfg) -> dict[str, tuple[str, str]]:
