@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fsae.errors import ConfigError
+from fsae.io import check_replaceable, json_object_with, write_json, write_text
 from fsae.rundir import current_evals, eval_scores, load_run_config, pick_eval, run_dataset, update_evals
 
 # (key, column title); values are fractions in 0..1 except the threshold.
@@ -102,7 +103,7 @@ def compare_table(summaries: list[dict]) -> dict:
 def compare_markdown(summaries: list[dict]) -> str:
     """The table as markdown, with a line saying what the deltas are against."""
     table = compare_table(summaries)
-    note = (f"Percent; (+x) = difference from the first run, {summaries[0]['name']}. Seeds at their best "
+    note = (f"{COMPARE_NOTE}, {summaries[0]['name']}. Seeds at their best "
             f"background threshold.")
     left_out = [f"{s['name']}: {n}" for s in summaries for n in s.get("notes", [])]
     text = markdown_table(table["header"], table["rows"]) + "\n\n" + "\n".join([note, *left_out]) + "\n"
@@ -111,6 +112,22 @@ def compare_markdown(summaries: list[dict]) -> str:
         text += ("\n" + markdown_table(seeds["header"], seeds["rows"]) + "\n\nOver training seeds: median "
                  "(mean ± std, sample std), percent; threshold: the median of the runs' best thresholds.\n")
     return text
+
+
+COMPARE_NOTE = "Percent; (+x) = difference from the first run"  # in every table compare_markdown writes
+
+
+def is_comparison(text: str) -> bool:
+    """Whether ``text`` is a file ``write_comparison`` wrote: the markdown table, or the JSON summaries."""
+    return COMPARE_NOTE in text or json_object_with(("name",))(text) and text.lstrip().startswith("[")
+
+
+def write_comparison(out: str | os.PathLike, summaries: list[dict], text: str) -> Path:
+    """``fsae compare --out``: the summaries as JSON (``.json``) or the markdown ``text``, atomically. ``out``
+    may be new or a comparison fsae wrote before (``is_comparison``); a folder or another file is refused
+    (DataError), as the scores were already printed."""
+    out = check_replaceable(out, is_comparison, "an fsae comparison (markdown or JSON)")
+    return write_json(out, summaries) if out.suffix == ".json" else write_text(out, text)
 
 
 # ------------------------------------------------------------------ several training seeds of one setting

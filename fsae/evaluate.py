@@ -43,7 +43,7 @@ from tqdm import tqdm
 from fsae.distributed import all_reduce_sum, rank, shard_indices, world_size
 from fsae.errors import DataError
 from fsae.formats import seed_suffix
-from fsae.io import read_mask, write_json
+from fsae.io import check_replaceable, json_object_with, read_mask, write_json
 from fsae.labels import IGNORE_INDEX, VOC_CLASSES
 from fsae.parallel import imap_jobs
 from fsae.seeds import check_seed, load_seed  # noqa: F401 - re-exported: the seed format's reader
@@ -399,10 +399,14 @@ def output_ids(folder: str | os.PathLike, suffix: str) -> list[str]:
     return sorted(p.stem for p in Path(folder).glob(f"*{suffix}") if not p.name.startswith("."))
 
 
+EVAL_KEYS = ("miou", "best")  # an evaluation JSON's own keys: masks' scores / seeds' threshold sweep
+
+
 def save_eval(path: str | os.PathLike, result: dict[str, Any], scored: str | os.PathLike | None = None,
               gt_dir: str | os.PathLike | None = None, ids: Sequence[str] | None = None,
               ignore_as: int | None = None) -> Path:
-    """Write a result dict as JSON, atomically; NaN (class with empty union) becomes null.
+    """Write a result dict as JSON, atomically; NaN (class with empty union) becomes null. ``path`` may be
+    new or an evaluation fsae wrote before (``EVAL_KEYS``); a folder or another file is refused (DataError).
 
     With ``scored`` (the seed or mask folder evaluated, against ``gt_dir``, over ``ids``) the JSON also
     records what it scored, so ``fsae report`` / ``fsae compare`` can tell when it is stale and redo it::
@@ -411,7 +415,7 @@ def save_eval(path: str | os.PathLike, result: dict[str, Any], scored: str | os.
                    "gt": absolute GT folder, "ids": null (every output file of dir) or [ids...],
                    "ignore_as": ...}
     """
-    path = Path(path)
+    path = check_replaceable(path, json_object_with(EVAL_KEYS), "an fsae evaluation (JSON)")
     result = dict(result)
     if scored is not None:
         suffix = ".npz" if "best" in result else ".png"

@@ -38,7 +38,7 @@ import numpy as np
 
 from fsae.errors import DataError
 from fsae.seeds import load_seed, save_seed
-from fsae.stamps import folder_digest, make_stamp, prepare_output
+from fsae.stamps import folder_digest, make_stamp, stage_output
 
 FORMATS = ("fsae", "irn", "sipe", "psa", "mctformer")
 FOREIGN_FORMATS = FORMATS[1:]
@@ -300,7 +300,8 @@ def convert_seeds(seed_dir: str | os.PathLike, seed_format: str, out_dir: str | 
     ``seed_dir/<id>.npy`` files. Cams and background become float16, so a map value within float16
     rounding (2^-11 relative) of a threshold can fall on the other side of it. ``out_dir`` is stamped with
     the source folder and the format (``fsae.stamps``): seeds converted from elsewhere are not mixed in
-    (``force`` deletes them first).
+    (``force`` builds the new seeds beside them and swaps them in at the end: ``fsae.stamps.stage_output``;
+    one writer per folder).
 
     Returns {"written": n, "out": path}.
     """
@@ -310,14 +311,14 @@ def convert_seeds(seed_dir: str | os.PathLike, seed_format: str, out_dir: str | 
         raise DataError(f"{seed_dir}: no seed files (<id>.npy) to convert")
     stamp = make_stamp("convert", {"source": folder_digest(seed_dir)}, {"format": seed_format,
                                                                          "num_classes": num_classes})
-    prepare_output(out_dir, stamp, force, ("*.npz",), load_seed)
-    for image_id in ids:
-        path = seed_dir / f"{image_id}{seed_suffix(seed_format)}"
-        keys, cams, background = read_foreign_seed(path, seed_format, num_classes)
-        cams = _unit_range(path, "the class maps", cams)
-        if background is not None:
-            background = _unit_range(path, "the background map", background)
-        save_seed(out_dir / f"{image_id}.npz", keys, cams, background)
+    with stage_output(out_dir, stamp, force, ("*.npz",), load_seed) as target:
+        for image_id in ids:
+            path = seed_dir / f"{image_id}{seed_suffix(seed_format)}"
+            keys, cams, background = read_foreign_seed(path, seed_format, num_classes)
+            cams = _unit_range(path, "the class maps", cams)
+            if background is not None:
+                background = _unit_range(path, "the background map", background)
+            save_seed(target / f"{image_id}.npz", keys, cams, background)
     return {"written": len(ids), "out": out_dir}
 
 

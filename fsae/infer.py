@@ -34,7 +34,8 @@ from tqdm import tqdm
 from fsae.augment import normalize
 from fsae.io import atomic_write
 from fsae.seeds import load_seed, save_seed  # noqa: F401 - save_seed re-exported for callers of fsae.infer
-from fsae.stamps import make_stamp, prepare_output, weights_digest
+from fsae.memory import named_out_of_memory
+from fsae.stamps import ids_part, make_stamp, stage_output, weights_digest
 from fsae.speed import autocast
 
 SEED_EPS = 1e-5
@@ -287,8 +288,10 @@ def infer_seeds(model, dataset, out_dir: str | os.PathLike, scales: Sequence[flo
     normalisation and the stride-4 CAM; None: bilinear tensor rescale, direct upsample, max.
     The folder is stamped (``fsae.stamps``) with ``seed_stamp(...)``; the CLI passes
     ``source = {"checkpoint": file_digest(checkpoint)}``. A folder made otherwise is refused
-    (``StaleOutputError``) unless ``force``, which deletes its seeds first; a seed file that no longer reads
-    is written again. ``precision`` the autocast dtype of the network passes (stamped unless fp32);
+    (``StaleOutputError``) unless ``force``, which builds the new seeds beside the old ones and swaps them in
+    at the end (``fsae.stamps.stage_output``: a failure keeps the old seeds); a seed file that no longer reads
+    is written again. Another process writing ``out_dir`` is refused (``fsae.lock``). Out of memory on an
+    image: ``fsae.memory.OutOfMemory`` naming it, its size and what to lower. ``precision`` the autocast dtype of the network passes (stamped unless fp32);
     ``seed_dtype`` the seed files' storage (``fsae.seeds.SEED_DTYPES``, stamped unless float16).
     ``batch_size``: same-size images per forward, or "auto" (``pick_batch_size``, printed once with ``progress``).
     Returns {"written": n, "skipped": n, "out": path, "batch_size": the batch used}.
@@ -302,9 +305,18 @@ def infer_seeds(model, dataset, out_dir: str | os.PathLike, scales: Sequence[flo
     stamp = seed_stamp(model, scales, flip, source, {**options, "normalise": mode,
                                                      **({"precision": precision} if precision != "fp32" else {}),
                                                      **({"seed_dtype": seed_dtype} if seed_dtype != "float16" else {})})
-    prepare_output(out_dir, stamp, force, ("*.npz",), load_seed)
-    model.eval()
     indices = list(range(len(dataset))) if indices is None else list(indices)
+    part = "" if len(set(indices)) == len(dataset) else ids_part([dataset.ids[i] for i in indices])  # a shard
+    with stage_output(out_dir, stamp, force, ("*.npz",), load_seed, part=part) as target:
+        written, skipped, batch_size = _write_seeds(model, dataset, target, indices, scales, flip, batch_size,
+                                                    device, progress, options, mode, precision, seed_dtype)
+    return {"written": written, "skipped": skipped, "out": str(out_dir), "batch_size": batch_size}
+
+
+def _write_seeds(model, dataset, out_dir: Path, indices, scales, flip, batch_size, device, progress, options: dict,
+                 mode: str, precision: str, seed_dtype: str) -> tuple[int, int, int]:
+    """``infer_seeds``' loop over the images not done yet in ``out_dir``; returns (written, skipped, batch)."""
+    model.eval()
     todo = [i for i in indices if not (out_dir / f"{dataset.ids[i]}.npz").exists()]
     written = 0
     bar = tqdm(total=len(todo), desc="cam", disable=not progress, unit="img")
@@ -314,10 +326,14 @@ def infer_seeds(model, dataset, out_dir: str | os.PathLike, scales: Sequence[flo
         return multiscale_maps(model, images, scales, flip, labels if with_background else None, **options,
                                precision=precision)
 
+    resize = options["resize"]
     batch_size = resolve_batch_size(batch_size, run_batch, dataset, todo, resize, device, progress)
+    lower = f"infer.scales (now {list(scales)}) or infer.batch_size (now {batch_size}), or resize the image"
     for group in batches_by_size(dataset, todo, batch_size):
         images, labels = group_tensors(group, resize, device)
-        maps = run_batch(images, labels)
+        named = [dataset.image_path(s["id"]) if hasattr(dataset, "image_path") else s["id"] for s in group]
+        with named_out_of_memory("CAM inference", named, group[0]["image"].shape[:2], lower):
+            maps = run_batch(images, labels)
         for j, sample in enumerate(group):
             label = torch.as_tensor(sample["label"])
             keys, kept = normalise_seed(maps["cams"][j], label, mode)
@@ -330,4 +346,4 @@ def infer_seeds(model, dataset, out_dir: str | os.PathLike, scales: Sequence[flo
             written += 1
         bar.update(len(group))
     bar.close()
-    return {"written": written, "skipped": len(indices) - len(todo), "out": str(out_dir), "batch_size": batch_size}
+    return written, len(indices) - len(todo), batch_size

@@ -6,7 +6,7 @@ import json
 import os
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
@@ -16,8 +16,12 @@ from fsae.labels import voc_palette
 
 
 def atomic_write(path: str | os.PathLike, write_fn) -> Path:
-    """Call ``write_fn(tmp_path)`` then rename onto ``path``: a killed run leaves no half-written file."""
+    """Call ``write_fn(tmp_path)`` then rename onto ``path``: a killed run leaves no half-written file.
+    DataError when ``path`` is a folder."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not a file name; give the file to write (e.g. {path / 'out'}"
+                        f"{path.suffix or '.json'})")
     ensure_output_dir(path.parent)
     tmp = _new_temp_file(path)
     try:
@@ -133,6 +137,39 @@ def write_grey_png(path: str | os.PathLike, array: np.ndarray) -> Path:
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def check_replaceable(path: str | os.PathLike, ours: Callable[[str], bool], what: str) -> Path:
+    """``path`` as the file a command writes (``--out``): DataError when it is a folder, or when it exists
+    and is not what the command wrote before (``ours(text)`` false, or not text: a file fsae did not write
+    is never overwritten). ``what`` names the kind, e.g. "an fsae evaluation (JSON)". Returns ``path``."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; --out takes the file to write ({what}), e.g. {path / 'out'}"
+                        f"{path.suffix}")
+    if path.exists():
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError):
+            text = None
+        if text is None or not ours(text):
+            raise DataError(f"{path}: exists and is not {what} written by fsae; not overwritten (move it away or "
+                            f"choose another --out)")
+    return path
+
+
+def json_object_with(keys) -> Callable[[str], bool]:
+    """``ours`` for ``check_replaceable``: JSON text of an object holding any of ``keys`` (or a list of such)."""
+
+    def ours(text: str) -> bool:
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            return False
+        items = obj if isinstance(obj, list) and obj else [obj]
+        return all(isinstance(o, dict) and any(k in o for k in keys) for o in items)
+
+    return ours
 
 
 def ensure_output_dir(path: str | os.PathLike) -> Path:

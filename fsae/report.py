@@ -42,7 +42,7 @@ from fsae.data.coco import COCO_CLASSES  # noqa: E402
 from fsae.data.synthetic import META_FILE  # noqa: E402
 from fsae.errors import ConfigError  # noqa: E402
 from fsae.evaluate import load_seed, output_ids, seed_to_mask  # noqa: E402
-from fsae.io import atomic_write, read_image, read_json, read_mask, write_text  # noqa: E402
+from fsae.io import atomic_write, check_replaceable, read_image, read_json, read_mask, write_text  # noqa: E402
 from fsae.labels import VOC_CLASSES, voc_palette  # noqa: E402
 from fsae.protocol import resolve_protocol  # noqa: E402
 from fsae.rundir import (EVAL_DIR, crf_folder, current_evals, eval_scores, load_run_config, pick_eval,  # noqa: E402
@@ -366,6 +366,14 @@ def find_runs(folder: str | os.PathLike) -> list[Path]:
     return sorted(p for p in folder.iterdir() if (p / "config.yaml").is_file()) if folder.is_dir() else []
 
 
+REPORT_MARK = "<title>fsae report: "  # in every page write_report writes
+
+
+def is_report(text: str) -> bool:
+    """Whether ``text`` is a page ``write_report`` wrote (so ``--out`` may replace it)."""
+    return text.startswith("<!DOCTYPE html>") and REPORT_MARK in text[:2000]
+
+
 def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, num_images: int = 4,
                  embed: bool = False, compute: bool = True, progress: bool = False) -> Path:
     """Write ``RUN_DIR/report.html`` (or ``out``) for a run directory, or for a folder of runs (one page
@@ -373,12 +381,14 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
 
     ``compute``: recompute stale evaluations and evaluate ``seeds/`` / ``crf/`` into ``eval/`` first when
     they have no evaluation (``fsae.rundir.update_evals``); without it stale ones are left out. ``embed``: PNGs as data URIs instead of files in ``report_files/``.
+    ``out`` may be new or a report fsae wrote before (``is_report``); a folder or another file is refused
+    (DataError) before any work.
     """
     run_dir = Path(run_dir)
     runs = find_runs(run_dir)
     if not runs:
         raise ConfigError(f"{run_dir}: not a run directory (no config.yaml) and no run directories in it")
-    path = Path(out) if out else run_dir / "report.html"
+    path = check_replaceable(Path(out) if out else run_dir / "report.html", is_report, "an fsae report (HTML)")
     figures = _Figures(path, embed)
     title = f"fsae report: {run_dir.resolve().name}"
     body = [f"<h1>{html.escape(title)}</h1>"]

@@ -22,11 +22,21 @@ A stage calls ``prepare_output(folder, stamp, force, patterns)`` once before wri
 - ``force``: the folder's outputs (the files matching ``patterns``) and partial writes are deleted and the
   new stamp is written.
 
+Stages call it through ``stage_output`` (a context manager), which adds what a guard of days of work needs:
+
+- one writer: it holds the folder's lock (``fsae.lock.output_lock``) while the stage writes;
+- ``force`` never destroys first: when the folder already holds outputs (or a stamp), the new output is
+  built in the hidden staging folder ``<parent>/.<name>.forcing/`` (stamped like any folder, so a killed
+  forced run resumes there when rerun with ``--force``) and swapped in only when the stage's ``with``
+  block ends without an error; a failure leaves the old outputs and their stamp as they were;
+- no empty stamped folder: a stage that stops (bad input, an error, Ctrl-C) before its first output
+  removes the stamp it wrote and the folder it created.
+
 A new stage needs three calls (``fsae.refine.crf.refine_dir`` is one)::
 
     stamp = make_stamp("psa", {"seeds": folder_digest(seed_dir)}, {"beta": beta, "exp_times": exp_times})
-    prepare_output(out_dir, stamp, force, ("*.png",), read=fsae.io.read_mask)
-    todo = [i for i in ids if not (out_dir / f"{i}.png").is_file()]   # then write each atomically
+    with stage_output(out_dir, stamp, force, ("*.png",), read=fsae.io.read_mask) as target:
+        todo = [i for i in ids if not (target / f"{i}.png").is_file()]   # then write each atomically
 
 and its CLI command a ``--force`` flag. An evaluation records ``folder_digest`` of the folder it scored (``fsae.evaluate.save_eval``), so
 ``fsae report`` / ``fsae compare`` see when it is stale (``fsae.rundir``).
@@ -34,19 +44,24 @@ and its CLI command a ``--force`` flag. An evaluation records ``folder_digest`` 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+import shutil
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from fsae import __version__
 from fsae.errors import FsaeError
 from fsae.io import ensure_output_dir, write_json
+from fsae.lock import output_lock
 
 STAMP_SUFFIX = ".stamp.json"
+STAGING_SUFFIX = ".forcing"  # <parent>/.<name>.forcing/: a forced run's new output until it is swapped in
+OLD_SUFFIX = ".replaced"  # <parent>/.<name>.replaced/: the old output during the swap
 _SHOWN = 4  # changed fields named in a refusal
 
 
@@ -200,3 +215,96 @@ def prepare_output(folder: str | os.PathLike, stamp: dict, force: bool = False,
     for path in damaged:
         path.unlink()
     return len(damaged)
+
+
+def ids_part(ids: Sequence[str]) -> str:
+    """The lock ``part`` of a job that writes the files of ``ids``: ``ids-<digest>`` (two jobs on the same ids
+    exclude each other, shards of one list do not)."""
+    return "ids-" + _digest(_canonical(sorted(map(str, ids))))[:12]
+
+
+def staging_path(folder: str | os.PathLike) -> Path:
+    """Where a forced run builds ``folder``'s new output: ``<parent>/.<name>.forcing``."""
+    folder = Path(os.path.abspath(folder))
+    return folder.parent / f".{folder.name}{STAGING_SUFFIX}"
+
+
+def _old_path(folder: Path) -> Path:
+    folder = Path(os.path.abspath(folder))
+    return folder.parent / f".{folder.name}{OLD_SUFFIX}"
+
+
+def _remove_folder(folder: Path) -> None:
+    """``folder`` and its stamp, gone."""
+    shutil.rmtree(folder, ignore_errors=True)
+    stamp_path(folder).unlink(missing_ok=True)
+
+
+def _finish_swap(folder: Path) -> None:
+    """A swap that a kill interrupted: the old output back where it was (none in place) or gone (the new one
+    is in place)."""
+    old = _old_path(folder)
+    if not old.is_dir():
+        return
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(old, folder)
+
+
+def _swap_in(staging: Path, folder: Path, stamp: dict, patterns: Sequence[str]) -> None:
+    """The staging folder becomes ``folder``: what the old folder held besides its outputs (and partial
+    writes) moves over, the old folder is renamed aside, the staging folder renamed in, the stamp written,
+    the old folder deleted."""
+    outputs = set(output_files(folder, patterns))
+    for entry in folder.iterdir():
+        keep = entry not in outputs and not (entry.name.startswith(".") and ".tmp" in entry.name)
+        if keep and not (staging / entry.name).exists():
+            os.replace(entry, staging / entry.name)
+    old = _old_path(folder)
+    os.replace(folder, old)
+    os.replace(staging, folder)
+    write_json(stamp_path(folder), stamp)
+    stamp_path(staging).unlink(missing_ok=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def stage_output(folder: str | os.PathLike, stamp: dict, force: bool = False, patterns: Sequence[str] = ("*",),
+                 read: Callable[[Path], Any] | None = None, part: str = "") -> Iterator[Path]:
+    """``prepare_output`` for a stage that writes ``folder`` in the ``with`` block, under the folder's lock;
+    yields the folder to write into: ``folder`` itself, or with ``force`` over existing outputs its staging
+    folder, swapped in when the block ends without an error (module docstring). ``FolderLockedError`` when
+    another process writes ``folder``; ``StaleOutputError`` as ``prepare_output``. ``part``: this job writes a
+    share of the folder's files, beside other jobs (``fsae.lock.output_lock``; ``ids_part``)."""
+    folder = Path(folder)
+    with output_lock(folder, part):
+        _finish_swap(folder)
+        existing = output_files(folder, patterns) if folder.is_dir() else []
+        if force and (existing or read_stamp(folder) is not None):
+            staging = staging_path(folder)
+            if read_stamp(staging) != stamp:  # a staging folder of another forced run: start again
+                _remove_folder(staging)
+            prepare_output(staging, stamp, False, patterns, read)
+            with _cleaned_if_empty(staging, patterns, True):
+                yield staging
+            _swap_in(staging, folder, stamp, patterns)
+            return
+        created = not folder.exists()
+        prepare_output(folder, stamp, force, patterns, read)
+        with _cleaned_if_empty(folder, patterns, created):
+            yield folder
+
+
+@contextlib.contextmanager
+def _cleaned_if_empty(folder: Path, patterns: Sequence[str], created: bool) -> Iterator[None]:
+    """On an error in the block: when ``folder`` holds no output, its stamp is removed, and the folder too
+    when ``created`` (by this run) and empty."""
+    try:
+        yield
+    except BaseException:
+        if folder.is_dir() and not output_files(folder, patterns):
+            stamp_path(folder).unlink(missing_ok=True)
+            if created and not any(folder.iterdir()):
+                folder.rmdir()
+        raise

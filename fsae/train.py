@@ -18,6 +18,7 @@ Run directory: ``config.yaml``, ``checkpoints/last.pt`` (atomic; training resume
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import math
@@ -45,6 +46,7 @@ from fsae.evaluate import SeedEvaluator, default_thresholds
 from fsae.fsae import STATISTICS
 from fsae.infer import batches_by_size, multiscale_cam, normalise_seed, resolve_batch_size, to_tensor_image
 from fsae.io import atomic_write, ensure_output_dir
+from fsae.lock import output_lock
 from fsae.methods import build_method
 from fsae.models.batchnorm import sync_batch_norm
 from fsae.weights import read_weight_file
@@ -210,10 +212,44 @@ def _trim_csv(path: Path, column: str, last: int) -> None:
     atomic_write(path, write)
 
 
+def read_checkpoint_file(path: Path, hint: str) -> dict:
+    """``read_weight_file`` of a checkpoint; one that exists but does not read (truncated by a full disk or a
+    copy cut short) names what to do instead: ``hint``."""
+    try:
+        return read_weight_file(path, "checkpoint", unwrap=False)
+    except CheckpointError as exc:
+        if not path.is_file():
+            raise
+        raise CheckpointError(f"{exc}; the file is truncated or corrupt: {hint}") from exc
+
+
+def cam_checkpoint_hint(path: Path) -> str:
+    """What to do with an unreadable CAM checkpoint ``path``: the run's other checkpoint, or a fresh start."""
+    other = path.parent / ("last.pt" if path.name == "best.pt" else "best.pt")
+    use = f"use {other} (--checkpoint {other.stem}), " if other.is_file() else f"(no {other.name} beside it) "
+    return f"{use}or train again from scratch with --no-resume"
+
+
+def checkpoint_kind(state: dict) -> str | None:
+    """Which command wrote a checkpoint dict: ``"segmentation"`` (``fsae seg train``), ``"cam"`` (``fsae
+    train``), None when neither."""
+    if not isinstance(state, dict):
+        return None
+    if state.get("kind") == "segmentation":
+        return "segmentation"
+    if "model" in state and "config" in state and "step" in state:
+        return "cam"
+    return None
+
+
 def load_checkpoint(path: str | os.PathLike, cfg: Config | None = None) -> dict:
-    """Load a checkpoint (weights only); refuse one whose class count or config differs from ``cfg``."""
+    """Load a checkpoint (weights only); refuse one whose class count or config differs from ``cfg``, one of
+    another kind (a DeepLab checkpoint: which command takes it) or one that does not read (what to do)."""
     path = Path(path)
-    state = read_weight_file(path, "checkpoint", unwrap=False)
+    state = read_checkpoint_file(path, cam_checkpoint_hint(path))
+    if checkpoint_kind(state) == "segmentation":
+        raise CheckpointError(f"{path}: a DeepLab checkpoint (from `fsae seg train`): `fsae seg infer` takes it; "
+                              f"`fsae cam` needs a CAM checkpoint of `fsae train` (RUN/checkpoints/last.pt)")
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{path}: not an fsae checkpoint (no 'model'/'config' entries)")
     if cfg is not None:
@@ -597,23 +633,26 @@ def train(cfg: Config, run_dir: str | os.PathLike, progress: bool = True, resume
     DistributedDataParallel; rank 0 logs, evaluates and writes checkpoints. The result equals one process
     with the global batch (same images per step, same per-image augmentations, averaged gradients) up to
     float rounding, and exactly only with ``train.sync_bn`` (GPU) or a BatchNorm-free backbone: plain
-    BatchNorm normalises each process's share of the batch on its own.
+    BatchNorm normalises each process's share of the batch on its own. A second process training into
+    ``run_dir`` meanwhile is refused at once (``fsae.lock.FolderLockedError``: the folder and this one's pid).
     """
     cfg = with_absolute_data_paths(cfg)
-    created = not Path(run_dir).exists()
-    run_dir = ensure_output_dir(run_dir)
-    try:
-        run = start_run(cfg, run_dir, progress, resume)
-    except BaseException:
-        if created and distributed.rank() == 0:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    run.model.train()
-    for epoch in range(run.step // run.steps_per_epoch, cfg.train.epochs):
-        epoch_started = time.time()
-        losses = train_one_epoch(run, epoch)
-        end_epoch(run, epoch, losses, epoch_started)
-    close_writer(run.tb)
+    # one writer of the run directory (fsae.lock): rank 0 holds it for all the processes of a torchrun
+    with output_lock(run_dir) if distributed.rank() == 0 else contextlib.nullcontext():
+        created = not Path(run_dir).exists()
+        run_dir = ensure_output_dir(run_dir)
+        try:
+            run = start_run(cfg, run_dir, progress, resume)
+        except BaseException:
+            if created and distributed.rank() == 0:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        run.model.train()
+        for epoch in range(run.step // run.steps_per_epoch, cfg.train.epochs):
+            epoch_started = time.time()
+            losses = train_one_epoch(run, epoch)
+            end_epoch(run, epoch, losses, epoch_started)
+        close_writer(run.tb)
     return run.checkpoint_path
 
 

@@ -15,7 +15,8 @@ What is checked: list files exist and are not empty (and, with ``strict_counts``
 ids of the real data set); the label file parses, has an entry for every listed id, and every entry is
 a list of distinct classes in 1..C; every image, mask and saliency map exists. Unless ``fast``: every
 image and mask decodes (a corrupt JPEG, a truncated PNG), mask values are in {0..C, 255}, masks and
-saliency maps have their image's size, and labels agree with masks. For VOC the labels must equal the
+saliency maps have their image's size, labels agree with masks, and (VOC) every ``Annotations/<id>.xml``
+parses and names only VOC classes (one problem per file). For VOC the labels must equal the
 classes in the mask; for COCO every class in the mask must be labelled, but a label need not show in
 the mask (``fsae.data.prepare``: a COCO instance may be fully covered by a later one).
 ``fast=True`` is what training checks before it starts: no file is opened but lists and labels.
@@ -35,7 +36,7 @@ from pathlib import Path
 from fsae.data.coco import COCO_SPLITS, split_paths
 from fsae.data.prepare import map_parallel, present_classes
 from fsae.data.synthetic import META_FILE
-from fsae.data.voc import ANNOTATION_DIR, LABEL_FILE, xml_image_labels
+from fsae.data.voc import ANNOTATION_DIR, LABEL_FILE, xml_objects
 from fsae.labels import VOC_CLASSES
 from fsae.errors import DataError
 from fsae.io import read_id_list, read_image, read_json, read_mask
@@ -159,6 +160,19 @@ def _check_label_file(
     return labels, problems
 
 
+def _check_xml(path: Path | None) -> list[Problem]:
+    """A VOC annotation XML that does not parse, or names objects of no VOC class: one problem."""
+    if path is None or not path.is_file():
+        return []
+    try:
+        _, unknown = xml_objects(path)
+    except DataError as exc:
+        return [_problem(exc, path)]
+    if unknown:
+        return [Problem(str(path), f"object name(s) {unknown} are no VOC class (IRN's labels drop them)")]
+    return []
+
+
 def _check_item(item: dict) -> list[Problem]:
     """Files of one id: existence, and unless ``fast`` decoding, values, sizes and labels."""
     problems = []
@@ -170,6 +184,7 @@ def _check_item(item: dict) -> list[Problem]:
         problems.append(Problem(str(p), f"{what} file not found"))
     if item["fast"]:
         return problems
+    problems += _check_xml(item.get("xml"))
 
     image = mask = None
     if image_path.is_file():
@@ -354,6 +369,7 @@ def _check_splits(kind: str, root: Path, splits: list[_Split], label_path: Path,
                 ),
                 "labels": labels.get(image_id) if labels is not None else None,
                 "labels_equal_mask": kind == "voc",
+                "xml": root / ANNOTATION_DIR / f"{image_id}.xml" if kind == "voc" else None,
                 "label_file": label_path,
                 "num_classes": num_classes,
                 "fast": fast,
@@ -394,7 +410,8 @@ class LabelDisagreement:
 def label_disagreements(root: str | os.PathLike, split: str | None = None) -> list[LabelDisagreement]:
     """Ids of a VOC root's splits (``_splits``; default train, val, train_aug) with an annotation XML whose
     classes differ from the id's ``cls_labels.json`` entry; ids without an XML or an entry are skipped
-    (``check_dataset`` reports missing entries). Sorted by id. DataError naming an unreadable XML."""
+    (``check_dataset`` reports missing entries), and so are XML files that do not parse (``check_dataset``
+    reports them, and object names of no VOC class). Sorted by id."""
     root = Path(root)
     label_path = root / LABEL_FILE
     labels, _ = _check_label_file(label_path, len(VOC_CLASSES), "voc") if label_path.is_file() else (None, [])
@@ -409,7 +426,10 @@ def label_disagreements(root: str | os.PathLike, split: str | None = None) -> li
         xml = root / ANNOTATION_DIR / f"{image_id}.xml"
         if image_id not in labels or not xml.is_file():
             continue
-        from_xml = xml_image_labels(xml)
+        try:
+            from_xml, _ = xml_objects(xml)
+        except DataError:  # check_dataset reports it as a problem
+            continue
         if from_xml != labels[image_id]:
             out.append(LabelDisagreement(image_id, str(xml), tuple(from_xml), str(label_path),
                                          tuple(labels[image_id])))

@@ -28,13 +28,14 @@ LABEL_FILE = "cls_labels.json"
 ANNOTATION_DIR = "Annotations"
 
 
-def xml_image_labels(path: str | Path) -> list[int]:
-    """The classes (sorted, in 1..20) a VOC annotation file names, as IRN builds its labels.
+def xml_objects(path: str | Path) -> tuple[list[int], list[str]]:
+    """The classes (sorted, in 1..20) a VOC annotation file's objects name, and the object names that are
+    no VOC class (sorted; e.g. a typo ``pottedplants``). DataError naming the file if it does not parse.
 
-    Every ``<name>`` element whose text is a VOC class counts, ``difficult`` and ``truncated`` objects
-    included (irn voc12/dataloader.py:30-43: ``getElementsByTagName('name')``, no ``difficult`` test);
-    part names (``head``, ``hand``, ``foot``) are not classes and drop out. Names are stripped of
-    surrounding whitespace (IRN compares them as they are). DataError naming the file if it does not parse.
+    Every ``<object>``'s own ``<name>`` counts, ``difficult`` and ``truncated`` objects included (irn
+    voc12/dataloader.py:30-43 reads every ``<name>`` with ``getElementsByTagName('name')``, no ``difficult``
+    test); the names of ``<part>``s (``head``, ``hand``, ``foot``) are parts of an object, not objects, and are
+    not read. Names are stripped of surrounding whitespace (IRN compares them as they are).
     """
     import xml.etree.ElementTree as ET
 
@@ -42,8 +43,22 @@ def xml_image_labels(path: str | Path) -> list[int]:
         tree = ET.parse(path)
     except (OSError, ET.ParseError) as exc:
         raise DataError(f"{path}: not a readable VOC annotation file ({exc})") from exc
-    names = {(e.text or "").strip() for e in tree.iter("name")}
-    return sorted(VOC_CLASSES.index(n) + 1 for n in names if n in VOC_CLASSES)
+    names = {(obj.findtext("name") or "").strip() for obj in tree.iter("object")}
+    known = sorted(VOC_CLASSES.index(n) + 1 for n in names if n in VOC_CLASSES)
+    return known, sorted(n for n in names if n not in VOC_CLASSES)
+
+
+def xml_image_labels(path: str | Path) -> list[int]:
+    """The classes (sorted, in 1..20) a VOC annotation file names, as IRN builds its labels (``xml_objects``).
+
+    An object whose name is no VOC class is not dropped silently (IRN drops it, and its image loses a
+    label): DataError naming the file, the name and the valid names, so the annotation gets fixed;
+    ``fsae data check`` lists every such file (``fsae.data.check``)."""
+    known, unknown = xml_objects(path)
+    if unknown:
+        raise DataError(f"{path}: object name(s) {unknown} are no VOC class; expected one of "
+                        f"{', '.join(VOC_CLASSES)}")
+    return known
 
 
 def load_image_labels(path: str | Path, num_classes: int) -> dict[str, np.ndarray]:

@@ -29,8 +29,10 @@ from fsae.config import at_least, positive
 from fsae.errors import DataError, FsaeError
 from fsae.seeds import check_seed, load_seed
 from fsae.io import read_image, read_mask, write_mask
+from fsae.masks_check import mask_warnings, say_warnings, seed_labels
+from fsae.memory import named_out_of_memory
 from fsae.parallel import map_jobs
-from fsae.stamps import folder_digest, make_stamp, prepare_output
+from fsae.stamps import folder_digest, ids_part, make_stamp, stage_output
 
 
 
@@ -193,7 +195,10 @@ def _refine_one(job: tuple[str, str, str, float, dict[str, Any]]) -> str:
             f"{seed_path}: CAM size {cams.shape[1:]} does not match image {image_path} size "
             f"{image.shape[:2]}; seeds must be at full image resolution"
         )
-    write_mask(out_path, refine_seed(image, keys, cams, threshold, **crf_params))
+    with named_out_of_memory("dense CRF", [image_path], image.shape[:2],
+                             "--workers (each worker holds one image's CRF) or resize the image"):
+        mask = refine_seed(image, keys, cams, threshold, **crf_params)
+    write_mask(out_path, mask)
     return Path(out_path).stem
 
 
@@ -218,11 +223,13 @@ def refine_dir(
     Each PNG (VOC palette, label space) is written atomically; ids whose PNG exists (and reads) are
     skipped, so a killed run resumes where it stopped. ``out_dir`` is stamped (``fsae.stamps``) with the
     seed folder's stamp, ``threshold``, the background form and the CRF parameters: a folder made otherwise
-    is refused unless ``force``, which deletes its PNGs first. ``workers`` processes (default ``os.cpu_count()``; 1 runs
+    is refused unless ``force``, which builds the new PNGs beside the old ones and swaps them in at the end
+    (``fsae.stamps.stage_output``); another process writing ``out_dir`` is refused. ``workers`` processes (default ``os.cpu_count()``; 1 runs
     in this process) share the ids in chunks; the output does not depend on ``workers``.
     ``crf_params``: ``crf_inference`` keywords. Errors name the seed or image file.
 
-    Returns ``{"total", "refined", "skipped", "out_dir"}``.
+    Returns ``{"total", "refined", "skipped", "out_dir", "warnings"}``: ``warnings``, degenerate masks
+    (``fsae.masks_check.mask_warnings``, also printed on stderr with ``progress``).
     """
     _check_crf_params(crf_params)
     seed_to_probs(np.zeros(0, np.int64), np.zeros((0, 1, 1), np.float32), threshold, background, bg_power)  # check
@@ -234,12 +241,15 @@ def refine_dir(
     stamp = make_stamp("crf", {"seeds": folder_digest(seed_dir)},
                        {"threshold": float(threshold), "background": background, "bg_power": float(bg_power),
                         **CRF_DEFAULTS, **crf_params})
-    prepare_output(out_dir, stamp, force, ("*.png",), read_mask)
-    todo = [i for i in ids if not (out_dir / f"{i}.png").is_file()]
-    jobs = [
-        (str(seed_dir / f"{i}.npz"), str(image_dir / f"{i}{image_ext}"), str(out_dir / f"{i}.png"),
-         float(threshold), dict(crf_params, background=background, bg_power=float(bg_power)))
-        for i in todo
-    ]
-    map_jobs(_refine_one, jobs, workers, desc="crf", progress=progress)
-    return {"total": len(ids), "refined": len(jobs), "skipped": len(ids) - len(jobs), "out_dir": str(out_dir)}
+    # the ids' part of the folder: shards of one list (``fsae crf --shard``) write side by side (fsae.lock)
+    with stage_output(out_dir, stamp, force, ("*.png",), read_mask, part=ids_part(ids)) as target:
+        todo = [i for i in ids if not (target / f"{i}.png").is_file()]
+        jobs = [
+            (str(seed_dir / f"{i}.npz"), str(image_dir / f"{i}{image_ext}"), str(target / f"{i}.png"),
+             float(threshold), dict(crf_params, background=background, bg_power=float(bg_power)))
+            for i in todo
+        ]
+        map_jobs(_refine_one, jobs, workers, desc="crf", progress=progress)
+    warnings = say_warnings(mask_warnings(out_dir, ids, seed_labels(seed_dir, ids)), progress)
+    return {"total": len(ids), "refined": len(jobs), "skipped": len(ids) - len(jobs), "out_dir": str(out_dir),
+            "warnings": warnings}

@@ -32,13 +32,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fsae.augment import normalize
-from fsae.errors import DataError
+import contextlib
+import sys
+
+from fsae.errors import DataError, FsaeError
 from fsae.evaluate import evaluate_masks, save_eval
 from fsae.infer import to_tensor_image
 from fsae.io import read_id_list, read_image, read_mask, write_mask
+from fsae.memory import named_out_of_memory
 from fsae.refine.crf import crf_inference
 from fsae.speed import mixed_forward
-from fsae.stamps import make_stamp, prepare_output, weights_digest
+from fsae.stamps import make_stamp, stage_output, weights_digest
 
 TEST_SERVER_DIR = Path("results") / "VOC2012" / "Segmentation" / "comp6_test_cls"
 
@@ -106,24 +110,31 @@ def predict_split(model, items: Sequence[tuple[str, Path]], out_dir: Path | None
     """Write ``out_dir/<id>.png`` (argmax) and/or ``crf_dir/<id>.png`` (CRF) for every item; skip finished ids.
 
     ``source``: what the model came from, recorded in the folders' stamps (default: its weights' digest), with
-    the settings (``precision`` only when not fp32).
+    the settings (``precision`` only when not fp32). Each folder has one writer (``fsae.lock``); ``force``
+    builds beside the old PNGs and swaps in at the end (``fsae.stamps.stage_output``). Out of memory on an
+    image: ``fsae.memory.OutOfMemory`` naming it, its size and what to lower.
     """
     source = {"weights": weights_digest(model)} if source is None else source
     settings = {"scales": [float(s) for s in scales], "flip": bool(flip), "fuse": fuse,
                 **({"precision": precision} if precision != "fp32" else {})}
     dirs = [d for d in (out_dir, crf_dir) if d is not None]
-    for d in dirs:
-        stamp = make_stamp("seg infer", source, {**settings, "crf": crf_params if d is crf_dir else None})
-        prepare_output(d, stamp, force, ("*.png",), read_mask)
-    todo = [(i, p) for i, p in items if not all((d / f"{i}.png").is_file() for d in dirs)]
-    model.eval()
-    for image_id, path in tqdm(todo, desc=desc, disable=not progress, unit="img"):
-        mask, refined = predict_masks(model, read_image(path), scales, flip,
-                                      crf_params if crf_dir is not None else None, device, fuse, precision)
-        if out_dir is not None:
-            write_mask(out_dir / f"{image_id}.png", mask)
-        if crf_dir is not None:
-            write_mask(crf_dir / f"{image_id}.png", refined)
+    with contextlib.ExitStack() as stack:
+        targets = [stack.enter_context(stage_output(d, make_stamp("seg infer", source, {
+            **settings, "crf": crf_params if d is crf_dir else None}), force, ("*.png",), read_mask)) for d in dirs]
+        plain = targets[0] if out_dir is not None else None
+        refined = targets[-1] if crf_dir is not None else None
+        todo = [(i, p) for i, p in items if not all((d / f"{i}.png").is_file() for d in targets)]
+        model.eval()
+        lower = f"infer.scales (now {list(scales)})" + (" or turn the CRF off (--no-crf)" if crf_dir is not None else "")
+        for image_id, path in tqdm(todo, desc=desc, disable=not progress, unit="img"):
+            image = read_image(path)
+            with named_out_of_memory("DeepLab inference", [path], image.shape[:2], lower):
+                mask, crf_mask = predict_masks(model, image, scales, flip, crf_params if refined is not None else None,
+                                               device, fuse, precision)
+            if plain is not None:
+                write_mask(plain / f"{image_id}.png", mask)
+            if refined is not None:
+                write_mask(refined / f"{image_id}.png", crf_mask)
     return {"written": len(todo), "skipped": len(items) - len(todo)}
 
 
@@ -135,39 +146,91 @@ def run_seg_inference(model, cfg, run_dir: str | os.PathLike, splits: Sequence[s
     ``splits`` defaults to ``[data.val_split, data.test_split]`` (empty names skipped); ``crf`` to
     ``infer.crf.enabled``; ``source`` and ``force`` as in ``predict_split`` (the CLI passes the
     checkpoint's ``file_digest``). Returns ``{split: {"dirs": [...], "written", "skipped", "eval": {name: result}}}``.
+
+    Every split's list and images are checked first (``checked_splits``): with the default splits a missing
+    test list is skipped, its entry ``{"dirs": [], "written": 0, "skipped": 0, "eval": {}, "note": why}``
+    (the note also printed on stderr with ``progress``). A split that fails after the val split was scored
+    raises its error with the val mIoU appended.
     """
     run_dir = Path(run_dir)
     crf = cfg.infer.crf.enabled if crf is None else crf
     crf_params = cfg.infer.crf.kwargs() if crf else None
+    default = not splits
     splits = [s for s in (splits or [cfg.data.val_split, cfg.data.test_split]) if s]
-    out = {}
-    for split in splits:
-        items = image_list(cfg.data, split)
-        if split == cfg.data.test_split and split != cfg.data.val_split:
-            final = run_dir / TEST_SERVER_DIR if cfg.data.kind == "voc" else run_dir / "segment" / split
-            plain, refined = (None, final) if crf else (final, None)
-        else:
-            plain = run_dir / "segment" / split
-            refined = run_dir / "segment" / f"{split}_crf" if crf else None
-        result = predict_split(model, items, plain, refined, cfg.infer.scales, cfg.infer.flip, crf_params,
-                               device, progress, desc=f"seg {split}", source=source, force=force,
-                               fuse=cfg.infer.fuse, precision=cfg.infer.precision)
-        result["dirs"] = [str(d) for d in (plain, refined) if d is not None]
-        result["eval"] = {}
-        if split == cfg.data.val_split:
-            gt_dir = Path(cfg.data.root) / cfg.data.gt_dir
-            ids = [i for i, _ in items]
-            for name, folder in ((split, plain), (f"{split}_crf", refined)):
-                if folder is None:
-                    continue
-                scores = evaluate_masks(folder, gt_dir, ids, cfg.data.num_classes, progress=progress)
-                scores["split"] = split
-                scores["crf"] = folder is refined
-                save_eval(run_dir / "eval" / f"seg_{name}.json", scores, scored=folder, gt_dir=gt_dir, ids=ids)
-                result["eval"][name] = scores
-        out[split] = result
+    lists, notes = checked_splits(cfg.data, splits, skip_missing_test=default)
+    out = {split: {"dirs": [], "written": 0, "skipped": 0, "eval": {}, "note": note} for split, note in notes.items()}
+    for note in notes.values():
+        if progress:
+            print(f"fsae: note: {note}", file=sys.stderr)
+    for split in [s for s in splits if s in lists]:
+        try:
+            out[split] = _infer_split(model, cfg, run_dir, split, lists[split], crf, crf_params, device, progress,
+                                      source, force)
+        except FsaeError as exc:
+            done = _scores_line(out)
+            if not done:
+                raise
+            raise type(exc)(f"{exc} ({done}, saved in {run_dir / 'eval'} before this split failed)") from exc
     return out
 
+
+def _scores_line(results: dict) -> str:
+    """``val mIoU 61.20, val_crf mIoU 62.03`` of the splits evaluated so far; empty when none was."""
+    return ", ".join(f"{name} mIoU {100 * scores['miou']:.2f}" for r in results.values()
+                     for name, scores in r.get("eval", {}).items() if "miou" in scores)
+
+
+def checked_splits(data_cfg, splits: Sequence[str], skip_missing_test: bool = False) -> tuple[dict, dict]:
+    """Every split's image list and images, checked before any prediction: ``({split: items}, {split: note})``.
+
+    A missing list of the test split (``data.test_split``, not the val split) is skipped with a note when
+    ``skip_missing_test`` (the default splits: a VOC trainval download has no test list); any other missing
+    list or image is a DataError naming it."""
+    lists, notes = {}, {}
+    for split in splits:
+        try:
+            items = image_list(data_cfg, split)
+        except DataError as exc:
+            test = split == data_cfg.test_split and split != data_cfg.val_split
+            if not (skip_missing_test and test and "image list not found" in str(exc)):
+                raise
+            notes[split] = (f"{exc}: the test split is skipped (set data.test_split= to predict none, or add the "
+                            f"list to predict it)")
+            continue
+        absent = [p for _, p in items if not p.is_file()]
+        if absent:
+            raise DataError(f"{absent[0]}: image file not found ({len(absent)} of {len(items)} images of split "
+                            f"{split!r} missing); nothing was predicted")
+        lists[split] = items
+    return lists, notes
+
+
+def _infer_split(model, cfg, run_dir: Path, split: str, items, crf: bool, crf_params, device, progress, source,
+                 force) -> dict:
+    """One split of ``run_seg_inference``: predict, and for the val split evaluate."""
+    if split == cfg.data.test_split and split != cfg.data.val_split:
+        final = run_dir / TEST_SERVER_DIR if cfg.data.kind == "voc" else run_dir / "segment" / split
+        plain, refined = (None, final) if crf else (final, None)
+    else:
+        plain = run_dir / "segment" / split
+        refined = run_dir / "segment" / f"{split}_crf" if crf else None
+    result = predict_split(model, items, plain, refined, cfg.infer.scales, cfg.infer.flip, crf_params,
+                           device, progress, desc=f"seg {split}", source=source, force=force,
+                           fuse=cfg.infer.fuse, precision=cfg.infer.precision)
+    result["dirs"] = [str(d) for d in (plain, refined) if d is not None]
+    result["eval"] = {}
+    if split == cfg.data.val_split:
+        gt_dir = Path(cfg.data.root) / cfg.data.gt_dir
+        ids = [i for i, _ in items]
+        for name, folder in ((split, plain), (f"{split}_crf", refined)):
+            if folder is None:
+                continue
+            scores = evaluate_masks(folder, gt_dir, ids, cfg.data.num_classes, progress=progress)
+            scores["split"] = split
+            scores["crf"] = folder is refined
+            save_eval(run_dir / "eval" / f"seg_{name}.json", scores, scored=folder, gt_dir=gt_dir, ids=ids)
+            result["eval"][name] = scores
+    return result
 
 __all__ = ["multiscale_probs", "predict_masks", "predict_split", "run_seg_inference", "image_list",
            "TEST_SERVER_DIR"]

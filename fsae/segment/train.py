@@ -35,6 +35,8 @@ from tqdm import tqdm
 
 from fsae.augment import normalize, random_geometry
 from fsae.data import build_dataset
+from fsae.data.synthetic import META_FILE
+from fsae.io import read_mask
 from fsae.errors import CheckpointError, ConfigError, DataError, FsaeError
 from fsae.labels import IGNORE_INDEX
 from fsae.config import describe_changes
@@ -43,7 +45,9 @@ from fsae.weights import read_weight_file
 from fsae.segment.deeplab import DeepLab, build_deeplab
 from fsae.speed import grad_scaler, loader_options, mixed_forward
 from fsae.stamps import StaleOutputError, folder_digest, read_stamp, stamp_changes
-from fsae.train import poly_lr, save_checkpoint
+from fsae.train import checkpoint_kind, poly_lr, read_checkpoint_file, save_checkpoint
+from fsae.lock import output_lock
+from fsae.masks_check import mask_warnings, say_warnings
 
 METRIC_FIELDS = ["iteration", "lr", "loss", "labelled_ratio"]
 
@@ -154,9 +158,13 @@ def build_seg_optimizer(model: DeepLab, cfg: SegConfig) -> torch.optim.SGD:
 
 
 def load_seg_checkpoint(path: str | os.PathLike, num_classes: int | None = None) -> dict:
-    """Read a ``fsae seg train`` checkpoint; a CheckpointError naming the file if it is not one or does not fit."""
+    """Read a ``fsae seg train`` checkpoint; a CheckpointError naming the file if it is not one (a CAM
+    checkpoint: which command takes it), does not read (what to do) or does not fit."""
     path = Path(path)
-    state = read_weight_file(path, "checkpoint", unwrap=False)
+    state = read_checkpoint_file(path, "use an earlier copy, or train again from scratch with --no-resume")
+    if checkpoint_kind(state) == "cam":
+        raise CheckpointError(f"{path}: a CAM checkpoint (from `fsae train`): `fsae cam` takes it; `fsae seg "
+                              f"infer` needs a DeepLab checkpoint of `fsae seg train` (RUN/checkpoints/last.pt)")
     if not isinstance(state, dict) or state.get("kind") != "segmentation" or "model" not in state:
         raise CheckpointError(f"{path}: not a segmentation checkpoint from `fsae seg train` (no 'kind: "
                               f"segmentation' entry); pass the run's checkpoints/last.pt")
@@ -179,13 +187,71 @@ def seg_model_from_checkpoint(path: str | os.PathLike, num_classes: int | None =
     return model.to(device).eval(), saved
 
 
+GT_FOLDERS = ("SegmentationClass", "SegmentationClassAug")  # a data set's ground truth (plus data.gt_dir)
+GT_CHECKED = 8  # masks compared with the ground truth (evenly spaced ids)
+
+
+def ground_truth_folders(data_cfg) -> list[Path]:
+    """The data set's ground-truth mask folders, symlinks resolved: ``GT_FOLDERS``, ``data.gt_dir`` and its
+    parent, each also with the training split's subfolder (COCO's ``SegmentationClass/<split>``)."""
+    root = Path(data_cfg.root)
+    names = [*GT_FOLDERS, data_cfg.gt_dir, str(Path(data_cfg.gt_dir).parent)]
+    folders = [root / n for n in names if n and n != "."]
+    return [f.resolve() for f in folders + [f / data_cfg.train_split for f in folders]]
+
+
+def ground_truth_copy(mask_folder: Path, ids: list[str], data_cfg) -> str:
+    """Why ``mask_folder`` is the ground truth (empty: it is not): the same folder, or masks equal to the
+    ground truth on every one of up to ``GT_CHECKED`` checked images that have a ground-truth mask."""
+    folders = ground_truth_folders(data_cfg)
+    if mask_folder.resolve() in folders:
+        return f"it is the data set's ground-truth folder ({mask_folder.resolve()})"
+    picked = ids if len(ids) <= GT_CHECKED else [ids[round(k * (len(ids) - 1) / (GT_CHECKED - 1))]
+                                                  for k in range(GT_CHECKED)]
+    same = 0
+    for image_id in picked:
+        gt = next((f / f"{image_id}.png" for f in folders if (f / f"{image_id}.png").is_file()), None)
+        if gt is None:
+            continue
+        try:
+            if not np.array_equal(read_mask(mask_folder / f"{image_id}.png"), read_mask(gt)):
+                return ""
+        except DataError:
+            return ""
+        same += 1
+    return f"its masks equal the ground truth ({gt.parent}) on all {same} checked images" if same else ""
+
+
+def check_not_ground_truth(mask_folder: Path, ids: list[str], data_cfg, allow_gt: bool) -> None:
+    """Refuse (DataError) to train on the ground truth unless ``allow_gt`` (an upper-bound run); on a generated
+    set (``meta.json``), whose ground truth stands in for pseudo-masks in smoke tests, only a warning."""
+    why = "" if allow_gt else ground_truth_copy(mask_folder, ids, data_cfg)
+    if not why:
+        return
+    message = (f"{mask_folder}: {why}: DeepLab would train on the ground truth, not on pseudo-masks; point "
+               f"data.mask_dir at the pseudo-masks (e.g. RUN/crf), or pass --allow-gt for an upper-bound run")
+    if (Path(data_cfg.root) / META_FILE).is_file():
+        say_warnings([message + " (a generated data set: going on)"])
+        return
+    raise DataError(message)
+
+
 def train_segmentation(cfg: SegConfig, run_dir: str | os.PathLike, progress: bool = True, resume: bool = True,
-                       on_iteration: Callable[[int], None] | None = None) -> Path:
+                       on_iteration: Callable[[int], None] | None = None, allow_gt: bool = False) -> Path:
     """Train ``cfg`` into ``run_dir``; resume from ``checkpoints/last.pt`` when present.
 
     ``on_iteration(i)`` is called after iteration ``i`` (1-based) is done and checkpointed (if due).
-    Returns the checkpoint path. A finished run returns at once.
+    Returns the checkpoint path. A finished run returns at once. One writer per run directory
+    (``fsae.lock``). The pseudo-masks are checked first: the ground truth is refused unless ``allow_gt``
+    (``check_not_ground_truth``; recorded in the checkpoint as ``allow_gt``), and degenerate masks are
+    named on stderr (``fsae.masks_check.mask_warnings``, with ``progress``).
     """
+    with output_lock(run_dir):
+        return _train_segmentation(cfg, Path(run_dir), progress, resume, on_iteration, allow_gt)
+
+
+def _train_segmentation(cfg: SegConfig, run_dir: Path, progress: bool, resume: bool,
+                        on_iteration: Callable[[int], None] | None, allow_gt: bool) -> Path:
     if not cfg.data.mask_dir:
         raise ConfigError("data.mask_dir is not set: point it at the pseudo-mask folder (e.g. RUN/masks), "
                           "with --masks or --set data.mask_dir=...")
@@ -199,6 +265,9 @@ def train_segmentation(cfg: SegConfig, run_dir: str | os.PathLike, progress: boo
     check_training_masks(dataset)
     # the folder the masks are read from (COCO: data.mask_dir/<split>), recorded in the checkpoint
     mask_folder = dataset.mask_path(dataset.ids[0]).parent if dataset.ids else Path(cfg.data.mask_dir)
+    check_not_ground_truth(mask_folder, list(dataset.ids), cfg.data, allow_gt)
+    labels = {i: [int(c) + 1 for c in np.flatnonzero(dataset.labels[i])] for i in dataset.ids}
+    say_warnings(mask_warnings(mask_folder, list(dataset.ids), labels), progress)
     trained_on = mask_source(mask_folder)
     model = build_deeplab(cfg.model, cfg.data.num_classes).to(device)
     if cfg.train.channels_last:
@@ -241,6 +310,7 @@ def train_segmentation(cfg: SegConfig, run_dir: str | os.PathLike, progress: boo
         save_checkpoint(ckpt_path, {"kind": "segmentation", "model": model.state_dict(),
                                     "optimizer": optimizer.state_dict(), "iteration": iteration,
                                     "config": cfg.to_dict(), "config_hash": cfg.hash(), "masks": trained_on,
+                                    **({"allow_gt": True} if allow_gt else {}),
                                     "torch_rng": torch.get_rng_state(),
                                     **({"scaler": scaler.state_dict()} if scaler is not None else {})})
 

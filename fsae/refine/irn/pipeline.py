@@ -10,7 +10,9 @@ Each of the three outputs is stamped (``fsae.stamps``): ``ir_labels/`` with the 
 IR-label settings, ``irn/`` with ``ir_labels/``'s stamp and the network and training settings,
 ``irn_masks/`` with the seeds', ``irn/``'s stamps and the walk settings. A rerun resumes each step (finished
 files that still read are skipped) when its stamp matches, and stops naming the change otherwise;
-``force`` redoes all three. Every file is written atomically.
+``force`` redoes all three, each built beside the old one and swapped in when that step is done
+(``fsae.stamps.stage_output``: a failure keeps the old outputs). Every file is written atomically; each
+folder has one writer (``fsae.lock``).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from fsae.refine.irn.ir_labels import make_ir_labels
 from fsae.refine.irn.network import FEATURE_STRIDE, BoundaryNet, boundary_map
 from fsae.refine.irn.train import load_boundary_net, train_irn
 from fsae.refine.irn.walk import irn_start_cams, load_strided, propagate, sipe_start_cams, walk_to_mask
-from fsae.stamps import folder_digest, make_stamp, prepare_output, section_settings
+from fsae.masks_check import mask_warnings, say_warnings, seed_labels
+from fsae.stamps import folder_digest, make_stamp, section_settings, stage_output
 
 
 def pseudo_mask(model: BoundaryNet, image: np.ndarray, keys: np.ndarray, cams: np.ndarray, cfg: IRNConfig,
@@ -88,7 +91,9 @@ def run_irn(run_dir: str | os.PathLike, cfg: IRNConfig, image_dir: str | os.Path
             progress: bool = True, image_ext: str = ".jpg", force: bool = False,
             mask_subdir: str = "") -> dict[str, Any]:
     """All three IRN steps for a run directory (module docstring). ``ids`` default: every seed file;
-    ``mask_subdir``: the pseudo-masks go to ``irn_masks/<mask_subdir>/`` (COCO: the split)."""
+    ``mask_subdir``: the pseudo-masks go to ``irn_masks/<mask_subdir>/`` (COCO: the split).
+    Returns ``{"ir_labels", "checkpoint", "masks"}``; ``masks["warnings"]``: degenerate pseudo-masks
+    (``fsae.masks_check.mask_warnings``, also printed on stderr with ``progress``)."""
     run_dir = Path(run_dir)
     seed_dir = Path(seed_dir) if seed_dir else run_dir / "seeds"
     if ids is None:
@@ -97,18 +102,22 @@ def run_irn(run_dir: str | os.PathLike, cfg: IRNConfig, image_dir: str | os.Path
         raise DataError(f"{seed_dir}: no seed files; run `fsae cam {run_dir}` first")
     label_dir, irn_dir, mask_dir = run_dir / "ir_labels", run_dir / "irn", run_dir / "irn_masks" / mask_subdir
     seeds = folder_digest(seed_dir)
-    prepare_output(label_dir, make_stamp("ir_labels", {"seeds": seeds}, section_settings(cfg.ir_label)), force,
-                   ("*.png",), read_mask)
     lc = cfg.ir_label
-    labels = make_ir_labels(seed_dir, image_dir, label_dir, ids, lc.fg_threshold, lc.bg_threshold, lc.gt_prob,
-                            workers=lc.workers, progress=progress, image_ext=image_ext, **lc.crf_params())
+    with stage_output(label_dir, make_stamp("ir_labels", {"seeds": seeds}, section_settings(cfg.ir_label)), force,
+                      ("*.png",), read_mask) as target:
+        labels = make_ir_labels(seed_dir, image_dir, target, ids, lc.fg_threshold, lc.bg_threshold, lc.gt_prob,
+                                workers=lc.workers, progress=progress, image_ext=image_ext, **lc.crf_params())
+    labels["out_dir"] = str(label_dir)
     train_stamp = make_stamp("irn", {"ir_labels": folder_digest(label_dir)},
                              {"net": dataclasses.asdict(cfg.net), "train": section_settings(cfg.train)})
-    prepare_output(irn_dir, train_stamp, force, ("irn.pt", "config.yaml"))
-    checkpoint = train_irn(cfg, image_dir, label_dir, ids, irn_dir / "irn.pt", progress, image_ext)
-    cfg.save(irn_dir / "config.yaml")
+    with stage_output(irn_dir, train_stamp, force, ("irn.pt", "config.yaml")) as target:
+        train_irn(cfg, image_dir, label_dir, ids, target / "irn.pt", progress, image_ext)
+        cfg.save(target / "config.yaml")
+    checkpoint = irn_dir / "irn.pt"
     model = load_boundary_net(checkpoint, cfg, cfg.device)
-    prepare_output(mask_dir, make_stamp("irn_masks", {"seeds": seeds, "irn": folder_digest(irn_dir)},
-                                        {"walk": section_settings(cfg.walk)}), force, ("*.png",), read_mask)
-    masks = make_pseudo_masks(model, seed_dir, image_dir, mask_dir, ids, cfg, progress, image_ext)
+    with stage_output(mask_dir, make_stamp("irn_masks", {"seeds": seeds, "irn": folder_digest(irn_dir)},
+                                           {"walk": section_settings(cfg.walk)}), force, ("*.png",), read_mask) as target:
+        masks = make_pseudo_masks(model, seed_dir, image_dir, target, ids, cfg, progress, image_ext)
+    masks["out_dir"] = str(mask_dir)
+    masks["warnings"] = say_warnings(mask_warnings(mask_dir, ids, seed_labels(seed_dir, ids)), progress)
     return {"ir_labels": labels, "checkpoint": str(checkpoint), "masks": masks}

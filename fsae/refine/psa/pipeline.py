@@ -12,7 +12,9 @@ Each step can run alone (``steps``); the per-image steps (labels, masks) split o
 and the network and training settings, ``psa_masks/`` with the seeds', ``psa/``'s stamps and the walk
 settings. A rerun with the same stamp skips finished work (``pending`` for the per-image outputs, the
 checkpoint's epoch for training); another stamp stops naming the change (``force`` redoes that step's
-folder). Every file is written atomically.
+folder, built beside the old one and swapped in when the step is done: ``fsae.stamps.stage_output``; not
+with ``shard``, where each job would swap in its own share). Every file is written atomically; each folder
+has one writer per shard (``fsae.lock``).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from fsae.refine.psa.network import AffinityNet
 from fsae.refine.psa.train import load_affinity_net, train_psa
 from fsae.refine.psa.walk import psa_mask
 from fsae.seeds import load_seed
-from fsae.stamps import folder_digest, make_stamp, prepare_output, section_settings
+from fsae.masks_check import mask_warnings, say_warnings, seed_labels
+from fsae.stamps import folder_digest, make_stamp, section_settings, stage_output
 
 STEPS = ("labels", "train", "masks")
 
@@ -74,7 +77,8 @@ def run_psa(run_dir: str | os.PathLike, cfg: PSAConfig, image_dir: str | os.Path
     ``mask_subdir``: the pseudo-masks go to ``psa_masks/<mask_subdir>/`` (COCO: the split).
 
     Returns per step ``{"total", "written", "skipped", "out_dir"}`` (labels, masks: this shard's ids) or
-    the checkpoint path (train).
+    the checkpoint path (train); ``masks["warnings"]``: degenerate pseudo-masks of this shard's ids
+    (``fsae.masks_check.mask_warnings``, also printed on stderr with ``progress``).
     """
     run_dir = Path(run_dir)
     steps = list(steps)
@@ -84,6 +88,10 @@ def run_psa(run_dir: str | os.PathLike, cfg: PSAConfig, image_dir: str | os.Path
     if "train" in steps and shard[1] > 1:
         raise FsaeError("PSA training needs every affinity label: run `--step train` without --shard "
                         "(shard the labels and masks steps)")
+    if force and shard[1] > 1:
+        raise FsaeError(f"--force with --shard {shard[0]}/{shard[1]}: each job would replace the others' outputs; "
+                        f"rerun the step once without --shard, or move the old folder aside and run the shards "
+                        f"without --force")
     seed_dir = Path(seed_dir) if seed_dir else run_dir / "seeds"
     if ids is None:
         ids = sorted(p.stem for p in seed_dir.glob("*.npz") if not p.name.startswith("."))
@@ -91,15 +99,16 @@ def run_psa(run_dir: str | os.PathLike, cfg: PSAConfig, image_dir: str | os.Path
         raise DataError(f"{seed_dir}: no seed files; run `fsae cam {run_dir}` first")
     label_dir, psa_dir, mask_dir = run_dir / "aff_labels", run_dir / "psa", run_dir / "psa_masks" / mask_subdir
     mine = shard_indices(list(ids), shard)
+    part = f"shard-{shard[0]}-of-{shard[1]}" if shard[1] > 1 else ""  # shards share a folder (fsae.lock)
     seeds = folder_digest(seed_dir)
     result: dict[str, Any] = {}
     if "labels" in steps:
-        prepare_output(label_dir, make_stamp("aff_labels", {"seeds": seeds}, section_settings(cfg.aff_label)), force,
-                       ("*.npz",), load_aff_label)
-        todo = pending(label_dir, mine, ".npz")
-        lc = cfg.aff_label
-        make_aff_labels(seed_dir, image_dir, label_dir, todo, lc.low_alpha, lc.high_alpha, lc.workers, progress,
-                        image_ext, **lc.crf_params())
+        with stage_output(label_dir, make_stamp("aff_labels", {"seeds": seeds}, section_settings(cfg.aff_label)),
+                          force, ("*.npz",), load_aff_label, part=part) as target:
+            todo = pending(target, mine, ".npz")
+            lc = cfg.aff_label
+            make_aff_labels(seed_dir, image_dir, target, todo, lc.low_alpha, lc.high_alpha, lc.workers, progress,
+                            image_ext, **lc.crf_params())
         result["labels"] = {"total": len(mine), "written": len(todo), "skipped": len(mine) - len(todo),
                             "out_dir": str(label_dir)}
     checkpoint = psa_dir / "psa.pt"
@@ -108,19 +117,23 @@ def run_psa(run_dir: str | os.PathLike, cfg: PSAConfig, image_dir: str | os.Path
         if missing:
             raise DataError(f"{label_dir}: {len(missing)} of {len(ids)} affinity labels missing (e.g. {missing[0]}); "
                             f"run the labels step for every shard first")
-        prepare_output(psa_dir, make_stamp("psa", {"aff_labels": folder_digest(label_dir)},
-                                           {"net": dataclasses.asdict(cfg.net), "train": section_settings(cfg.train)}),
-                       force, ("psa.pt", "config.yaml"))
-        train_psa(cfg, image_dir, label_dir, list(ids), checkpoint, progress, image_ext)
-        cfg.save(psa_dir / "config.yaml")
+        with stage_output(psa_dir, make_stamp("psa", {"aff_labels": folder_digest(label_dir)},
+                                              {"net": dataclasses.asdict(cfg.net),
+                                               "train": section_settings(cfg.train)}),
+                          force, ("psa.pt", "config.yaml")) as target:
+            train_psa(cfg, image_dir, label_dir, list(ids), target / "psa.pt", progress, image_ext)
+            cfg.save(target / "config.yaml")
         result["train"] = str(checkpoint)
     if "masks" in steps:
-        prepare_output(mask_dir, make_stamp("psa_masks", {"seeds": seeds, "psa": folder_digest(psa_dir)},
-                                            {"walk": section_settings(cfg.walk)}), force, ("*.png",), read_mask)
-        todo = pending(mask_dir, mine, ".png")
-        if todo:
-            model = load_affinity_net(checkpoint, cfg, cfg.device)
-            make_psa_masks(model, seed_dir, image_dir, mask_dir, todo, cfg, progress, image_ext)
+        with stage_output(mask_dir, make_stamp("psa_masks", {"seeds": seeds, "psa": folder_digest(psa_dir)},
+                                               {"walk": section_settings(cfg.walk)}), force, ("*.png",), read_mask,
+                          part=part) as target:
+            todo = pending(target, mine, ".png")
+            if todo:
+                model = load_affinity_net(checkpoint, cfg, cfg.device)
+                make_psa_masks(model, seed_dir, image_dir, target, todo, cfg, progress, image_ext)
         result["masks"] = {"total": len(mine), "written": len(todo), "skipped": len(mine) - len(todo),
-                           "out_dir": str(mask_dir)}
+                           "out_dir": str(mask_dir),
+                           "warnings": say_warnings(mask_warnings(mask_dir, mine, seed_labels(seed_dir, mine)),
+                                                    progress)}
     return result
