@@ -52,8 +52,24 @@ def demo_config(variant: str, data_root: str | Path, seed: int = 0, quick: bool 
         cfg.train.epochs = 2
         cfg.train.batch_size = 16
         cfg.fsae.start_epoch = 1
+        cfg.train.log_every = 1  # every step in metrics.csv: fsae_note sees whether FSAE acted
         cfg.infer.scales = [1.0, 1.5]
     return cfg
+
+
+def fsae_note(run_dir: Path, cfg: Config) -> str:
+    """Why a run with FSAE on shows no FSAE effect, from its ``metrics.csv``: ``"FSAE not started"`` (no
+    logged step at or after ``fsae.start_epoch``), ``"FSAE selected no pixel"`` (started, but its mask was
+    empty at every logged step: a network not yet confident, as after the 6 steps of ``--quick``); empty
+    when FSAE is off or acted."""
+    if not cfg.fsae.enabled:
+        return ""
+    rows = [r for r in read_csv(run_dir / "metrics.csv") if int(r["epoch"]) >= cfg.fsae.start_epoch]
+    if not rows:
+        return "FSAE not started"
+    if not any(r.get("mask_ratio", 0.0) > 0 for r in rows):  # (NaN: not logged, > 0 is false)
+        return "FSAE selected no pixel"
+    return ""
 
 
 def run_demo(out: str | Path = "runs/demo", seed: int | None = None, quick: bool = False,
@@ -86,6 +102,7 @@ def run_demo(out: str | Path = "runs/demo", seed: int | None = None, quick: bool
             **seed_row(ev), **{f"heldout_{k}": v for k, v in seed_row(ev_val).items() if k != "best_threshold"},
             "val_miou_last_epoch": 100 * epochs[-1]["val_miou"],
             "val_miou_best_epoch": 100 * best_epoch["val_miou"], "val_best_epoch": int(best_epoch["epoch"]),
+            "fsae_note": fsae_note(run_dir, cfg),
         }
         if variant == "base":  # the early-stopped base: its best held-out epoch, on the paper's protocol
             best_model, _ = model_from_checkpoint(run_checkpoint(run_dir, "best"))
@@ -194,9 +211,15 @@ def save_overlays(path: Path, out: Path, dataset: VOCDataset, n: int = 6) -> Pat
     return save_overlay_grid(path, rows, ["image", "GT", *titles])
 
 
+def _label(variant: str, row: dict) -> str:
+    """The row's method name, with its ``fsae_note`` when FSAE did not act (rows of older results have none)."""
+    note = row.get("fsae_note")
+    return f"{LABELS[variant]} ({note})" if note else LABELS[variant]
+
+
 def render_table(results: dict) -> str:
     best = results["base_best_epoch"]
-    rows = [[LABELS[v], results[v]["seed_miou"], results[v]["fpr"], results[v]["fnr"],
+    rows = [[_label(v, results[v]), results[v]["seed_miou"], results[v]["fpr"], results[v]["fnr"],
              f"{results[v]['best_threshold']:.2f}", results[v]["coverage"], results[v]["heldout_seed_miou"],
              results[v]["heldout_fpr"], results[v]["heldout_fnr"], results[v]["val_miou_last_epoch"],
              f"{results[v]['val_miou_best_epoch']:.1f} (ep {results[v]['val_best_epoch']})"] for v in VARIANTS]

@@ -45,6 +45,9 @@ def test_quick_demo_writes_the_report(tmp_path):
     assert saved == json.loads(json.dumps(results))
     report = (tmp_path / "report.md").read_text()
     assert "+FAE+SAE" in report and "figures/curves.png" in report
+    # 6 steps: FSAE starts (epoch 2) but the network is not yet confident anywhere; the rows say so
+    assert saved["fae"]["fsae_note"] == saved["fsae"]["fsae_note"] == "FSAE selected no pixel"
+    assert "+FAE (FSAE selected no pixel)" in report and saved["base"]["fsae_note"] == ""
     for name in ("curves.png", "overlays.png"):
         assert (tmp_path / "figures" / name).stat().st_size > 1000
 
@@ -79,3 +82,31 @@ def test_seeds_table_has_each_seed_and_the_mean():
     assert "| 1 | Base, best epoch (ep 4) | 66.0 |" in table
     assert f"{CLAIM_TEXT['fsae_lowers_fnr']}: 2 of 2 seeds" in table
     assert "Time per seed (s): 100, 101." in table
+
+
+def _metrics(path, rows):
+    path.mkdir(parents=True, exist_ok=True)
+    lines = ["step,epoch,loss,fsae,mask_ratio"] + [",".join(map(str, r)) for r in rows]
+    (path / "metrics.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_fsae_note_says_when_fsae_did_not_act(tmp_path):
+    from fsae.config import Config
+    from fsae.demo import fsae_note, render_table
+
+    cfg = Config()
+    cfg.fsae.enabled, cfg.fsae.start_epoch = True, 2
+    _metrics(tmp_path / "a", [(1, 0, 0.7, 0, 0), (2, 1, 0.6, 0, 0)])  # epochs 0 and 1 only: never started
+    assert fsae_note(tmp_path / "a", cfg) == "FSAE not started"
+    _metrics(tmp_path / "b", [(1, 1, 0.7, 0, 0), (2, 2, 0.6, 0, 0)])  # started at epoch 2, empty mask
+    assert fsae_note(tmp_path / "b", cfg) == "FSAE selected no pixel"
+    _metrics(tmp_path / "c", [(1, 2, 0.7, 0.01, 0.002)])
+    assert fsae_note(tmp_path / "c", cfg) == ""
+    cfg.fsae.enabled = False
+    assert fsae_note(tmp_path / "a", cfg) == ""
+    base = {**row(10, 1, 2, 3), "heldout_seed_miou": 1, "heldout_fpr": 1, "heldout_fnr": 1,
+            "val_miou_last_epoch": 1, "val_miou_best_epoch": 1, "val_best_epoch": 1}
+    results = {"base": {**base, "fsae_note": ""}, "fae": {**base, "fsae_note": "FSAE not started"},
+               "fsae": base, "base_best_epoch": {**row(10, 1, 2, 3), "epoch": 1}}
+    table = render_table(results)
+    assert "| +FAE (FSAE not started) |" in table and "| +FAE+SAE (FSAE) |" in table
