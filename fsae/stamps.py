@@ -256,6 +256,11 @@ def _swap_in(staging: Path, folder: Path, stamp: dict, patterns: Sequence[str]) 
     """The staging folder becomes ``folder``: what the old folder held besides its outputs (and partial
     writes) moves over, the old folder is renamed aside, the staging folder renamed in, the stamp written,
     the old folder deleted."""
+    if not folder.is_dir():  # removed meanwhile
+        os.replace(staging, folder)
+        write_json(stamp_path(folder), stamp)
+        stamp_path(staging).unlink(missing_ok=True)
+        return
     outputs = set(output_files(folder, patterns))
     for entry in folder.iterdir():
         keep = entry not in outputs and not (entry.name.startswith(".") and ".tmp" in entry.name)

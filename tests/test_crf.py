@@ -94,7 +94,7 @@ def test_refine_dir_workers_resume_and_evaluate(tmp_path):
     (tmp_path / "w1" / f"{ids[0]}.png").unlink()
     (tmp_path / "w1" / f".{ids[0]}.png.abc123.tmp.png").write_bytes(b"\x89PNG half")
     again = refine_dir(tmp_path / "seeds", tmp_path / "images", tmp_path / "w1", ids, workers=1, **kw)
-    assert again == {"total": 5, "refined": 1, "skipped": 4, "out_dir": str(tmp_path / "w1")}
+    assert again == {"total": 5, "refined": 1, "skipped": 4, "out_dir": str(tmp_path / "w1"), "warnings": []}
     assert (tmp_path / "w1" / f"{ids[0]}.png").read_bytes() == (tmp_path / "w2" / f"{ids[0]}.png").read_bytes()
 
     result = evaluate_masks(tmp_path / "w1", tmp_path / "gt", ids, num_classes=5, progress=False)

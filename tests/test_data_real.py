@@ -596,6 +596,17 @@ def test_check_reports_ids_whose_xml_labels_differ(voc, capsys):
     assert main(["data", "check", "voc", "--root", str(voc)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "no problems found" and out[1:3] == lines
+    # Issue 32: a malformed XML and an object of no VOC class are problems, counted; never "no problems found"
+    # before an error.
     (voc / "Annotations" / "2007_000032.xml").write_text("<annotation>")
-    assert main(["data", "check", "voc", "--root", str(voc)]) == 2  # one clear line naming the file
-    assert "2007_000032.xml: not a readable VOC annotation file" in capsys.readouterr().err
+    (voc / "Annotations" / "2007_000033.xml").write_text(
+        "<annotation><object><name>aeroplane</name></object><object><name>aeroplanes</name></object></annotation>")
+    assert main(["data", "check", "voc", "--root", str(voc)]) == 1
+    captured = capsys.readouterr()
+    out = captured.out.splitlines()
+    assert out[:3] == [f"{voc}/Annotations/2007_000032.xml: not a readable VOC annotation file (no element found: "
+                       f"line 1, column 12)",
+                       f"{voc}/Annotations/2007_000033.xml: object name(s) ['aeroplanes'] are no VOC class (IRN's "
+                       f"labels drop them)",
+                       "2 problem(s) in 2 file(s)"]
+    assert "no problems found" not in captured.out and captured.err == ""

@@ -377,6 +377,67 @@ def _cam_model_mismatch(ctx):
     return argv, ctx.out, ["model differs", "model.width 8 -> 16"]
 
 
+def _out_is_a_folder(command):
+    """``--out`` an existing folder, for the commands that write one file (issue 32)."""
+
+    def build(ctx):
+        out = ctx.tmp / "existing"
+        out.mkdir()
+        if command == "eval":
+            argv = ["eval", "--seeds", str(ctx.run / "seeds"), "--gt", str(ctx.root / "SegmentationClass"),
+                    "--num-classes", "4", "--out", str(out)]
+        elif command == "report":
+            argv = ["report", str(ctx.run), "--no-compute", "--out", str(out)]
+        else:
+            argv = ["compare", str(ctx.run), "--no-compute", "--out", str(out)]
+        return argv, out, [str(out), "is a folder"]
+
+    return build
+
+
+def _eval_out_foreign_file(ctx):
+    out = ctx.tmp / "mine"
+    out.mkdir()
+    (out / "notes.json").write_text('{"my": "notes"}')
+    argv = ["eval", "--seeds", str(ctx.run / "seeds"), "--gt", str(ctx.root / "SegmentationClass"), "--num-classes",
+            "4", "--out", str(out / "notes.json")]
+    return argv, out, [str(out / "notes.json"), "not an fsae evaluation", "not overwritten"]
+
+
+def _deeplab_checkpoint_to_cam(ctx):
+    torch.save({"kind": "segmentation", "model": {}, "config": {"data": {"test_split": "test"}}, "iteration": 1},
+               ctx.tmp / "deeplab.pt")
+    argv = ["cam", str(ctx.run), "--checkpoint", str(ctx.tmp / "deeplab.pt"), "--out", str(ctx.out)]
+    return argv, ctx.out, ["a DeepLab checkpoint", "`fsae seg infer` takes it"]
+
+
+def _cam_checkpoint_to_seg_infer(ctx):
+    argv = ["seg", "infer", _seg_recipe(ctx), "--checkpoint", str(ctx.run / "checkpoints" / "last.pt"),
+            "--out", str(ctx.out)]
+    return argv, ctx.out, ["a CAM checkpoint", "`fsae cam` takes it"]
+
+
+def _truncated_checkpoint(ctx):
+    run = ctx.tmp / "run"
+    shutil.copytree(ctx.run, run)
+    path = run / "checkpoints" / "last.pt"
+    path.write_bytes(path.read_bytes()[:1000])
+    return ["cam", str(run), "--out", str(ctx.out)], ctx.out, [str(path), "truncated or corrupt", "--no-resume"]
+
+
+def _wrong_size_first_mask(ctx):
+    first = (ctx.root / "ImageSets" / "Segmentation" / "train.txt").read_text().split()[0]
+    write_mask(ctx.root / "SegmentationClass" / f"{first}.png", np.zeros((5, 7), np.uint8))
+    argv = ["cam", str(ctx.run), "--out", str(ctx.out), "--set", f"data.root={ctx.root}"]
+    return argv, ctx.out, [f"{first}.png", "differs from image size"]
+
+
+def _seg_train_on_ground_truth(ctx):
+    (ctx.root / "meta.json").unlink()  # a data set of one's own, not a generated one
+    argv = ["seg", "train", _seg_recipe(ctx), "--out", str(ctx.out)]
+    return argv, ctx.out, ["ground-truth folder", "--allow-gt"]
+
+
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
 NO_MPS = pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has an MPS device")
 SYNTHETIC = ["data", "synthetic", "{out}", "--train", "2", "--val", "1"]
@@ -444,6 +505,15 @@ BAD_INPUTS = [
     pytest.param(_missing_val_mask, True, id="train-missing-val-mask"),
     pytest.param(_resume_after_deciding_change, True, id="train-resume-after-deciding-change"),
     pytest.param(_cam_model_mismatch, True, id="cam-model-mismatch"),
+    # Issue 32: --out a folder or a file fsae did not write; checkpoints of the wrong kind or truncated; a stage
+    # that stops before its first output leaves no (stamped) folder; the ground truth as DeepLab's masks.
+    *[pytest.param(_out_is_a_folder(c), True, id=f"{c}-out-is-a-folder") for c in ("eval", "report", "compare")],
+    pytest.param(_eval_out_foreign_file, True, id="eval-out-foreign-file"),
+    pytest.param(_deeplab_checkpoint_to_cam, True, id="cam-deeplab-checkpoint"),
+    pytest.param(_cam_checkpoint_to_seg_infer, True, id="seg-infer-cam-checkpoint"),
+    pytest.param(_truncated_checkpoint, True, id="cam-truncated-checkpoint"),
+    pytest.param(_wrong_size_first_mask, True, id="cam-wrong-size-mask-no-empty-seeds"),
+    pytest.param(_seg_train_on_ground_truth, True, id="seg-train-on-ground-truth"),
 ]
 
 
