@@ -57,19 +57,31 @@ def demo_config(variant: str, data_root: str | Path, seed: int = 0, quick: bool 
     return cfg
 
 
+SMALL_MASK = 0.001  # a mean FSAE mask share below this (0.1 %) is named in the demo's rows
+
+
 def fsae_note(run_dir: Path, cfg: Config) -> str:
-    """Why a run with FSAE on shows no FSAE effect, from its ``metrics.csv``: ``"FSAE not started"`` (no
-    logged step at or after ``fsae.start_epoch``), ``"FSAE selected no pixel"`` (started, but its mask was
-    empty at every logged step: a network not yet confident, as after the 6 steps of ``--quick``); empty
-    when FSAE is off or acted."""
+    """Why a run with FSAE on shows little or no FSAE effect, from its ``metrics.csv`` (the steps at or after
+    ``fsae.start_epoch``): ``"FSAE not started"`` (no such step logged), ``"FSAE selected no pixel"`` (its mask
+    empty at every step: a network not yet confident), ``"FSAE masked 0.03 % of pixels"`` (a mean mask share
+    under ``SMALL_MASK``, as in the 6 steps of ``--quick``), with ``"; SAE added none"`` when SAE is on and
+    added no pixel. Empty when FSAE is off or acted on a fair share of the pixels."""
     if not cfg.fsae.enabled:
         return ""
     rows = [r for r in read_csv(run_dir / "metrics.csv") if int(r["epoch"]) >= cfg.fsae.start_epoch]
     if not rows:
         return "FSAE not started"
-    if not any(r.get("mask_ratio", 0.0) > 0 for r in rows):  # (NaN: not logged, > 0 is false)
+    shares = [r.get("mask_ratio", 0.0) for r in rows]
+    shares = [v for v in shares if v == v]  # NaN: not logged
+    if not any(v > 0 for v in shares):
         return "FSAE selected no pixel"
-    return ""
+    notes = []
+    mean = sum(shares) / len(shares)
+    if mean < SMALL_MASK:
+        notes.append(f"FSAE masked {100 * mean:.2f} % of pixels")
+    if cfg.fsae.use_sae and not any(r.get("sae_added_ratio", 0.0) > 0 for r in rows):
+        notes.append("SAE added none")
+    return "; ".join(notes)
 
 
 def run_demo(out: str | Path = "runs/demo", seed: int | None = None, quick: bool = False,

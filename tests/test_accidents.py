@@ -482,6 +482,9 @@ def test_seg_infer_skips_a_missing_test_list_with_a_note_and_scores_val(data_roo
     assert "test.txt: image list not found" in results["test"]["note"] and results["test"]["dirs"] == []
     assert 0 <= results["val"]["eval"]["val"]["miou"] <= 1
     assert "fsae: note: " in capsys.readouterr().err
+    with pytest.raises(DataError, match="test.txt: image list not found"):  # asked for by name: an error, at once
+        run_seg_inference(model, cfg, tmp_path / "named", splits=["val", "test"], progress=False)
+    assert not (tmp_path / "named").exists()
 
 
 def test_seg_infer_checks_every_split_before_any_work_and_keeps_the_val_miou(data_root, tmp_path):

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from fsae.demo import CLAIM_TEXT, VARIANTS, claims, render_seeds_table, run_demo
+from fsae.demo import CLAIM_TEXT, LABELS, VARIANTS, claims, render_seeds_table, run_demo
 from fsae.io import read_mask
 
 
@@ -45,9 +45,12 @@ def test_quick_demo_writes_the_report(tmp_path):
     assert saved == json.loads(json.dumps(results))
     report = (tmp_path / "report.md").read_text()
     assert "+FAE+SAE" in report and "figures/curves.png" in report
-    # 6 steps: FSAE starts (epoch 2) but the network is not yet confident anywhere; the rows say so
-    assert saved["fae"]["fsae_note"] == saved["fsae"]["fsae_note"] == "FSAE selected no pixel"
-    assert "+FAE (FSAE selected no pixel)" in report and saved["base"]["fsae_note"] == ""
+    # 6 steps: FSAE starts (epoch 2) but the network is confident on next to no pixel; the rows say so
+    for variant in ("fae", "fsae"):
+        note = saved[variant]["fsae_note"]
+        assert note.startswith(("FSAE selected no pixel", "FSAE masked 0.")), note
+        assert f"{LABELS[variant]} ({note})" in report
+    assert saved["base"]["fsae_note"] == ""
     for name in ("curves.png", "overlays.png"):
         assert (tmp_path / "figures" / name).stat().st_size > 1000
 
@@ -86,7 +89,7 @@ def test_seeds_table_has_each_seed_and_the_mean():
 
 def _metrics(path, rows):
     path.mkdir(parents=True, exist_ok=True)
-    lines = ["step,epoch,loss,fsae,mask_ratio"] + [",".join(map(str, r)) for r in rows]
+    lines = ["step,epoch,loss,fsae,mask_ratio,sae_added_ratio"] + [",".join(map(str, r)) for r in rows]
     (path / "metrics.csv").write_text("\n".join(lines) + "\n")
 
 
@@ -96,12 +99,16 @@ def test_fsae_note_says_when_fsae_did_not_act(tmp_path):
 
     cfg = Config()
     cfg.fsae.enabled, cfg.fsae.start_epoch = True, 2
-    _metrics(tmp_path / "a", [(1, 0, 0.7, 0, 0), (2, 1, 0.6, 0, 0)])  # epochs 0 and 1 only: never started
+    _metrics(tmp_path / "a", [(1, 0, 0.7, 0, "", ""), (2, 1, 0.6, 0, "", "")])  # epochs 0 and 1: never started
     assert fsae_note(tmp_path / "a", cfg) == "FSAE not started"
-    _metrics(tmp_path / "b", [(1, 1, 0.7, 0, 0), (2, 2, 0.6, 0, 0)])  # started at epoch 2, empty mask
+    _metrics(tmp_path / "b", [(1, 1, 0.7, 0, "", ""), (2, 2, 0.6, 0, 0, 0)])  # started at epoch 2, empty mask
     assert fsae_note(tmp_path / "b", cfg) == "FSAE selected no pixel"
-    _metrics(tmp_path / "c", [(1, 2, 0.7, 0.01, 0.002)])
-    assert fsae_note(tmp_path / "c", cfg) == ""
+    _metrics(tmp_path / "c", [(1, 2, 0.7, 0.01, 0.0002, 0), (2, 3, 0.6, 0.01, 0.0004, 0)])  # mean 0.0003
+    assert fsae_note(tmp_path / "c", cfg) == "FSAE masked 0.03 % of pixels; SAE added none"
+    _metrics(tmp_path / "d", [(1, 2, 0.7, 0.01, 0.2, 0.01)])
+    assert fsae_note(tmp_path / "d", cfg) == ""
+    cfg.fsae.use_sae = False
+    assert fsae_note(tmp_path / "c", cfg) == "FSAE masked 0.03 % of pixels"
     cfg.fsae.enabled = False
     assert fsae_note(tmp_path / "a", cfg) == ""
     base = {**row(10, 1, 2, 3), "heldout_seed_miou": 1, "heldout_fpr": 1, "heldout_fnr": 1,
