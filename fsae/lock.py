@@ -131,3 +131,16 @@ def output_lock(folder: str | os.PathLike, part: str = "") -> Iterator[Path]:
 def locked(folder: str | os.PathLike, part: str = "") -> bool:
     """Whether this process holds ``folder``'s lock (of share ``part``)."""
     return str(lock_path(os.path.realpath(folder), part)) in _HELD
+
+
+def alone(folder: str | os.PathLike) -> bool:
+    """Whether no other process writes ``folder`` now: this process's lock on it made exclusive, if it can be
+    (for a job that shares the folder and is about to leave it: the change may drop its shared lock first)."""
+    entry = _HELD.get(str(lock_path(os.path.realpath(folder))))
+    if entry is None:
+        return False
+    try:
+        fcntl.flock(entry[0].fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True

@@ -203,6 +203,46 @@ def test_a_stage_that_stops_before_its_first_output_leaves_no_stamped_folder(tmp
     assert folder.is_dir() and not stamp_path(folder).exists()
 
 
+def test_a_shared_folder_keeps_its_stamp_while_another_job_writes_it(tmp_path):
+    folder = tmp_path / "crf"
+    holder = HOLDER.replace("output_lock(sys.argv[1])", "output_lock(sys.argv[1], 'ids-aaa')")
+    proc = subprocess.Popen([sys.executable, "-c", holder, str(folder)], env=ENV, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    try:
+        with pytest.raises(DataError):
+            with stage_output(folder, _stamp(1), False, ("*.png",), part="ids-bbb"):
+                raise DataError("the first image of this shard is corrupt")
+        assert read_stamp(folder) == _stamp(1)  # the other shard's stamp too
+    finally:
+        kill(proc)
+    with pytest.raises(DataError):
+        with stage_output(folder, _stamp(1), False, ("*.png",), part="ids-bbb"):
+            raise DataError("again, alone this time")
+    assert not stamp_path(folder).exists()  # (the folder itself was made by the first run: it stays, empty)
+
+
+def test_crf_stopping_on_its_first_image_leaves_no_folder(trained_run, data_root, tmp_path):
+    from fsae.refine.crf import refine_dir
+
+    with pytest.raises(DataError, match="image file not found"):
+        refine_dir(trained_run / "seeds", tmp_path / "no_images", tmp_path / "crf", ["train_00000"], 0.3, workers=1,
+                   progress=False)
+    assert not (tmp_path / "crf").exists() and not stamp_path(tmp_path / "crf").exists()
+
+
+def test_a_swap_cut_short_by_a_kill_is_finished_by_the_next_run(tmp_path):
+    from fsae.stamps import OLD_SUFFIX
+
+    folder = tmp_path / "out"
+    old = tmp_path / f".out{OLD_SUFFIX}"
+    old.mkdir()
+    (old / "a.txt").write_text("old")  # killed between renaming the old folder aside and the new one in
+    write_json(stamp_path(folder), _stamp(1))
+    with stage_output(folder, _stamp(1), False, ("*.txt",)) as target:
+        assert (target / "a.txt").read_text() == "old"  # the old output is back, and resumes
+    assert not old.exists()
+
+
 def test_cam_force_with_a_corrupt_image_keeps_every_old_seed(trained_run, data_root, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
