@@ -382,7 +382,7 @@ def test_voc_tree_prepares_and_checks(tmp_path):
     assert check_dataset("voc", tree.root, saliency=tree.root / "SALImages") == []
     assert label_disagreements(tree.root) == []  # the XML names the mask's classes
     image = read_image(tree.root / "JPEGImages" / "2008_000300.jpg")
-    assert image.shape == (96, 64, 3)
+    assert image.shape == (96, 72, 3)
     aug = read_mask(tree.root / "SegmentationClassAug" / "2008_000300.png")  # SBD-only: from cls/<id>.mat
     assert aug[60, 10] == 11 and aug[20, 20] == 15 and aug[2, 2] == 0 and not (aug == 255).any()
     voc = read_mask(tree.root / "SegmentationClassAug" / "2007_000039.png")  # VOC's own, with the 255 outline

@@ -4,7 +4,8 @@
 expectations there are written against these exact masks). ``make_voc_tree`` / ``make_coco_tree``: fuller
 trees every stage of a paper row can run on, in seconds on a CPU:
 
-- VOC (``VOCdevkit/VOC2012`` + SBD ``benchmark_RELEASE/dataset``): 64-96 px JPEG images, VOC palette PNGs in
+- VOC (``VOCdevkit/VOC2012`` + SBD ``benchmark_RELEASE/dataset``): 72-96 px JPEG images (PSA's walk of
+  radius 5 at stride 8 needs 72 px), VOC palette PNGs in
   ``SegmentationClass/`` (train and val, 255 object outlines), ``Annotations/<id>.xml`` naming the objects,
   SBD ``cls/<id>.mat`` (GTcls) and ``inst/<id>.mat`` (GTinst) for SBD's ids, greyscale saliency maps in
   ``SALImages/`` (the objects, as PFAN maps are), ``ImageSets/Segmentation/{train,val,test}.txt``. SBD has ids
@@ -192,22 +193,22 @@ VOC_TREE_OBJECTS = {
     # VOC train
     "2007_000032": (72, 96, [(1, 8, 40, 10, 50), (15, 36, 68, 56, 90)]),  # aeroplane, person
     "2007_000039": (80, 80, [(20, 16, 60, 16, 60)]),  # tvmonitor
-    "2007_000063": (64, 88, [(12, 10, 54, 8, 44), (9, 20, 60, 52, 84)]),  # dog, chair
+    "2007_000063": (72, 88, [(12, 10, 54, 8, 44), (9, 20, 60, 52, 84)]),  # dog, chair
     "2007_000068": (96, 72, [(3, 20, 70, 10, 60)]),  # bird
-    "2007_000121": (64, 64, [(7, 8, 40, 4, 60), (15, 40, 62, 20, 44)]),  # car, person
-    "2007_000170": (88, 64, [(13, 12, 80, 8, 56)]),  # horse
+    "2007_000121": (72, 72, [(7, 8, 40, 4, 60), (15, 40, 62, 20, 44)]),  # car, person
+    "2007_000170": (88, 72, [(13, 12, 80, 8, 56)]),  # horse
     # VOC val
     "2007_000033": (72, 80, [(1, 10, 50, 10, 70)]),  # aeroplane
-    "2007_000042": (64, 96, [(19, 8, 40, 6, 60), (2, 30, 60, 60, 90)]),  # train, bicycle
+    "2007_000042": (72, 96, [(19, 8, 40, 6, 60), (2, 30, 60, 60, 90)]),  # train, bicycle
     "2007_000061": (80, 72, [(8, 20, 70, 10, 50)]),  # cat
     # SBD only
     "2008_000100": (72, 72, [(12, 8, 50, 6, 40), (13, 20, 66, 40, 70)]),  # dog, horse
-    "2008_000200": (64, 80, [(3, 4, 60, 4, 40)]),  # bird
-    "2008_000300": (96, 64, [(11, 50, 94, 0, 64), (15, 10, 48, 16, 46)]),  # diningtable, person
+    "2008_000200": (72, 80, [(3, 4, 60, 4, 40)]),  # bird
+    "2008_000300": (96, 72, [(11, 50, 94, 0, 64), (15, 10, 48, 16, 46)]),  # diningtable, person
 }
 VOC_TREE_TRAIN = ["2007_000032", "2007_000039", "2007_000063", "2007_000068", "2007_000121", "2007_000170"]
 VOC_TREE_VAL = ["2007_000033", "2007_000042", "2007_000061"]
-VOC_TREE_TEST = {"2008_000400": (64, 72), "2008_000401": (72, 64)}  # images only (the evaluation server's split)
+VOC_TREE_TEST = {"2008_000400": (72, 80), "2008_000401": (80, 72)}  # images only (the evaluation server's split)
 VOC_TREE_SBD_TRAIN = ["2007_000039", "2007_000063", "2008_000100", "2008_000200", "2007_000033"]  # a VOC val id
 VOC_TREE_SBD_VAL = ["2008_000300", "2007_000042"]
 # (VOC train | SBD train | SBD val) - VOC val, sorted: by hand
