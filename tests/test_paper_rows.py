@@ -378,7 +378,8 @@ def test_voc_tree_prepares_and_checks(tmp_path):
     tree = make_voc_tree(tmp_path, prepare=True)
     lists = tree.root / "ImageSets" / "Segmentation"
     assert (lists / "train_aug.txt").read_text().split() == VOC_TREE_TRAIN_AUG
-    assert len(tree.train_aug) == 9 and set(tree.train) < set(tree.train_aug) and not set(tree.val) & set(tree.train_aug)
+    assert len(tree.train_aug) == 9 and set(tree.train) < set(tree.train_aug)
+    assert not set(tree.val) & set(tree.train_aug)
     assert check_dataset("voc", tree.root, saliency=tree.root / "SALImages") == []
     assert label_disagreements(tree.root) == []  # the XML names the mask's classes
     image = read_image(tree.root / "JPEGImages" / "2008_000300.jpg")
