@@ -12,100 +12,32 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.sparse
 from PIL import Image
-from pycocotools import mask as mask_utils
-from scipy.io import savemat
 
 from fsae.data.check import Problem, check_dataset, format_disagreements, format_problems, label_disagreements
-from fsae.data.coco import COCO_CATEGORY_IDS, COCO_CLASSES, COCODataset, category_mapping
+from fsae.data.coco import COCO_CLASSES, COCODataset, category_mapping
 from fsae.data.prepare import prepare_coco, prepare_voc, train_aug_ids
 from fsae.data.voc import VOCDataset, xml_image_labels
 from fsae.errors import DataError
-from fsae.io import write_grey_png, write_image, write_mask
+from fsae.io import write_grey_png, write_mask
+from tests.trees import (  # the small hand-made trees and their writers (shared with other tests)
+    EXPECTED_VOC_LABELS,
+    SBD_MASKS,
+    TRAIN_AUG,
+    VOC_MASKS,
+    VOC_TRAIN,
+    VOC_VAL,
+    box,
+    draw,
+    make_coco,
+    make_voc,
+    random_image,
+)
 
 # pycocotools' decode under numpy 2 (a dependency's warning, not ours)
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 # ------------------------------------------------------------------------------------ VOC + SBD tree
-
-VOC_TRAIN = ["2007_000032", "2007_000039", "2008_000002"]
-VOC_VAL = ["2007_000033", "2007_000042"]
-SBD_TRAIN = ["2007_000039", "2008_000100", "2008_000200", "2007_000033"]
-SBD_VAL = ["2009_000001", "2007_000042", "2008_000100"]
-TRAIN_AUG = ["2007_000032", "2007_000039", "2008_000002", "2008_000100", "2008_000200", "2009_000001"]
-
-# id: (height, width, [(class, y0, y1, x0, x1), ...])
-VOC_MASKS = {
-    "2007_000032": (16, 20, [(1, 2, 8, 3, 9), (15, 9, 14, 10, 18)]),
-    "2007_000039": (16, 20, [(20, 4, 12, 4, 12)]),
-    "2008_000002": (12, 18, [(7, 2, 10, 2, 16)]),
-    "2007_000033": (16, 20, [(1, 3, 9, 3, 9)]),
-    "2007_000042": (14, 16, [(19, 2, 6, 2, 6), (2, 8, 12, 8, 14)]),
-}
-SBD_MASKS = {
-    "2007_000039": (16, 20, [(9, 1, 5, 1, 5)]),  # VOC has this id: its VOC mask must win
-    "2008_000100": (10, 14, [(12, 1, 9, 1, 7), (13, 2, 8, 7, 13)]),
-    "2008_000200": (12, 12, [(3, 0, 12, 0, 6)]),
-    "2007_000033": (16, 20, [(5, 1, 3, 1, 3)]),  # VOC val: not in train_aug
-    "2009_000001": (18, 10, [(11, 10, 18, 0, 10), (15, 2, 9, 3, 7)]),
-    "2007_000042": (14, 16, [(4, 1, 3, 1, 3)]),
-}
-EXPECTED_VOC_LABELS = {
-    "2007_000032": [1, 15],
-    "2007_000039": [20],
-    "2008_000002": [7],
-    "2007_000033": [1],
-    "2007_000042": [2, 19],
-    "2008_000100": [12, 13],
-    "2008_000200": [3],
-    "2009_000001": [11, 15],
-}
-
-
-def draw(height, width, rects, boundary=False):
-    mask = np.zeros((height, width), np.uint8)
-    for cls, y0, y1, x0, x1 in rects:
-        if boundary:  # VOC outlines objects with 255 (ignore)
-            mask[max(y0 - 1, 0) : y1 + 1, max(x0 - 1, 0) : x1 + 1] = 255
-        mask[y0:y1, x0:x1] = cls
-    return mask
-
-
-def random_image(height, width, seed):
-    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-
-
-def write_sbd_mat(path: Path, seg: np.ndarray, classes: list[int]) -> None:
-    """The SBD cls/<id>.mat layout: a 1x1 struct GTcls with Segmentation, Boundaries, CategoriesPresent."""
-    boundaries = np.empty((20, 1), dtype=object)
-    for i in range(20):
-        boundaries[i, 0] = scipy.sparse.csc_matrix(seg.shape, dtype=float)
-    gt = {"Segmentation": seg, "Boundaries": boundaries, "CategoriesPresent": np.array(classes, np.uint8)}
-    savemat(path, {"GTcls": gt})
-
-
-def write_list(path: Path, ids) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{i}\n" for i in ids))
-
-
-def make_voc(tmp_path: Path) -> tuple[Path, Path]:
-    root = tmp_path / "VOCdevkit" / "VOC2012"
-    sbd = tmp_path / "benchmark_RELEASE" / "dataset"
-    sizes = {i: spec[:2] for i, spec in {**SBD_MASKS, **VOC_MASKS}.items()}
-    for seed, (image_id, (h, w)) in enumerate(sorted(sizes.items())):
-        write_image(root / "JPEGImages" / f"{image_id}.jpg", random_image(h, w, seed))
-    for image_id, (h, w, rects) in VOC_MASKS.items():
-        write_mask(root / "SegmentationClass" / f"{image_id}.png", draw(h, w, rects, boundary=True))
-    write_list(root / "ImageSets" / "Segmentation" / "train.txt", VOC_TRAIN)
-    write_list(root / "ImageSets" / "Segmentation" / "val.txt", VOC_VAL)
-    (sbd / "cls").mkdir(parents=True)
-    for image_id, (h, w, rects) in SBD_MASKS.items():
-        write_sbd_mat(sbd / "cls" / f"{image_id}.mat", draw(h, w, rects), sorted({r[0] for r in rects}))
-    write_list(sbd / "train.txt", SBD_TRAIN)
-    write_list(sbd / "val.txt", SBD_VAL)
-    return root, sbd
 
 
 @pytest.fixture
@@ -206,72 +138,6 @@ def test_prepare_voc_names_a_missing_list(tmp_path):
 # ------------------------------------------------------------------------------------------ COCO tree
 
 
-def uncompressed_rle(binary: np.ndarray) -> dict:
-    """COCO's crowd format: column-major run lengths, starting with a run of zeros."""
-    counts, current, run = [], 0, 0
-    for value in binary.flatten(order="F"):
-        if value != current:
-            counts.append(run)
-            current, run = value, 0
-        run += 1
-    counts.append(run)
-    return {"size": list(binary.shape), "counts": counts}
-
-
-def compressed_rle(binary: np.ndarray) -> dict:
-    rle = mask_utils.encode(np.asfortranarray(binary.astype(np.uint8)))
-    return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
-
-
-def box(shape, y0, y1, x0, x1):
-    m = np.zeros(shape, np.uint8)
-    m[y0:y1, x0:x1] = 1
-    return m
-
-
-def rect_polygon(x0, y0, x1, y1):
-    return [x0, y0, x1, y0, x1, y1, x0, y1]
-
-
-def make_coco(tmp_path: Path) -> Path:
-    root = tmp_path / "coco"
-    categories = [{"id": c, "name": n, "supercategory": "x"} for c, n in zip(COCO_CATEGORY_IDS, COCO_CLASSES)]
-    train_images = [
-        {"id": 9, "file_name": "COCO_train2014_000000000009.jpg", "height": 20, "width": 24},
-        {"id": 25, "file_name": "COCO_train2014_000000000025.jpg", "height": 10, "width": 12},
-        {"id": 30, "file_name": "COCO_train2014_000000000030.jpg", "height": 8, "width": 8},
-    ]
-    train_anns = [
-        # person, polygon
-        {"id": 101, "image_id": 9, "category_id": 1, "iscrowd": 0,
-         "segmentation": [rect_polygon(2, 3, 12, 15)]},
-        # dog, compressed RLE, drawn over part of the person
-        {"id": 102, "image_id": 9, "category_id": 18, "iscrowd": 0,
-         "segmentation": compressed_rle(box((20, 24), 10, 18, 8, 20))},
-        # car crowd, uncompressed RLE
-        {"id": 103, "image_id": 9, "category_id": 3, "iscrowd": 1,
-         "segmentation": uncompressed_rle(box((20, 24), 0, 6, 14, 24))},
-        # person, polygon drawn over part of the crowd
-        {"id": 104, "image_id": 9, "category_id": 1, "iscrowd": 0,
-         "segmentation": [rect_polygon(20, 2, 24, 4)]},
-        # toothbrush crowd, the only annotation of image 25
-        {"id": 105, "image_id": 25, "category_id": 90, "iscrowd": 1,
-         "segmentation": uncompressed_rle(box((10, 12), 2, 8, 3, 9))},
-    ]
-    val_images = [{"id": 42, "file_name": "COCO_val2014_000000000042.jpg", "height": 16, "width": 16}]
-    val_anns = [  # dining table, a polygon in two parts
-        {"id": 201, "image_id": 42, "category_id": 67, "iscrowd": 0,
-         "segmentation": [rect_polygon(1, 1, 5, 5), rect_polygon(8, 8, 14, 12)]},
-    ]
-    for split, images, anns in (("train2014", train_images, train_anns), ("val2014", val_images, val_anns)):
-        for anno in anns:
-            anno.update(area=1.0, bbox=[0, 0, 1, 1])
-        path = root / "annotations" / f"instances_{split}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"images": images, "annotations": anns, "categories": categories}))
-        for seed, info in enumerate(images):
-            write_image(root / split / info["file_name"], random_image(info["height"], info["width"], seed))
-    return root
 
 
 def expected_coco_train_mask(crowd_value: int) -> np.ndarray:
