@@ -197,6 +197,7 @@ def _seg_eval_name(seg_cfg, split_name: str) -> str:
 
 def plan_row(row: Row, options: Options) -> list[Step]:
     """The row's commands, in order, with the evaluation file each scoring step writes."""
+    check_force(row, options.force)
     split = split_overrides(row, options.overrides)
     out, run = Path(options.out), Path(options.out) / "run"
     train_stage = next(s for s in row.stages if s.stage == "train")
@@ -309,9 +310,8 @@ def run_row(row: Row, options: Options, run_argv: Callable[[list[str]], int],
             say: Callable[[str], None] = print) -> dict:
     """Check the inputs, run every step through ``run_argv`` (the CLI's ``main``), then write the table.
     A step that fails stops the row with an FsaeError naming it; finished steps stay (a rerun resumes)."""
-    check_force(row, options.force)
-    check_row_inputs(row, options)
     steps = plan_row(row, options)
+    check_row_inputs(row, options)
     for i, step in enumerate(steps, 1):
         say(f"[{i}/{len(steps)}] {step.id}: {step.command()}")
         code = run_argv(list(step.argv))
