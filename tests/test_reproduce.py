@@ -220,3 +220,14 @@ def test_the_printed_commands_are_the_ones_run(voc_root, tmp_path):
     options = tree_options(voc_root, tmp_path / "o")
     run_row(row, options, lambda argv: ran.append(argv) or main(argv), say=lambda _: None)
     assert [shlex.join(["fsae", *argv]) for argv in ran] == [s.command() for s in plan_row(row, options)]
+
+
+@pytest.mark.parametrize("name", ["voc_ppc_fsae", "coco_sipe_fsae"])
+def test_the_readmes_chains_are_the_dry_run(name):
+    """The README's VOC / COCO commands are ``fsae reproduce ROW --dry-run``, not a second copy that drifts."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    marker = f"<!-- fsae reproduce {name} --dry-run -->\n```bash\n"
+    assert marker in text, f"README.md has no dry-run block of {name}"
+    block = text.split(marker, 1)[1].split("```", 1)[0]
+    row = load_row(name)
+    assert block.splitlines() == [s.command() for s in plan_row(row, Options(out=default_out(row)))]
