@@ -159,8 +159,6 @@ def cam_stage(run_dir: str | os.PathLike | None, cfg: Config, checkpoint: str | 
     ``{"out", "written", "skipped", "shard"}``."""
     from fsae.data import build_dataset
     from fsae.distributed import process_device, shard_indices
-    from fsae.infer import infer_seeds
-    from fsae.protocol import resolve_protocol
     from fsae.stamps import file_digest
     from fsae.train import model_from_checkpoint
 
@@ -170,11 +168,43 @@ def cam_stage(run_dir: str | os.PathLike | None, cfg: Config, checkpoint: str | 
     model, _ = model_from_checkpoint(ckpt, cfg, device)
     dataset = build_dataset(cfg.data, split or cfg.infer.split)
     mine = shard_of(shard, force, out)
-    result = infer_seeds(model, dataset, out, cfg.infer.scales, cfg.infer.flip, cfg.infer.batch_size, device,
-                         progress=progress, indices=shard_indices(range(len(dataset)), mine),
-                         protocol=resolve_protocol(cfg), source={"checkpoint": file_digest(ckpt)}, force=force,
-                         precision=cfg.infer.precision, seed_dtype=seed_dtype or cfg.infer.seed_dtype)
+    result = dataset_seeds(model, cfg, dataset, out, device, indices=shard_indices(range(len(dataset)), mine),
+                           source={"checkpoint": file_digest(ckpt)}, force=force, seed_dtype=seed_dtype,
+                           progress=progress)
     return {**result, "out": Path(result["out"]), "shard": mine}
+
+
+def dataset_seeds(model, cfg: Config, dataset, out, device: str, indices=None, source: dict | None = None,
+                  force: bool = False, seed_dtype: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Seeds of ``dataset`` (anything with ``ids`` and ``{"id", "image", "label"}`` samples) by the run's
+    recipe and protocol: what ``fsae cam`` writes, also for ``fsae predict``'s own images."""
+    from fsae.infer import infer_seeds
+    from fsae.protocol import resolve_protocol
+
+    return infer_seeds(model, dataset, out, cfg.infer.scales, cfg.infer.flip, cfg.infer.batch_size, device,
+                       progress=progress, indices=indices, protocol=resolve_protocol(cfg), source=source,
+                       force=force, precision=cfg.infer.precision, seed_dtype=seed_dtype or cfg.infer.seed_dtype)
+
+
+def image_probabilities(model, image, device: str):
+    """Sigmoid of the image-level logits of one whole image. Shape: (H, W, 3) uint8 -> (C,) float32."""
+    import torch
+
+    from fsae.augment import normalize
+    from fsae.infer import to_tensor_image
+
+    with torch.no_grad():
+        x = normalize(to_tensor_image(image)[None]).to(device)
+        return torch.sigmoid(model(x).logits[0]).float().cpu().numpy()
+
+
+def seed_masks(image, keys, cams, threshold: float, background=None, crf: bool = False):
+    """One seed as a label-space mask at ``threshold`` (and its dense-CRF mask, or None), as ``fsae eval`` and
+    ``fsae crf`` make them. Shape: image (H, W, 3), keys (K,), cams (K, H, W) -> (H, W) uint8 each."""
+    from fsae.evaluate import seed_to_mask
+    from fsae.refine.crf import refine_seed
+
+    return seed_to_mask(keys, cams, threshold, background), (refine_seed(image, keys, cams, threshold) if crf else None)
 
 
 # ------------------------------------------------------------------------------------------ eval
@@ -262,8 +292,8 @@ def eval_seeds_stage(seeds, gt=None, num_classes: int | None = None, cfg=None, i
     from fsae.formats import seed_suffix
 
     seeds = Path(seeds)
-    thresholds_cfg = cfg = eval_config(cfg, seeds)
-    thresholds, mode = seed_thresholds(thresholds_cfg, threshold, sweep, mode)
+    cfg = eval_config(cfg, seeds)
+    thresholds, mode = seed_thresholds(cfg, threshold, sweep, mode)
     workers = worker_count(workers)
     ids, split = _scored_ids(cfg, ids, split)
     gt, num_classes = _gt_and_classes(cfg, split, gt, num_classes)
@@ -280,16 +310,44 @@ def eval_seeds_stage(seeds, gt=None, num_classes: int | None = None, cfg=None, i
     return {**result, "written": written, "seed_format": seed_format, "format_detected": detected, "main": main}
 
 
+
+def scored_mask_folder(masks: str | os.PathLike, cfg: Config | None, split: str | None = None) -> Path:
+    """The folder of pseudo-masks to score: ``masks`` itself, or on a COCO run its ``<split>/`` subfolder
+    (``RUN/crf`` holds ``crf/train2014/``, as ``fsae crf`` writes and ``fsae seg train`` reads it) when
+    ``masks`` holds no mask of its own."""
+    from fsae.rundir import mask_split
+
+    masks = Path(masks)
+    if cfg is None or cfg.data.kind != "coco" or ids_in(masks, ".png"):
+        return masks
+    sub = masks / (split if split in COCO_SPLIT_NAMES else mask_split(cfg))
+    return sub if sub.is_dir() else masks
+
+
+COCO_SPLIT_NAMES = ("train2014", "val2014")
+
+
+def _run_config_above(path: Path) -> Config | None:
+    """The config of the run directory holding ``path`` (``RUN/crf``) or its parent (``RUN/crf/train2014``)."""
+    for folder in (path.parent, path.parent.parent):
+        cfg = run_config(folder)
+        if cfg is not None:
+            return cfg
+    return None
+
+
 def eval_masks_stage(masks, gt=None, num_classes: int | None = None, cfg=None, ids=None, split: str | None = None,
                      ignore_as: int | None = None, out=None, progress: bool = True) -> dict[str, Any]:
-    """``fsae eval --masks``: the result dict (``evaluate_masks``) with ``"written"`` and ``"main"``."""
+    """``fsae eval --masks``: the result dict (``evaluate_masks``) with ``"written"``, ``"scored"`` (the
+    folder scored: on a COCO run ``RUN/crf/<split>/``) and ``"main"``."""
     from fsae.distributed import env_world, is_main, process_group
     from fsae.evaluate import evaluate_masks, save_eval
 
     masks = Path(masks)
-    cfg = eval_config(cfg, masks)
+    cfg = eval_config(cfg, masks) if cfg is not None else _run_config_above(masks)
     ids, split = _scored_ids(cfg, ids, split)
     gt, num_classes = _gt_and_classes(cfg, split, gt, num_classes)
+    masks = scored_mask_folder(masks, cfg, split)
     ids = ids or ids_in(masks, ".png")
     rank, world, _ = env_world()
     with process_group("cpu"):
@@ -298,4 +356,168 @@ def eval_masks_stage(masks, gt=None, num_classes: int | None = None, cfg=None, i
         main = is_main()
         written = save_eval(out, result, scored=masks, gt_dir=gt, ids=ids, ignore_as=ignore_as) \
             if out and main else None
-    return {**result, "written": written, "main": main}
+    return {**result, "written": written, "scored": masks, "main": main}
+
+
+# ------------------------------------------------------------------------------------------ pseudo-masks
+
+
+def _sipe_labels(seeds: Path, images: Path, out: Path, ids: list[str], workers: int, force: bool,
+                 progress: bool) -> dict[str, Any]:
+    """SIPE's pseudo-masks of a COCO run (SIPE ``cam2ir.py:26-42``): the IS-CAM's own background plane, the
+    confident foreground / background with an ignore band between them, CRF-refined
+    (``fsae.refine.irn.ir_labels``), into ``out/<id>.png``, stamped like the CRF's masks."""
+    from fsae.io import read_mask
+    from fsae.refine.irn.ir_labels import make_ir_labels
+    from fsae.stamps import folder_digest, ids_part, make_stamp, stage_output
+
+    stamp = make_stamp("crf", {"seeds": folder_digest(seeds)}, {"background": "own", "labels": "sipe_cam2ir"})
+    with stage_output(out, stamp, force, ("*.png",), read_mask, part=ids_part(ids)) as target:
+        result = make_ir_labels(seeds, images, target, ids, workers=workers, progress=progress)
+    return {"total": result["total"], "refined": result["written"], "skipped": result["skipped"],
+            "out_dir": str(out), "warnings": []}
+
+
+def crf_stage(run_dir: str | os.PathLike | None = None, cfg: Config | None = None, seeds=None, images=None,
+              out=None, ids=None, threshold: float | str | None = None, background: str | None = None,
+              bg_power: float | None = None, iterations: int | None = None, workers: int | None = None,
+              shard=None, force: bool = False, progress: bool = True) -> dict[str, Any]:
+    """``fsae crf``: seeds -> pseudo-masks ``out[/<split>]/<id>.png`` (default ``RUN/crf``; COCO: per split).
+
+    The threshold is ``seed_threshold``'s; a protocol whose background is the seed's own plane (SIPE) gets
+    SIPE's cam2ir labels instead of a CRF at a threshold. Returns ``{"threshold", "threshold_source",
+    "background", "groups": [refine_dir results], "shard", "total"}`` (``groups`` empty: nothing for this
+    shard)."""
+    from fsae.distributed import shard_indices
+    from fsae.protocol import resolve_protocol
+    from fsae.refine import refine_dir
+
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        cfg = cfg or run_config(run_dir)
+        if cfg is None:
+            raise ConfigError(f"{run_dir}: not a run directory (no config.yaml); pass the folder `fsae train` wrote")
+        seeds, out = Path(seeds or run_dir / "seeds"), Path(out or run_dir / "crf")
+    if not (seeds and out and (images or cfg is not None)):
+        raise FsaeError("fsae crf: pass a run directory, or --seeds, --images and --out")
+    value, source = seed_threshold(run_dir, cfg, threshold)
+    if cfg is not None:
+        protocol = resolve_protocol(cfg, threshold=value, background=background, bg_power=bg_power,
+                                    crf_iterations=iterations)
+        background, bg_power, iterations = protocol.background, protocol.bg_power, protocol.crf_iterations
+    background, bg_power = background or "threshold", 1.0 if bg_power is None else bg_power
+    if value is None and background == "threshold":
+        raise FsaeError("fsae crf: pass --threshold (or a run directory whose recipe gives eval.threshold)")
+    seeds, out = Path(seeds), Path(out)
+    ids = (read_id_list(ids) if isinstance(ids, (str, os.PathLike)) else list(ids)) if ids else ids_in(seeds, ".npz")
+    if not ids:
+        raise FsaeError(f"{seeds}: no seed files (<id>.npz) to refine; run `fsae cam` first")
+    mine_shard = shard_of(shard, force, out)
+    mine = shard_indices(ids, mine_shard)
+    record = {"threshold": value, "threshold_source": source, "background": background, "groups": [],
+              "shard": mine_shard, "total": len(ids)}
+    if not mine:
+        return record
+    workers = worker_count(workers)
+    groups = mask_groups(cfg.data, mine, images) if cfg is not None else [("", Path(images), mine)]
+    params = {} if iterations is None else {"iterations": int(iterations)}
+    for sub, group_images, group_ids in groups:
+        if background == "own":
+            result = _sipe_labels(seeds, group_images, out / sub, group_ids, workers, force, progress)
+        else:
+            result = refine_dir(seeds, group_images, out / sub, group_ids, threshold=value if value is not None
+                                else 0.0, workers=workers, background=background, bg_power=bg_power, force=force,
+                                progress=progress, **params)
+        record["groups"].append(result)
+    return record
+
+
+def _walk_inputs(run_dir: Path, images, seeds, ids) -> tuple[Path | None, list[str] | None, str]:
+    """IRN / PSA: the image folder (default: the run's ``data.root``/JPEGImages; COCO: the split folder holding
+    the seeds' images), the ids (None: every seed) and the pseudo-masks' subfolder (COCO: that split)."""
+    ids = (read_id_list(ids) if isinstance(ids, (str, os.PathLike)) else list(ids)) if ids is not None else None
+    cfg = run_config(run_dir)
+    if cfg is None:
+        if images is None:
+            raise ConfigError(f"{run_dir}: not a run directory (no config.yaml); pass --images with seeds from "
+                              f"elsewhere")
+        return Path(images), ids, ""
+    seed_ids = ids if ids is not None else ids_in(seeds or run_dir / "seeds", ".npz")
+    if cfg.data.kind != "coco":
+        return mask_groups(cfg.data, [], images)[0][1], ids, ""
+    sub, folder, _ = mask_groups(cfg.data, seed_ids, images, one_split=True)[0]
+    return folder, ids, sub
+
+
+def _stage_device(cfg, device: str | None):
+    if device:
+        cfg.device = device
+    check_device(cfg.device, "--device" if device else "device")
+    return cfg
+
+
+def irn_stage(run_dir: str | os.PathLike, irn_cfg, images=None, seeds=None, ids=None, device: str | None = None,
+              force: bool = False, progress: bool = True) -> dict[str, Any]:
+    """``fsae irn``: ``run_irn``'s result (``ir_labels``, ``checkpoint``, ``masks``)."""
+    from fsae.refine.irn import run_irn
+
+    run_dir = Path(run_dir)
+    irn_cfg = _stage_device(irn_cfg, device)
+    images, ids, sub = _walk_inputs(run_dir, images, seeds, ids)
+    return run_irn(run_dir, irn_cfg, images, ids=ids, seed_dir=seeds, force=force, mask_subdir=sub,
+                   progress=progress)
+
+
+def psa_stage(run_dir: str | os.PathLike, psa_cfg, images=None, seeds=None, ids=None, steps=None, shard=None,
+              device: str | None = None, force: bool = False, progress: bool = True) -> dict[str, Any]:
+    """``fsae psa``: ``run_psa``'s result (``labels``, ``train``, ``masks`` of the steps run) and ``shard``."""
+    from fsae.refine.psa import run_psa
+    from fsae.refine.psa.pipeline import STEPS
+
+    run_dir = Path(run_dir)
+    psa_cfg = _stage_device(psa_cfg, device)
+    images, ids, sub = _walk_inputs(run_dir, images, seeds, ids)
+    mine = shard_of(shard, force, run_dir)
+    result = run_psa(run_dir, psa_cfg, images, ids=ids, seed_dir=seeds, steps=tuple(steps or STEPS), shard=mine,
+                     mask_subdir=sub, force=force, progress=progress)
+    return {**result, "shard": mine}
+
+
+# ------------------------------------------------------------------------------------------ segmentation
+
+
+def seg_train_stage(seg_cfg, run_dir: str | os.PathLike, masks=None, resume: bool = True, allow_gt: bool = False,
+                    device: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """``fsae seg train``: DeepLab on the pseudo-masks ``masks`` (sets ``data.mask_dir``):
+    ``{"checkpoint", "run_dir"}``."""
+    from fsae.models.backbones import check_backbone
+    from fsae.segment.train import train_segmentation
+
+    if masks:
+        seg_cfg.data.mask_dir = str(Path(masks).resolve())
+    if device:
+        seg_cfg.train.device = device
+    check_device(seg_cfg.train.device, "--device" if device else "train.device")
+    check_backbone(seg_cfg.model.backbone)
+    checkpoint = train_segmentation(seg_cfg, run_dir, resume=resume, allow_gt=allow_gt, progress=progress)
+    return {"checkpoint": checkpoint, "run_dir": Path(run_dir)}
+
+
+def seg_infer_stage(run_dir: str | os.PathLike | None, seg_cfg, checkpoint=None, out=None, splits=None,
+                    crf: bool | None = None, device: str | None = None, force: bool = False) -> dict[str, Any]:
+    """``fsae seg infer``: ``run_seg_inference``'s result per split (default checkpoint
+    ``RUN/checkpoints/last.pt``, output root the run directory)."""
+    from fsae.segment.infer import run_seg_inference
+    from fsae.segment.train import seg_model_from_checkpoint
+    from fsae.stamps import file_digest
+
+    checkpoint = checkpoint or (Path(run_dir) / "checkpoints" / "last.pt" if run_dir else None)
+    if checkpoint is None:
+        raise FsaeError("fsae seg infer: pass --checkpoint (or a run directory instead of a config file)")
+    out = Path(out) if out else (Path(run_dir) if run_dir else None)
+    if out is None:
+        raise FsaeError("fsae seg infer: pass --out (or a run directory instead of a config file)")
+    device = _device(device, seg_cfg.train.device)
+    model, _ = seg_model_from_checkpoint(checkpoint, seg_cfg.data.num_classes, device)
+    return run_seg_inference(model, seg_cfg, out, splits=list(splits) if splits else None, crf=crf, device=device,
+                             source={"checkpoint": file_digest(checkpoint)}, force=force)
