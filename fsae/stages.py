@@ -70,6 +70,14 @@ def best_threshold(run_dir: str | os.PathLike) -> float | None:
     return None if threshold is None else float(threshold)
 
 
+def check_threshold(value, name: str = "--threshold") -> float:
+    """A background threshold given on the command line, checked by ``eval.threshold``'s own rule."""
+    try:
+        return check_value(value, _THRESHOLD_FIELD, name)
+    except ConfigError:
+        raise ConfigError(f"{name} {value} is not allowed; expected a background score in [0, 1]") from None
+
+
 def seed_threshold(run_dir: str | os.PathLike | None, cfg: Config | None,
                    given: float | str | None = None) -> tuple[float | None, str]:
     """THE background threshold of a run's seeds for the CRF, ``fsae predict`` and the grid, and where it
@@ -82,7 +90,7 @@ def seed_threshold(run_dir: str | os.PathLike | None, cfg: Config | None,
       ``eval.threshold``); (None, ...) when neither the protocol nor a run gives one.
     """
     if given is not None and given != "best":
-        return check_value(given, _THRESHOLD_FIELD, "--threshold"), "--threshold"
+        return check_threshold(given), "--threshold"
     best = best_threshold(run_dir) if run_dir is not None else None
     if best is not None:
         return best, f"best of {Path(run_dir) / 'eval' / 'seeds.json'}"
@@ -265,7 +273,7 @@ def seed_thresholds(cfg: Config | None, threshold=None, sweep=None, mode=None) -
         check_sweep(sweep, "--sweep")
         return default_thresholds(*sweep), mode or "sweep"
     if threshold is not None:
-        return [check_value(threshold, _THRESHOLD_FIELD, "--threshold")], mode or "fixed"
+        return [check_threshold(threshold)], mode or "fixed"
     if cfg is None:
         return [0.25], mode or "fixed"
     protocol = resolve_protocol(cfg)
