@@ -197,7 +197,8 @@ def run_job(run: GridRun, spec: GridSpec, device: str | None = None) -> None:
     import dataclasses
 
     from fsae.distributed import launch
-    from fsae.stages import cam_stage, crf_stage, eval_masks_stage, eval_seeds_stage, irn_stage, train_stage
+    from fsae.stages import (cam_stage, crf_stage, eval_masks_stage, eval_seeds_stage, irn_recipe, irn_stage,
+                             train_stage)
 
     cfg = dataclasses.replace(run.cfg, train=dataclasses.replace(run.cfg.train, device=device or run.cfg.train.device))
     run_dir = ensure_output_dir(run.run_dir)
@@ -213,9 +214,7 @@ def run_job(run: GridRun, spec: GridSpec, device: str | None = None) -> None:
         made = crf_stage(run_dir, cfg, threshold="best", progress=False)
         folders = [Path(g["out_dir"]) for g in made["groups"]]
     elif spec.masks == "irn":
-        from fsae.refine.irn import load_irn_config
-
-        made = irn_stage(run_dir, load_irn_config(spec.irn_config, []), device=cfg.train.device, progress=False)
+        made = irn_stage(run_dir, irn_recipe(spec.irn_config), device=cfg.train.device, progress=False)
         folders = [Path(made["masks"]["out_dir"])]
     if spec.masks:
         if len(folders) != 1:

@@ -129,6 +129,14 @@ def _device(given: str | None, recipe: str, field: str = "train.device") -> str:
     return check_device(given or recipe, "--device" if given else field)
 
 
+def irn_recipe(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()):
+    """An IRN recipe (``configs/*/irn.yaml``; None: IRN's defaults) with ``--set`` overrides: ``irn_stage``'s
+    settings."""
+    from fsae.refine.irn import load_irn_config
+
+    return load_irn_config(path, list(overrides))
+
+
 # ------------------------------------------------------------------------------------------ train, cam
 
 

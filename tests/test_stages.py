@@ -110,7 +110,7 @@ def test_seed_threshold_order_and_range(tmp_path):
     assert seed_threshold(tmp_path, cfg, None) == (0.35, f"protocol of {cfg.model.method} (eval.threshold)")
     with pytest.raises(FsaeError, match="--threshold best needs a seed evaluation"):
         seed_threshold(tmp_path, cfg, "best")
-    with pytest.raises(ConfigError, match=r"--threshold = 1\.5 is not allowed"):  # EvalConfig's own range check
+    with pytest.raises(ConfigError, match=r"--threshold\W+1\.5 is not allowed"):  # EvalConfig's own range check
         seed_threshold(tmp_path, cfg, 1.5)
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "seeds.json").write_text(json.dumps({"best": {"threshold": 0.15, "miou": 0.5, "iou": []},
@@ -128,3 +128,16 @@ def test_ids_in_leaves_out_temp_and_hidden_files(tmp_path):
     assert ids_in(tmp_path, ".png") == ["a", "b", "f"]
     assert ids_in(tmp_path, ".npz") == ["d"]
     assert ids_in(tmp_path / "missing", ".png") == []
+
+
+@pytest.mark.parametrize("module", ["grid", "predict"])
+def test_grid_and_predict_reach_the_stages_only_through_the_stage_api(module):
+    import ast
+
+    import fsae
+    from test_architecture import imported_modules
+
+    path = Path(fsae.__file__).parent / f"{module}.py"
+    imports = imported_modules(ast.parse(path.read_text()), f"fsae.{module}", False)
+    inside = sorted(m for m in imports if m.split(".")[1] in ("refine", "evaluate", "infer", "protocol"))
+    assert inside == [] and "fsae.stages" in imports
