@@ -214,13 +214,27 @@ def image_probabilities(model, image, device: str):
         return torch.sigmoid(model(x).logits[0]).float().cpu().numpy()
 
 
-def seed_masks(image, keys, cams, threshold: float, background=None, crf: bool = False):
+def seed_masks(image, keys, cams, threshold: float, background=None, crf: bool = False, cfg: Config | None = None):
     """One seed as a label-space mask at ``threshold`` (and its dense-CRF mask, or None), as ``fsae eval`` and
-    ``fsae crf`` make them. Shape: image (H, W, 3), keys (K,), cams (K, H, W) -> (H, W) uint8 each."""
+    ``fsae crf`` make them: the CRF's background form, power and iterations are the protocol of ``cfg``
+    (a plain threshold plane for a protocol with the seed's own background). Shape: image (H, W, 3), keys (K,),
+    cams (K, H, W), background (H, W) or None -> (H, W) uint8 each."""
     from fsae.evaluate import seed_to_mask
     from fsae.refine.crf import refine_seed
 
-    return seed_to_mask(keys, cams, threshold, background), (refine_seed(image, keys, cams, threshold) if crf else None)
+    seed = seed_to_mask(keys, cams, threshold, background)
+    if not crf:
+        return seed, None
+    form: dict[str, Any] = {}
+    if cfg is not None:
+        from fsae.protocol import resolve_protocol
+
+        p = resolve_protocol(cfg)
+        if p.background in ("threshold", "power"):
+            form = {"background": p.background, "bg_power": p.bg_power}
+        if p.crf_iterations is not None:
+            form["iterations"] = int(p.crf_iterations)
+    return seed, refine_seed(image, keys, cams, threshold, **form)
 
 
 # ------------------------------------------------------------------------------------------ eval
@@ -331,16 +345,14 @@ def scored_mask_folder(masks: str | os.PathLike, cfg: Config | None, split: str 
     """The folder of pseudo-masks to score: ``masks`` itself, or on a COCO run its ``<split>/`` subfolder
     (``RUN/crf`` holds ``crf/train2014/``, as ``fsae crf`` writes and ``fsae seg train`` reads it) when
     ``masks`` holds no mask of its own."""
+    from fsae.data.coco import COCO_SPLITS
     from fsae.rundir import mask_split
 
     masks = Path(masks)
     if cfg is None or cfg.data.kind != "coco" or ids_in(masks, ".png"):
         return masks
-    sub = masks / (split if split in COCO_SPLIT_NAMES else mask_split(cfg))
+    sub = masks / (split if split in COCO_SPLITS else mask_split(cfg))
     return sub if sub.is_dir() else masks
-
-
-COCO_SPLIT_NAMES = ("train2014", "val2014")
 
 
 def _run_config_above(path: Path) -> Config | None:
