@@ -43,7 +43,7 @@ from tqdm import tqdm
 from fsae.distributed import all_reduce_sum, rank, shard_indices, world_size
 from fsae.errors import DataError
 from fsae.formats import seed_suffix
-from fsae.io import check_replaceable, json_object_with, read_mask, write_json
+from fsae.io import check_replaceable, ids_in, json_object_with, read_mask, write_json
 from fsae.labels import IGNORE_INDEX, VOC_CLASSES
 from fsae.parallel import imap_jobs
 from fsae.seeds import check_seed, load_seed  # noqa: F401 - re-exported: the seed format's reader
@@ -393,10 +393,7 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def output_ids(folder: str | os.PathLike, suffix: str) -> list[str]:
-    """Ids of ``folder/<id><suffix>``, sorted; hidden files (a killed run's partial ``.<name>.*.tmp``
-    writes) are not outputs."""
-    return sorted(p.stem for p in Path(folder).glob(f"*{suffix}") if not p.name.startswith("."))
+output_ids = ids_in  # the ids a folder holds: one rule, fsae.io.ids_in
 
 
 EVAL_KEYS = ("miou", "best")  # an evaluation JSON's own keys: masks' scores / seeds' threshold sweep

@@ -41,7 +41,6 @@ from fsae.compare import run_summary, seed_spread, spread_cell
 from fsae.config import Config, config_from_dict, load_config
 from fsae.errors import ConfigError, FsaeError
 from fsae.io import ensure_output_dir, read_json, write_json, write_text
-from fsae.rundir import mask_split
 
 MASK_KINDS = {"crf": ("crf", "crf"), "irn": ("irn_masks", "irn")}  # --masks -> (mask folder, eval/<name>.json)
 METRICS = [("seed_miou", "Seed mIoU"), ("seed_fpr", "FPR"), ("seed_fnr", "FNR"), ("threshold", "best threshold"),
@@ -193,16 +192,13 @@ def run_finished(run: GridRun, masks: str | None) -> bool:
 
 def run_job(run: GridRun, spec: GridSpec, device: str | None = None) -> None:
     """Train, infer seeds, evaluate them (and make and evaluate pseudo-masks) for one run, in this process:
-    the stages' own entry points, as ``fsae train / cam / eval --sweep / crf / irn / eval --masks`` run them."""
+    the stage functions of ``fsae train / cam / eval / crf --threshold best / irn / eval --masks``
+    (``fsae.stages``)."""
     import dataclasses
 
-    from fsae.data import build_dataset
     from fsae.distributed import launch
-    from fsae.evaluate import evaluate_masks, evaluate_seeds, save_eval
-    from fsae.infer import infer_seeds
-    from fsae.protocol import resolve_protocol
-    from fsae.stamps import file_digest
-    from fsae.train import model_from_checkpoint, train
+    from fsae.stages import (cam_stage, crf_stage, eval_masks_stage, eval_seeds_stage, irn_recipe, irn_stage,
+                             train_stage)
 
     cfg = dataclasses.replace(run.cfg, train=dataclasses.replace(run.cfg.train, device=device or run.cfg.train.device))
     run_dir = ensure_output_dir(run.run_dir)
@@ -210,39 +206,21 @@ def run_job(run: GridRun, spec: GridSpec, device: str | None = None) -> None:
         launch(spec.nproc, ["train", spec.config, "--out", str(run_dir), "--device", cfg.train.device,
                             *(f"--set={o}" for o in run.overrides)])
     else:
-        train(cfg, run_dir, progress=False)
-    device = cfg.train.device
-    checkpoint = run_dir / "checkpoints" / "last.pt"
-    model, _ = model_from_checkpoint(checkpoint, cfg, device)
-    dataset = build_dataset(cfg.data, cfg.infer.split)
-    if dataset.mask_dir is None:
-        raise ConfigError(f"{cfg.data.root}: no ground-truth mask folder (data.mask_dir) to evaluate against")
-    protocol = resolve_protocol(cfg)  # the method's own inference and evaluation (fsae.protocol)
-    infer_seeds(model, dataset, run_dir / "seeds", cfg.infer.scales, cfg.infer.flip, cfg.infer.batch_size, device,
-                progress=False, protocol=protocol, source={"checkpoint": file_digest(checkpoint)})
-    ids, classes = dataset.ids, cfg.data.num_classes
-    seeds = evaluate_seeds(run_dir / "seeds", dataset.mask_dir, ids, classes, protocol.thresholds(),
-                           progress=False, mode=protocol.eval_mode)
-    save_eval(run_dir / "eval" / "seeds.json", seeds, scored=run_dir / "seeds", gt_dir=dataset.mask_dir, ids=ids)
+        train_stage(cfg, run_dir, progress=False)
+    cam_stage(run_dir, cfg, progress=False)
+    seeds = eval_seeds_stage(run_dir / "seeds", cfg=cfg, out=run_dir / "eval" / "seeds.json", progress=False)
     print(f"{run_dir}: seed mIoU {100 * seeds['best']['miou']:.1f} at threshold {seeds['best']['threshold']:.2f}")
-    split = mask_split(cfg)  # COCO's masks: <folder>/<split>/, as `fsae crf` writes them
     if spec.masks == "crf":
-        from fsae.refine import refine_dir
-
-        refine_dir(run_dir / "seeds", dataset.image_dir, run_dir / "crf" / split, ids,
-                   threshold=seeds["best"]["threshold"], progress=False, background=protocol.background,
-                   bg_power=protocol.bg_power, iterations=protocol.crf_iterations)
+        made = crf_stage(run_dir, cfg, threshold="best", progress=False)
+        folders = [Path(g["out_dir"]) for g in made["groups"]]
     elif spec.masks == "irn":
-        from fsae.refine.irn import load_irn_config, run_irn
-
-        irn_cfg = load_irn_config(spec.irn_config, [])
-        irn_cfg.device = device
-        run_irn(run_dir, irn_cfg, dataset.image_dir, ids=ids, progress=False, mask_subdir=split)
+        made = irn_stage(run_dir, irn_recipe(spec.irn_config), device=cfg.train.device, progress=False)
+        folders = [Path(made["masks"]["out_dir"])]
     if spec.masks:
-        folder, name = MASK_KINDS[spec.masks]
-        scored = run_dir / folder / split
-        masks = evaluate_masks(scored, dataset.mask_dir, ids, classes, progress=False)
-        save_eval(run_dir / "eval" / f"{name}.json", masks, scored=scored, gt_dir=dataset.mask_dir, ids=ids)
+        if len(folders) != 1:
+            raise GridError(f"{run_dir}: the pseudo-masks went to {len(folders)} folders; the grid scores one split")
+        name = MASK_KINDS[spec.masks][1]
+        masks = eval_masks_stage(folders[0], cfg=cfg, out=run_dir / "eval" / f"{name}.json", progress=False)
         print(f"{run_dir}: pseudo-mask ({spec.masks}) mIoU {100 * masks['miou']:.1f}")
 
 

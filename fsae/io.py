@@ -112,6 +112,12 @@ def read_json(path: str | os.PathLike) -> Any:
         raise DataError(f"{path}: not valid JSON ({exc})") from exc
 
 
+def ids_in(folder: str | os.PathLike, suffix: str) -> list[str]:
+    """Ids of the ``folder/<id><suffix>`` files, sorted. Hidden files (a killed run's partial
+    ``.<name>.<random>.tmp`` writes, a forced run's ``.<name>.forcing/``) are not outputs."""
+    return sorted(p.stem for p in Path(folder).glob(f"*{suffix}") if not p.name.startswith("."))
+
+
 def read_id_list(path: str | os.PathLike) -> list[str]:
     """An ImageSets-style list: one id per line (extra columns, as in train_aug.txt paths, ignored)."""
     path = Path(path)

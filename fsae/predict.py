@@ -26,13 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fsae.augment import normalize
 from fsae.config import Config
 from fsae.errors import ConfigError, DataError
-from fsae.infer import infer_seeds, to_tensor_image
-from fsae.protocol import resolve_protocol
 from fsae.io import read_image, write_json, write_mask
 from fsae.seeds import load_seed
+from fsae.stages import dataset_seeds, image_probabilities, seed_masks, seed_threshold
 
 
 @dataclass
@@ -48,7 +46,6 @@ class Predictor:
 def load_predictor(target: str | os.PathLike, device: str = "cpu", threshold: float | None = None) -> Predictor:
     """A run directory (its ``checkpoints/last.pt``) or a checkpoint file -> model, config, threshold, names."""
     from fsae.report import class_names
-    from fsae.rundir import load_evals, pick_eval
     from fsae.train import model_from_checkpoint
 
     target = Path(target)
@@ -57,21 +54,15 @@ def load_predictor(target: str | os.PathLike, device: str = "cpu", threshold: fl
         raise DataError(f"{checkpoint}: checkpoint not found; pass a run directory of `fsae train` or a .pt file")
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
     model, cfg = model_from_checkpoint(checkpoint, device=device)
-    source = "--threshold"
+    threshold, source = seed_threshold(run_dir, cfg, threshold)  # as `fsae crf RUN` and the grid pick it
     if threshold is None:
-        seeds = pick_eval(load_evals(run_dir), "seeds") if run_dir is not None and (run_dir / "eval").is_dir() else None
-        if seeds is not None:
-            threshold, source = seeds[1]["best"]["threshold"], f"{run_dir / 'eval' / seeds[0]}.json (best threshold)"
-        else:
-            threshold, source = resolve_protocol(cfg).threshold, "the method's protocol threshold (the run has no seed evaluation)"
+        raise ConfigError(f"{checkpoint}: the method's protocol gives no threshold; pass --threshold T")
     return Predictor(model, cfg, float(threshold), source, class_names(cfg), device)
 
 
-@torch.no_grad()
 def class_probabilities(predictor: Predictor, image: np.ndarray) -> np.ndarray:
     """Sigmoid of the image-level logits (the multi-label classifier). Shape: (H, W, 3) uint8 -> (C,)."""
-    x = normalize(to_tensor_image(image)[None]).to(predictor.device)
-    return torch.sigmoid(predictor.model(x).logits[0]).float().cpu().numpy()
+    return image_probabilities(predictor.model, image, predictor.device)
 
 
 def parse_labels(text: str, names: Sequence[str]) -> list[int]:
@@ -158,9 +149,6 @@ def predict_images(target: str | os.PathLike, images: Sequence[str | os.PathLike
                    labels: str | None = None, top_k: int | None = None, min_prob: float = 0.5, crf: bool = False,
                    threshold: float | None = None, device: str = "cpu") -> dict:
     """The module docstring's outputs for every image; returns the ``predictions.json`` record."""
-    from fsae.evaluate import seed_to_mask
-    from fsae.refine.crf import refine_seed
-
     paths = [Path(p) for p in images]
     for p in paths:
         if not p.is_file():
@@ -175,13 +163,11 @@ def predict_images(target: str | os.PathLike, images: Sequence[str | os.PathLike
               "classes": "given" if given is not None else (f"top {top_k}" if top_k else f"p >= {min_prob}"),
               "images": []}
     with tempfile.TemporaryDirectory() as tmp:  # fresh seeds every call: infer_seeds skips existing files
-        infer_seeds(pred.model, ImageFiles(paths, chosen, cfg.data.num_classes), tmp, cfg.infer.scales,
-                    cfg.infer.flip, cfg.infer.batch_size, device, progress=False, protocol=resolve_protocol(cfg))
+        dataset_seeds(pred.model, cfg, ImageFiles(paths, chosen, cfg.data.num_classes), tmp, device, progress=False)
         for path, p, present in zip(paths, probs, chosen):
             keys, cams, background = load_seed(Path(tmp) / f"{path.stem}.npz", with_background=True)
             image = read_image(path)
-            seed = seed_to_mask(keys, cams, pred.threshold, background)
-            crf_mask = refine_seed(image, keys, cams, pred.threshold) if crf else None
+            seed, crf_mask = seed_masks(image, keys, cams, pred.threshold, background, crf=crf)
             note = "" if present else f"no class with p >= {min_prob:.2f} (try --top-k 1 or --labels)"
             entry = {"image": str(path), "id": path.stem, "size": list(image.shape[:2]),
                      "classes": [{"label": c, "name": names[c], "prob": float(p[c - 1])} for c in present],

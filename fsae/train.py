@@ -172,7 +172,11 @@ def evaluate(model, dataset, cfg: Config, device, scales=None) -> dict:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: the archive's folder is "archive", not the random temp
+            torch.save(state, f)  # name, so equal states give equal bytes (the checkpoint digest of the stamps)
+
+    atomic_write(path, write)
 
 
 def training_state(model, optimizer, ema, cfg: Config, step: int, epoch: int, skipped: int,

@@ -489,7 +489,7 @@ def test_deeplab_never_trains_on_the_ground_truth_by_accident(data_root, tmp_pat
 
     root = tmp_path / "data"
     shutil.copytree(data_root, root)
-    (root / "meta.json").unlink()  # a real data set (a generated one only warns)
+    (root / "meta.json").unlink()  # a data set of one's own: refused as a generated one is
     gt = root / "SegmentationClass"
     (tmp_path / "link").symlink_to(gt)
     shutil.copytree(gt, tmp_path / "copy")

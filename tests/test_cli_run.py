@@ -78,3 +78,22 @@ def test_crf_threshold_best_reads_the_run_evaluation(run, tiny32, capsys):
     assert masks
     for mask in masks:
         assert np.array_equal(np.asarray(Image.open(mask)), np.asarray(Image.open(run / "crf_hand" / mask.name)))
+
+
+def test_seg_train_on_a_generated_sets_ground_truth_needs_allow_gt(tiny32, tmp_path, capsys):
+    """The generated set's true masks are refused as pseudo-masks like any data set's (no meta.json exemption);
+    --allow-gt trains the upper-bound run and the checkpoint records it."""
+    import torch
+
+    sets = {"data.root": tiny32, "model.backbone": "tinycnn", "model.width": 8, "model.weights": "null",
+            "model.freeze_bn": "false", "model.aspp_rates": "[1,2,3,4]", "data.crop_size": 32, "data.workers": 0,
+            "train.iterations": 2, "train.batch_size": 2, "train.checkpoint_every": 2, "train.device": "cpu"}
+    argv = ["seg", "train", str(REPO / "configs/synthetic/deeplabv2_r18.yaml"), "--masks",
+            str(Path(tiny32) / "SegmentationClass"), "--out", str(tmp_path / "run"),
+            *(f"--set={k}={v}" for k, v in sets.items())]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert "ground-truth folder" in err and "--allow-gt" in err and not (tmp_path / "run").exists()
+    assert cli([*argv, "--allow-gt"]) == 0
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["allow_gt"] is True

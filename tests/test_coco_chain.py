@@ -162,3 +162,64 @@ def test_report_scores_and_shows_the_split_folder_masks(coco_chain):
     assert scored["count"] == len(read_id_list(root / "ImageSets/train.txt"))
     assert scored["scored"]["dir"].endswith("crf/train2014")
     assert 'alt="image / CAM / seed (t=0.15) / pseudo-mask (CRF) / GT"' in (run / "report.html").read_text()
+
+
+def test_eval_masks_of_a_coco_run_scores_its_split_folder(coco_chain, tmp_path, capsys):
+    """`fsae eval --masks RUN/crf` on a COCO run scores crf/train2014/, where `fsae crf` wrote the masks and
+    `fsae seg train` reads them (the flat folder holds none)."""
+    from fsae.evaluate import evaluate_masks
+
+    root, run, _ = coco_chain
+    gt = root / "SegmentationClass" / "train2014"
+    ids = read_id_list(root / "ImageSets/train.txt")
+    assert main(["eval", "--masks", str(run / "crf"), "--gt", str(gt), "--num-classes", "80",
+                 "--out", str(tmp_path / "crf.json")]) == 0
+    assert f"scored: {run / 'crf' / 'train2014'}" in capsys.readouterr().out
+    result = read_json(tmp_path / "crf.json")
+    expected = evaluate_masks(run / "crf" / "train2014", gt, ids, 80, progress=False)
+    assert result["count"] == len(ids) and result["miou"] == pytest.approx(expected["miou"])
+
+
+def _sipe_coco_run(tmp_path):
+    """A SIPE COCO run directory by hand: the recipe's config.yaml and one seed whose four vertical stripes
+    have CAM 0 / 0.05 / 0.3 / 0.9 under a constant IS-CAM background of 0.4, on an image of four grey stripes."""
+    import yaml
+
+    from fsae.config import load_config
+    from fsae.seeds import save_seed
+
+    root = make_coco(tmp_path)
+    image_id = read_id_list(root / "ImageSets/train.txt")[0] if (root / "ImageSets/train.txt").is_file() else None
+    if image_id is None:
+        prepare_coco(root, workers=1, progress=False)
+        image_id = read_id_list(root / "ImageSets/train.txt")[0]
+    from PIL import Image
+
+    h, w = 48, 128  # the image replaced: four grey stripes, each as wide as the CRF's bilateral reach
+    edges = [round(k * w / 4) for k in range(5)]
+    image = np.zeros((h, w, 3), np.uint8)
+    for k, grey in enumerate((30, 90, 150, 210)):
+        image[:, edges[k]:edges[k + 1]] = grey
+    Image.fromarray(image).save(root / "train2014" / f"{image_id}.jpg", quality=95)
+    run = tmp_path / "sipe_run"
+    run.mkdir()
+    cfg = load_config(REPO / "configs/coco/sipe.yaml", [f"data.root={root}"])
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    cams = np.zeros((1, h, w), np.float32)
+    for k, value in enumerate((0.0, 0.05, 0.3, 0.9)):
+        cams[0, :, edges[k]:edges[k + 1]] = value
+    save_seed(run / "seeds" / f"{image_id}.npz", np.array([3]), cams, background=np.full((h, w), 0.4, np.float32))
+    return run, image_id, edges, h
+
+
+def test_sipe_coco_crf_makes_its_cam2ir_labels_not_a_zero_threshold(tmp_path, capsys):
+    """SIPE's COCO pseudo-masks (SIPE cam2ir.py:26-42): confident foreground = argmax over [background, cams],
+    confident background = argmax over [0.5 * background, cams], a class where the first says foreground, 0 where
+    both say background, 255 (ignore) between. With background 0.4: CAM 0 and 0.05 lose to 0.4 and 0.2 -> 0;
+    0.3 loses to 0.4, beats 0.2 -> 255; 0.9 beats both -> class 3. A 0.0 threshold made them bg / fg / fg / fg."""
+    run, image_id, edges, h = _sipe_coco_run(tmp_path)
+    assert main(["crf", str(run), "--workers", "1"]) == 0
+    assert "cam2ir" in capsys.readouterr().out
+    mask = read_mask(run / "crf" / "train2014" / f"{image_id}.png")
+    centres = [mask[h // 2, (edges[k] + edges[k + 1]) // 2] for k in range(4)]
+    assert centres == [0, 0, 255, 3]

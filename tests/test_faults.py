@@ -313,7 +313,7 @@ def _setting(command, key_value, *words):
         if command == "train":
             argv, out, _ = _train("--set", key_value)(ctx)
         elif command == "seg":
-            argv, out = ["seg", "train", _seg_recipe(ctx), "--out", str(ctx.out), "--set", key_value], ctx.out
+            argv, out = ["seg", "train", _seg_recipe(ctx), "--out", str(ctx.out), "--allow-gt", "--set", key_value], ctx.out
         else:
             out = ctx.tmp / "irn_run"
             argv = ["irn", str(out), "--set", key_value]
@@ -334,7 +334,7 @@ def _device(command, device):
             argv = ["irn", str(out), "--device", device]
         elif command == "seg train":
             out = ctx.out
-            argv = ["seg", "train", _seg_recipe(ctx), "--out", str(out), "--device", device]
+            argv = ["seg", "train", _seg_recipe(ctx), "--out", str(out), "--allow-gt", "--device", device]
         else:
             out = ctx.out
             argv = ["seg", "infer", _seg_recipe(ctx), "--checkpoint", str(ctx.tmp / "none.pt"), "--out", str(out),

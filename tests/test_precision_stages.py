@@ -65,7 +65,7 @@ def seg_config(root, **train) -> SegConfig:
 def seg_losses(root, tmp_path, **train) -> list[float]:
     """The logged loss of each of ``STEPS`` iterations (same seed: same initial weights and batches)."""
     run = tmp_path / "_".join(f"{k}{v}" for k, v in train.items()) if train else tmp_path / "fp32"
-    seg_train.train_segmentation(seg_config(root, **train), run, progress=False)
+    seg_train.train_segmentation(seg_config(root, **train), run, progress=False, allow_gt=True)
     rows = np.loadtxt(run / "metrics.csv", delimiter=",", skiprows=1, ndmin=2)
     return rows[:, 2].tolist()
 
@@ -96,15 +96,15 @@ def test_deeplab_fp16_checkpoint_holds_the_grad_scaler(seg_root, tmp_path):
 @pytest.mark.parametrize("train_cfg", [{}, {"precision": "bf16", "channels_last": True}, {"precision": "fp16"}])
 def test_deeplab_resume_is_bit_exact(seg_root, tmp_path, train_cfg):
     cfg = seg_config(seg_root, iterations=6, **train_cfg)
-    straight = seg_train.train_segmentation(cfg, tmp_path / "a", progress=False)
+    straight = seg_train.train_segmentation(cfg, tmp_path / "a", progress=False, allow_gt=True)
 
     def interrupt(iteration):
         if iteration == 3:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        seg_train.train_segmentation(cfg, tmp_path / "b", progress=False, on_iteration=interrupt)
-    resumed = seg_train.train_segmentation(cfg, tmp_path / "b", progress=False)
+        seg_train.train_segmentation(cfg, tmp_path / "b", progress=False, on_iteration=interrupt, allow_gt=True)
+    resumed = seg_train.train_segmentation(cfg, tmp_path / "b", progress=False, allow_gt=True)
     a, b = torch.load(straight, weights_only=True), torch.load(resumed, weights_only=True)
     assert a["iteration"] == b["iteration"] == 6
     for key, value in a["model"].items():
@@ -314,7 +314,7 @@ def test_the_stages_loaders_get_the_speed_arguments(seg_root, irn_batches, tmp_p
     cfg = seg_config(seg_root)
     cfg.data.workers, cfg.data.prefetch = 1, 3
     with pytest.raises(stop):
-        seg_train.train_segmentation(cfg, tmp_path / "seg", progress=False)
+        seg_train.train_segmentation(cfg, tmp_path / "seg", progress=False, allow_gt=True)
     assert (seen["num_workers"], seen["prefetch_factor"], seen["persistent_workers"], seen["pin_memory"]) == \
         (1, 3, True, False)
     root, ids, _ = irn_batches

@@ -396,7 +396,7 @@ def test_short_training_run_on_the_generated_set(recipe, tiny_synthetic, tmp_pat
     args = [f"--set={o}" for o in overrides]
     run = tmp_path / "run"
     gt = root / "SegmentationClass"  # the generated set's true masks stand in for pseudo-masks
-    assert main(["seg", "train", str(ROOT / recipe), "--out", str(run), "--masks", str(gt), *args]) == 0
+    assert main(["seg", "train", str(ROOT / recipe), "--out", str(run), "--masks", str(gt), "--allow-gt", *args]) == 0
     rows = np.loadtxt(run / "metrics.csv", delimiter=",", skiprows=1)
     loss = rows[:, 2]
     assert len(loss) == 40 and np.isfinite(loss).all()

@@ -317,7 +317,7 @@ def seg_run(tiny_synthetic, tmp_path_factory):
     cfg.infer.scales = [0.75, 1.0]
     recipe = run.parent / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(cfg.to_dict()))
-    assert cli(["seg", "train", str(recipe), "--out", str(run)]) == 0
+    assert cli(["seg", "train", str(recipe), "--out", str(run), "--allow-gt"]) == 0
     assert cli(["seg", "infer", str(run)]) == 0
     return run
 

@@ -35,7 +35,6 @@ from tqdm import tqdm
 
 from fsae.augment import normalize, random_geometry
 from fsae.data import build_dataset
-from fsae.data.synthetic import META_FILE
 from fsae.io import read_mask
 from fsae.errors import CheckpointError, ConfigError, DataError, FsaeError
 from fsae.labels import IGNORE_INDEX
@@ -223,17 +222,12 @@ def ground_truth_copy(mask_folder: Path, ids: list[str], data_cfg) -> str:
 
 
 def check_not_ground_truth(mask_folder: Path, ids: list[str], data_cfg, allow_gt: bool) -> None:
-    """Refuse (DataError) to train on the ground truth unless ``allow_gt`` (an upper-bound run); on a generated
-    set (``meta.json``), whose ground truth stands in for pseudo-masks in smoke tests, only a warning."""
+    """Refuse (DataError) to train on the ground truth unless ``allow_gt`` (an upper-bound run)."""
     why = "" if allow_gt else ground_truth_copy(mask_folder, ids, data_cfg)
-    if not why:
-        return
-    message = (f"{mask_folder}: {why}: DeepLab would train on the ground truth, not on pseudo-masks; point "
-               f"data.mask_dir at the pseudo-masks (e.g. RUN/crf), or pass --allow-gt for an upper-bound run")
-    if (Path(data_cfg.root) / META_FILE).is_file():
-        say_warnings([message + " (a generated data set: going on)"])
-        return
-    raise DataError(message)
+    if why:
+        raise DataError(f"{mask_folder}: {why}: DeepLab would train on the ground truth, not on pseudo-masks; "
+                        f"point data.mask_dir at the pseudo-masks (e.g. RUN/crf), or pass --allow-gt for an "
+                        f"upper-bound run")
 
 
 def train_segmentation(cfg: SegConfig, run_dir: str | os.PathLike, progress: bool = True, resume: bool = True,

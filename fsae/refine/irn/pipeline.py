@@ -31,7 +31,7 @@ from fsae.augment import normalize
 from fsae.errors import DataError
 from fsae.evaluate import load_seed
 from fsae.infer import to_tensor_image
-from fsae.io import read_image, read_mask, write_mask
+from fsae.io import ids_in, read_image, read_mask, write_mask
 from fsae.refine.irn.config import IRNConfig
 from fsae.refine.irn.ir_labels import make_ir_labels
 from fsae.refine.irn.network import FEATURE_STRIDE, BoundaryNet, boundary_map
@@ -97,7 +97,7 @@ def run_irn(run_dir: str | os.PathLike, cfg: IRNConfig, image_dir: str | os.Path
     run_dir = Path(run_dir)
     seed_dir = Path(seed_dir) if seed_dir else run_dir / "seeds"
     if ids is None:
-        ids = sorted(p.stem for p in seed_dir.glob("*.npz") if not p.name.startswith("."))
+        ids = ids_in(seed_dir, ".npz")
     if not ids:
         raise DataError(f"{seed_dir}: no seed files; run `fsae cam {run_dir}` first")
     label_dir, irn_dir, mask_dir = run_dir / "ir_labels", run_dir / "irn", run_dir / "irn_masks" / mask_subdir

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from fsae.distributed import shard_indices
 from fsae.errors import DataError, FsaeError
-from fsae.io import read_image, read_mask, write_mask
+from fsae.io import ids_in, read_image, read_mask, write_mask
 from fsae.refine.psa.aff_labels import load_aff_label, make_aff_labels
 from fsae.refine.psa.config import PSAConfig
 from fsae.refine.psa.network import AffinityNet
@@ -94,7 +94,7 @@ def run_psa(run_dir: str | os.PathLike, cfg: PSAConfig, image_dir: str | os.Path
                         f"without --force")
     seed_dir = Path(seed_dir) if seed_dir else run_dir / "seeds"
     if ids is None:
-        ids = sorted(p.stem for p in seed_dir.glob("*.npz") if not p.name.startswith("."))
+        ids = ids_in(seed_dir, ".npz")
     if not ids:
         raise DataError(f"{seed_dir}: no seed files; run `fsae cam {run_dir}` first")
     label_dir, psa_dir, mask_dir = run_dir / "aff_labels", run_dir / "psa", run_dir / "psa_masks" / mask_subdir

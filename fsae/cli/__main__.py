@@ -1,0 +1,5 @@
+import sys
+
+from fsae.cli import main
+
+sys.exit(main())
