@@ -231,3 +231,16 @@ def test_the_readmes_chains_are_the_dry_run(name):
     block = text.split(marker, 1)[1].split("```", 1)[0]
     row = load_row(name)
     assert block.splitlines() == [s.command() for s in plan_row(row, Options(out=default_out(row)))]
+
+
+def test_the_cli_lists_rows_prints_the_dry_run_and_refuses_an_unknown_row(capsys):
+    assert main(["reproduce", "--list"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed == list(ROWS)
+    assert main(["reproduce", "voc_sipe", "--dry-run", "--out", "o", "--device", "cuda", "--force", "irn"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    expected = plan_row(load_row("voc_sipe"), Options(out=Path("o"), device="cuda", force=frozenset({"irn"})))
+    assert printed == [s.command() for s in expected]
+    assert "--force" in printed[3] and "--device cuda" in printed[0]
+    assert main(["reproduce", "no_such_row"]) == 2
+    assert "no row 'no_such_row'" in capsys.readouterr().err

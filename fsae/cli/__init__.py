@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from fsae import __version__
-from fsae.cli import data, masks, scoring, seg, tools, training
+from fsae.cli import data, masks, reproduce, scoring, seg, tools, training
 from fsae.errors import FsaeError
 
 DESCRIPTION = """\
@@ -26,6 +26,9 @@ The stages, in order (each writes into a run directory and skips work it finishe
   crf      dense CRF on the seeds -> pseudo-masks   (or irn / psa: random-walk pseudo-masks)
   seg      train DeepLab on the pseudo-masks, then predict and score val / test
   report   one HTML page of a run: curves, scores, examples
+
+`fsae reproduce ROW` runs a row of the paper's tables through all of these and prints fsae's numbers next to
+the paper's (`fsae reproduce --list`).
 
 Start with `fsae demo --out runs/demo`; `fsae <stage> -h` explains each stage's options."""
 
@@ -42,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     tools.add_demo(sub)
     for family in FAMILIES:
         family.add_parsers(sub)
+    reproduce.add_parsers(sub, run_argv=main)  # runs each step's command through this same CLI
     return parser
 
 
