@@ -34,12 +34,12 @@ def cmd_crf(args) -> None:
         print(f"pseudo-masks: nothing to do for shard {shard[0]}/{shard[1]} of {result['total']} images")
     for group in result["groups"]:
         print(f"pseudo-masks: {group['out_dir']} ({group['refined']} refined, {group['skipped']} already "
-              f"there{shard_part(shard)}{warned(group)})")
+              f"there{shard_part(shard)}){warned(group)}")
 
 
 def _counts(r: dict, part: str = "") -> str:
     """One random-walk step's result as ``OUT_DIR (N written, M already there)``."""
-    return f"{r['out_dir']} ({r['written']} written, {r['skipped']} already there{part}{warned(r)})"
+    return f"{r['out_dir']} ({r['written']} written, {r['skipped']} already there{part}){warned(r)}"
 
 
 def cmd_irn(args) -> None:
