@@ -41,7 +41,7 @@ import yaml
 from fsae.compare import run_summary, seed_spread, spread_cell
 from fsae.config import Config, config_from_dict, load_config
 from fsae.errors import ConfigError, FsaeError
-from fsae.io import ensure_output_dir, read_json, write_json, write_text
+from fsae.io import ensure_output_dir, write_json, write_text
 
 MASK_KINDS = {"crf": ("crf", "crf"), "irn": ("irn_masks", "irn")}  # --masks -> (mask folder, eval/<name>.json)
 METRICS = [("seed_miou", "Seed mIoU"), ("seed_fpr", "FPR"), ("seed_fnr", "FNR"), ("threshold", "best threshold"),
