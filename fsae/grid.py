@@ -1,9 +1,10 @@
 """``fsae grid``: ablation grids over config fields x training seeds (the paper's Tables 7-10).
 
 Every combination of the ``--vary`` values is trained once per ``--seeds`` seed, each into a normal run
-directory, by the ordinary stage commands run as ``python -m fsae`` subprocesses: ``train``, ``cam``,
-``eval --seeds --sweep`` (the recipe's ``eval.sweep``), and with ``masks="crf"`` ``crf`` at the run's
-best threshold (or ``masks="irn"``: ``irn``) then ``eval --masks``. Each setting's row gives, over the
+directory, by one ``python -m fsae grid --only`` job per run calling the stage functions the CLI calls
+(``fsae.stages``; the same files and stamps as ``fsae train``, ``cam``, ``eval --seeds`` by the run's
+protocol, and with ``masks="crf"`` ``crf --threshold best`` (``seed_threshold``), or with ``masks="irn"``
+``irn``, then ``eval --masks``). Each setting's row gives, over the
 seeds, the median and the mean +- std (sample std, n - 1) of seed mIoU / FPR / FNR and pseudo-mask
 mIoU / FPR / FNR, and the median of the runs' best thresholds (``fsae.compare.seed_spread``; single
 runs of the same setting vary by about 2 mIoU, and PPC reports the median of three runs).
@@ -40,7 +41,7 @@ import yaml
 from fsae.compare import run_summary, seed_spread, spread_cell
 from fsae.config import Config, config_from_dict, load_config
 from fsae.errors import ConfigError, FsaeError
-from fsae.io import ensure_output_dir, read_json, write_json, write_text
+from fsae.io import ensure_output_dir, write_json, write_text
 
 MASK_KINDS = {"crf": ("crf", "crf"), "irn": ("irn_masks", "irn")}  # --masks -> (mask folder, eval/<name>.json)
 METRICS = [("seed_miou", "Seed mIoU"), ("seed_fpr", "FPR"), ("seed_fnr", "FNR"), ("threshold", "best threshold"),

@@ -3,9 +3,10 @@
 For each image: the classes (given by name, or the classifier's own: sigmoid of the image-level logits
 at the image's size, those >= ``min_prob`` or the ``top_k`` most probable), their multi-scale + flip
 CAMs computed by ``fsae.infer.infer_seeds`` itself (so the seed is exactly what ``fsae cam`` writes for
-the same pixels and labels), the seed at the run's threshold (``eval/seeds.json``'s best threshold when
-the run has one, else the method's protocol threshold, ``fsae.protocol``), and with ``crf`` the dense-CRF mask at that
-threshold (``fsae.refine.crf.refine_seed``, as ``fsae crf``). Written below ``out``::
+the same pixels and labels), the seed at the run's threshold (``fsae.stages.seed_threshold``, as ``fsae crf``:
+``eval/seeds.json``'s best threshold when the run has one, else the protocol's), and with ``crf`` the
+dense-CRF mask at that threshold with the protocol's background form (``fsae.stages.seed_masks``, as
+``fsae crf``). Written below ``out``::
 
     <id>.png           figure: image, one CAM heat map per class, seed overlay (+ CRF) with a class legend
     seed/<id>.png      the seed as a label-space VOC-palette mask; crf/<id>.png with ``crf``
@@ -167,7 +168,7 @@ def predict_images(target: str | os.PathLike, images: Sequence[str | os.PathLike
         for path, p, present in zip(paths, probs, chosen):
             keys, cams, background = load_seed(Path(tmp) / f"{path.stem}.npz", with_background=True)
             image = read_image(path)
-            seed, crf_mask = seed_masks(image, keys, cams, pred.threshold, background, crf=crf)
+            seed, crf_mask = seed_masks(image, keys, cams, pred.threshold, background, crf=crf, cfg=cfg)
             note = "" if present else f"no class with p >= {min_prob:.2f} (try --top-k 1 or --labels)"
             entry = {"image": str(path), "id": path.stem, "size": list(image.shape[:2]),
                      "classes": [{"label": c, "name": names[c], "prob": float(p[c - 1])} for c in present],

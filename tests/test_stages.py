@@ -141,3 +141,32 @@ def test_grid_and_predict_reach_the_stages_only_through_the_stage_api(module):
     imports = imported_modules(ast.parse(path.read_text()), f"fsae.{module}", False)
     inside = sorted(m for m in imports if m.split(".")[1] in ("refine", "evaluate", "infer", "protocol"))
     assert inside == [] and "fsae.stages" in imports
+
+
+@pytest.mark.parametrize("background", ["threshold", "power"])
+def test_predicts_crf_mask_is_fsae_crfs(twin_runs, tmp_path, background):
+    """Seeds with a CAM ramp (a tiny network's CAMs are flat), so the background form moves the border."""
+    from fsae.io import read_image, read_mask
+    from fsae.seeds import load_seed, save_seed
+    from fsae.stages import crf_stage, seed_masks
+
+    _, cli_run = twin_runs
+    cfg = load_config(cli_run / "config.yaml")
+    cfg.eval.background, cfg.eval.bg_power, cfg.eval.crf_iterations = background, 1.0, 3
+    images = cli_run.parent / "data" / "JPEGImages"
+    ids = ids_in(cli_run / "seeds", ".npz")[:3]
+    ramp = np.linspace(0.0, 1.0, 32, dtype=np.float32)[None, None, :].repeat(32, axis=1)  # (1, 32, 32)
+    for image_id in ids:
+        save_seed(tmp_path / "seeds" / f"{image_id}.npz", np.array([2]), ramp)
+    made = crf_stage(cfg=cfg, seeds=tmp_path / "seeds", images=images, out=tmp_path / "crf", ids=ids, threshold=0.2,
+                     workers=1, progress=False)
+    assert made["threshold"] == 0.2 and len(made["groups"]) == 1
+    masks = []
+    for image_id in ids:
+        keys, cams, plane = load_seed(tmp_path / "seeds" / f"{image_id}.npz", with_background=True)
+        _, mask = seed_masks(read_image(images / f"{image_id}.jpg"), keys, cams, 0.2, plane, crf=True, cfg=cfg)
+        assert np.array_equal(mask, read_mask(tmp_path / "crf" / f"{image_id}.png"))
+        masks.append(mask)
+    foreground = np.mean([(m == 2).mean() for m in masks])
+    # threshold 0.2: the ramp's cam > 0.2 part (~0.8); power 1: cam > 1 - cam, about half
+    assert (0.7 < foreground < 1.0) if background == "threshold" else (0.3 < foreground < 0.6)

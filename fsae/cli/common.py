@@ -46,6 +46,6 @@ def shard_part(shard: tuple[int, int]) -> str:
 
 
 def warned(result: dict) -> str:
-    """``", N warning(s)"`` for a summary line (the warnings were printed on stderr already)."""
+    """``", N warning(s) above"`` for a summary line (the warnings were printed on stderr already)."""
     n = len(result.get("warnings") or [])
-    return f", {n} warning{'s' if n != 1 else ''}" if n else ""
+    return f", {n} warning{'s' if n != 1 else ''} above" if n else ""

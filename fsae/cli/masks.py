@@ -27,19 +27,19 @@ def cmd_crf(args) -> None:
                        iterations=args.iterations, workers=args.workers, shard=args.shard, force=args.force)
     shard = result["shard"]
     if result["background"] == "own":
-        print(f"pseudo-masks: SIPE's cam2ir labels (the seeds' own background, ignore band 255)")
+        print("pseudo-masks: SIPE's cam2ir labels (the seeds' own background, ignore band 255)")
     elif result["threshold"] is not None:
         print(f"threshold {result['threshold']:g} ({result['threshold_source']})")
     if not result["groups"]:
         print(f"pseudo-masks: nothing to do for shard {shard[0]}/{shard[1]} of {result['total']} images")
     for group in result["groups"]:
         print(f"pseudo-masks: {group['out_dir']} ({group['refined']} refined, {group['skipped']} already "
-              f"there{shard_part(shard)}{warned(group)})")
+              f"there{shard_part(shard)}){warned(group)}")
 
 
 def _counts(r: dict, part: str = "") -> str:
     """One random-walk step's result as ``OUT_DIR (N written, M already there)``."""
-    return f"{r['out_dir']} ({r['written']} written, {r['skipped']} already there{part}{warned(r)})"
+    return f"{r['out_dir']} ({r['written']} written, {r['skipped']} already there{part}){warned(r)}"
 
 
 def cmd_irn(args) -> None:
@@ -88,8 +88,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="output folder (default RUN/crf; COCO: RUN/crf/<split>/)")
     p.add_argument("--threshold", type=threshold_arg, default=None, metavar="T|best",
                    help="background score of the unary; best: the best threshold of RUN/eval/seeds.json (default: "
-                        "that best when the run has one, else the run's protocol, fsae/protocol.py; the same "
-                        "threshold fsae grid and fsae predict use)")
+                        "the run's protocol, fsae/protocol.py: the recipe's eval.threshold, else the method's; the "
+                        "same threshold fsae grid and fsae predict use)")
     p.add_argument("--background", choices=["threshold", "power"], default=None,
                    help="background plane: constant threshold, or (1 - max CAM)^bg_power (PSA/EPS/PPC); default: "
                         "the protocol's (SIPE: its own background, cam2ir labels with an ignore band)")

@@ -97,7 +97,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="grid folder: one run directory per setting and seed, the tables")
     p.add_argument("--base", action="store_true", help="also train the recipe with fsae.enabled=false (first row)")
     p.add_argument("--masks", choices=["crf", "irn"], default=None,
-                   help="also make and evaluate pseudo-masks: dense CRF at each run's best threshold, or IRN")
+                   help="also make and evaluate pseudo-masks: dense CRF at the protocol's threshold (as fsae crf RUN), "
+                        "or IRN")
     p.add_argument("--irn-config", default=None, help="IRN recipe for --masks irn, e.g. configs/synthetic/irn.yaml")
     jobs = p.add_mutually_exclusive_group()
     jobs.add_argument("--devices", default=None, metavar="D1,D2",
@@ -119,8 +120,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="without --labels / --top-k: classes with a sigmoid probability at least this")
     p.add_argument("--crf", action="store_true", help="also the dense-CRF mask at the threshold")
     p.add_argument("--threshold", type=float, default=None,
-                   help="background threshold of the seed (default: the one `fsae crf RUN` uses: the run's best, "
-                        "else the protocol's)")
+                   help="background threshold of the seed (default: the one `fsae crf RUN` uses, the run's "
+                        "protocol's)")
     p.add_argument("--out", required=True, help="output folder")
     add_device(p, "cpu", default="cpu")
     p.set_defaults(func=cmd_predict)
