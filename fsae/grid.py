@@ -3,7 +3,7 @@
 Every combination of the ``--vary`` values is trained once per ``--seeds`` seed, each into a normal run
 directory, by one ``python -m fsae grid --only`` job per run calling the stage functions the CLI calls
 (``fsae.stages``; the same files and stamps as ``fsae train``, ``cam``, ``eval --seeds`` by the run's
-protocol, and with ``masks="crf"`` ``crf --threshold best`` (``seed_threshold``), or with ``masks="irn"``
+protocol, and with ``masks="crf"`` ``crf`` at the protocol's threshold (``seed_threshold``), or with ``masks="irn"``
 ``irn``, then ``eval --masks``). Each setting's row gives, over the
 seeds, the median and the mean +- std (sample std, n - 1) of seed mIoU / FPR / FNR and pseudo-mask
 mIoU / FPR / FNR, and the median of the runs' best thresholds (``fsae.compare.seed_spread``; single
@@ -212,7 +212,7 @@ def run_job(run: GridRun, spec: GridSpec, device: str | None = None) -> None:
     seeds = eval_seeds_stage(run_dir / "seeds", cfg=cfg, out=run_dir / "eval" / "seeds.json", progress=False)
     print(f"{run_dir}: seed mIoU {100 * seeds['best']['miou']:.1f} at threshold {seeds['best']['threshold']:.2f}")
     if spec.masks == "crf":
-        made = crf_stage(run_dir, cfg, threshold="best", progress=False)
+        made = crf_stage(run_dir, cfg, progress=False)
         folders = [Path(g["out_dir"]) for g in made["groups"]]
     elif spec.masks == "irn":
         made = irn_stage(run_dir, irn_recipe(spec.irn_config), device=cfg.train.device, progress=False)

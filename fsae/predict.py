@@ -4,7 +4,7 @@ For each image: the classes (given by name, or the classifier's own: sigmoid of 
 at the image's size, those >= ``min_prob`` or the ``top_k`` most probable), their multi-scale + flip
 CAMs computed by ``fsae.infer.infer_seeds`` itself (so the seed is exactly what ``fsae cam`` writes for
 the same pixels and labels), the seed at the run's threshold (``fsae.stages.seed_threshold``, as ``fsae crf``:
-``eval/seeds.json``'s best threshold when the run has one, else the protocol's), and with ``crf`` the
+the protocol's threshold unless one is given), and with ``crf`` the
 dense-CRF mask at that threshold with the protocol's background form (``fsae.stages.seed_masks``, as
 ``fsae crf``). Written below ``out``::
 
@@ -44,7 +44,7 @@ class Predictor:
     device: str
 
 
-def load_predictor(target: str | os.PathLike, device: str = "cpu", threshold: float | None = None) -> Predictor:
+def load_predictor(target: str | os.PathLike, device: str = "cpu", threshold: float | str | None = None) -> Predictor:
     """A run directory (its ``checkpoints/last.pt``) or a checkpoint file -> model, config, threshold, names."""
     from fsae.report import class_names
     from fsae.train import model_from_checkpoint
@@ -148,7 +148,7 @@ def prediction_figure(path: Path, image: np.ndarray, keys: np.ndarray, cams: np.
 
 def predict_images(target: str | os.PathLike, images: Sequence[str | os.PathLike], out: str | os.PathLike,
                    labels: str | None = None, top_k: int | None = None, min_prob: float = 0.5, crf: bool = False,
-                   threshold: float | None = None, device: str = "cpu") -> dict:
+                   threshold: float | str | None = None, device: str = "cpu") -> dict:
     """The module docstring's outputs for every image; returns the ``predictions.json`` record."""
     paths = [Path(p) for p in images]
     for p in paths:

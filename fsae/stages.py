@@ -84,17 +84,17 @@ def seed_threshold(run_dir: str | os.PathLike | None, cfg: Config | None,
     came from (a phrase to print):
 
     - a number ``given`` (checked like ``eval.threshold``): ``"--threshold"``;
-    - ``"best"``, or None when the run has a seed evaluation: the best threshold of ``RUN/eval/seeds.json``
-      (picked by the protocol's ``eval.mode``); ``"best"`` without one is an error;
-    - else the protocol's threshold (``fsae.protocol.resolve_protocol``: the method's, or the recipe's
-      ``eval.threshold``); (None, ...) when neither the protocol nor a run gives one.
+    - ``"best"``: the best threshold of ``RUN/eval/seeds.json`` (picked by the protocol's ``eval.mode``), only
+      when asked for: it is tuned on ground-truth pixels; without a seed evaluation it is an error;
+    - None: the protocol's threshold (``fsae.protocol.resolve_protocol``: the recipe's ``eval.threshold``, else
+      the method's, e.g. PPC's 0.22 as its authors' script); (None, ...) without a config.
     """
     if given is not None and given != "best":
         return check_threshold(given), "--threshold"
-    best = best_threshold(run_dir) if run_dir is not None else None
-    if best is not None:
-        return best, f"best of {Path(run_dir) / 'eval' / 'seeds.json'}"
     if given == "best":
+        best = best_threshold(run_dir) if run_dir is not None else None
+        if best is not None:
+            return best, f"best of {Path(run_dir) / 'eval' / 'seeds.json'}"
         where = Path(run_dir) if run_dir is not None else Path("RUN")
         raise FsaeError(f"{where}: --threshold best needs a seed evaluation with a threshold in {where / 'eval'}; "
                         f"run `fsae eval --seeds {where / 'seeds'} ... --out {where / 'eval' / 'seeds.json'}` "

@@ -54,7 +54,8 @@ def test_seed_equals_fsae_cam_at_the_runs_threshold(run, tiny_synthetic, tmp_pat
     out, labels_seen = tmp_path / "out", set()
     for image_id in with_foreground(run, threshold, 3):
         images = [str(root / "JPEGImages" / f"{image_id}.jpg")]
-        assert cli(["predict", str(run), *images, "--labels", names_of(root, image_id), "--out", str(out)]) == 0
+        assert cli(["predict", str(run), *images, "--labels", names_of(root, image_id), "--threshold", "best",
+                    "--out", str(out)]) == 0
         keys, cams = load_seed(run / "seeds" / f"{image_id}.npz")
         expected = seed_to_mask(keys, cams, threshold)
         np.testing.assert_array_equal(read_mask(out / "seed" / f"{image_id}.png"), expected)

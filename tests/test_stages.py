@@ -79,18 +79,23 @@ def test_grid_and_cli_write_the_same_evaluation(twin_runs, name):
     a, b = (json.loads((r / "eval" / f"{name}.json").read_text()) for r in twin_runs)
     assert a == b  # the scores, the scored ids, the folder record (relative dir, its stamp, the GT)
     assert a.get("count") == 16 or a["best"]  # something was scored
-    # the pseudo-masks were made at the seeds' best threshold, which is what the CRF stamp says
-    best = json.loads((grid_run / "eval" / "seeds.json").read_text())["best"]["threshold"]
-    assert json.loads((cli_run / "crf.stamp.json").read_text())["settings"]["threshold"] == pytest.approx(best)
+    # the pseudo-masks were made at the protocol's threshold (not the GT-tuned best), as the CRF stamp says
+    from fsae.protocol import resolve_protocol
+
+    protocol = resolve_protocol(load_config(cli_run / "config.yaml"))
+    assert json.loads((cli_run / "crf.stamp.json").read_text())["settings"]["threshold"] == pytest.approx(
+        protocol.threshold)
 
 
 def test_one_threshold_for_crf_grid_and_predict(twin_runs, tmp_path, capsys):
     grid_run, cli_run = twin_runs
+    from fsae.protocol import resolve_protocol
+
     best = json.loads((cli_run / "eval" / "seeds.json").read_text())["best"]["threshold"]
     cfg = load_config(cli_run / "config.yaml")
     value, source = seed_threshold(cli_run, cfg, None)  # what `fsae crf RUN` without --threshold takes
-    assert (value, source) == (best, f"best of {cli_run / 'eval' / 'seeds.json'}")
-    assert seed_threshold(cli_run, cfg, "best") == (value, source)  # the grid's choice
+    assert (value, source) == (resolve_protocol(cfg).threshold, f"protocol of {cfg.model.method} (fsae/protocol.py)")
+    assert seed_threshold(cli_run, cfg, "best") == (best, f"best of {cli_run / 'eval' / 'seeds.json'}")
     assert cli(["crf", str(cli_run), "--workers", "1"]) == 0  # finished: every mask already there
     assert source in capsys.readouterr().out  # where the threshold came from is printed
     image = next((cli_run.parent / "data" / "JPEGImages").glob("*.jpg"))
@@ -115,7 +120,9 @@ def test_seed_threshold_order_and_range(tmp_path):
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "seeds.json").write_text(json.dumps({"best": {"threshold": 0.15, "miou": 0.5, "iou": []},
                                                               "miou": 0.5, "iou": []}))
-    assert seed_threshold(tmp_path, cfg, None) == (0.15, f"best of {tmp_path / 'eval' / 'seeds.json'}")
+    assert seed_threshold(tmp_path, cfg, "best") == (0.15, f"best of {tmp_path / 'eval' / 'seeds.json'}")
+    # an evaluation on disk does not change the default: the GT-tuned best is used only when asked for
+    assert seed_threshold(tmp_path, cfg, None) == (0.35, f"protocol of {cfg.model.method} (eval.threshold)")
     assert seed_threshold(tmp_path, cfg, 0.4) == (0.4, "--threshold")  # a number given wins
 
 

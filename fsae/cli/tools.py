@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from fsae.cli.common import add_device, add_set
+from fsae.cli.masks import threshold_arg
 
 
 def cmd_report(args) -> None:
@@ -110,7 +111,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_grid)
 
     p = sub.add_parser("predict", help="a checkpoint on any image: CAM per class, seed (and CRF mask) as a PNG figure")
-    p.add_argument("model", help="a run directory (uses its eval/seeds.json threshold) or a checkpoint file")
+    p.add_argument("model", help="a run directory (its protocol's threshold, as fsae crf) or a checkpoint file")
     p.add_argument("images", nargs="+", help="image files, any size, JPEG or PNG")
     classes = p.add_mutually_exclusive_group()
     classes.add_argument("--labels", default=None, metavar="NAME,NAME",
@@ -119,9 +120,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-prob", type=float, default=0.5,
                    help="without --labels / --top-k: classes with a sigmoid probability at least this")
     p.add_argument("--crf", action="store_true", help="also the dense-CRF mask at the threshold")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="background threshold of the seed (default: the one `fsae crf RUN` uses, the run's "
-                        "protocol's)")
+    p.add_argument("--threshold", type=threshold_arg, default=None, metavar="T|best",
+                   help="background threshold of the seed; best: the best of RUN/eval/seeds.json (default: the one "
+                        "`fsae crf RUN` uses, the run's protocol's)")
     p.add_argument("--out", required=True, help="output folder")
     add_device(p, "cpu", default="cpu")
     p.set_defaults(func=cmd_predict)
