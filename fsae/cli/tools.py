@@ -111,7 +111,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_grid)
 
     p = sub.add_parser("predict", help="a checkpoint on any image: CAM per class, seed (and CRF mask) as a PNG figure")
-    p.add_argument("model", help="a run directory (its protocol's threshold, as fsae crf) or a checkpoint file")
+    p.add_argument("model", help="a run directory (its checkpoints/last.pt, its protocol's threshold) or a checkpoint file")
     p.add_argument("images", nargs="+", help="image files, any size, JPEG or PNG")
     classes = p.add_mutually_exclusive_group()
     classes.add_argument("--labels", default=None, metavar="NAME,NAME",
