@@ -57,7 +57,7 @@ from typing import Any
 from fsae import __version__
 from fsae.errors import FsaeError
 from fsae.io import ensure_output_dir, write_json
-from fsae.lock import output_lock
+from fsae.lock import alone, output_lock
 
 STAMP_SUFFIX = ".stamp.json"
 STAGING_SUFFIX = ".forcing"  # <parent>/.<name>.forcing/: a forced run's new output until it is swapped in
@@ -303,12 +303,12 @@ def stage_output(folder: str | os.PathLike, stamp: dict, force: bool = False, pa
 
 @contextlib.contextmanager
 def _cleaned_if_empty(folder: Path, patterns: Sequence[str], created: bool) -> Iterator[None]:
-    """On an error in the block: when ``folder`` holds no output, its stamp is removed, and the folder too
-    when ``created`` (by this run) and empty."""
+    """On an error in the block: when ``folder`` holds no output and no other job writes it (``alone``), its
+    stamp is removed, and the folder too when ``created`` (by this run) and empty."""
     try:
         yield
     except BaseException:
-        if folder.is_dir() and not output_files(folder, patterns):
+        if folder.is_dir() and not output_files(folder, patterns) and alone(folder):
             stamp_path(folder).unlink(missing_ok=True)
             if created and not any(folder.iterdir()):
                 folder.rmdir()
