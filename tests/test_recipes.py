@@ -30,8 +30,8 @@ CAM_COMMON = {
     "optim.name": "sgd",                    # irn misc/torchutils.py PolyOptimizer(torch.optim.SGD)
     "optim.lr": 0.1,                        # irn run_sample.py:28 --cam_learning_rate
     "optim.weight_decay": 1e-4,             # irn run_sample.py:29 --cam_weight_decay
-    "optim.momentum": 0.9,                  # fsae: IRN passes weight decay as momentum (configs/voc/cam.yaml)
-    "optim.poly_power": 0.9,                # irn misc/torchutils.py PolyOptimizer momentum=0.9 (the power)
+    "optim.momentum": 1e-4,                 # irn misc/torchutils.py:12 SGD(params, lr, weight_decay): wd in the momentum slot
+    "optim.poly_power": 0.9,                # irn misc/torchutils.py:11,24 PolyOptimizer momentum=0.9 (the poly power)
     "optim.new_layer_lr_mult": 10.0,        # irn step/train_cam.py:44 10 * lr on the classifier
     "train.epochs": 5,                      # irn run_sample.py:27 --cam_num_epoches
     "train.batch_size": 16,                 # irn run_sample.py:26 --cam_batch_size
@@ -71,9 +71,9 @@ SIPE = {
     "optim.name": "sgd",                    # SIPE train_resnet50_SIPE.py:119 PolyOptimizerSGD
     "optim.lr": 0.1,                        # SIPE train_resnet50_SIPE.py:68 --lr
     "optim.weight_decay": 1e-4,             # SIPE train_resnet50_SIPE.py:70 --wt_dec
-    "optim.momentum": 0.9,                  # SIPE tool/torchutils.py PolyOptimizerSGD: momentum 0.9
+    "optim.momentum": 1e-4,                 # SIPE tool/torchutils.py:14 SGD(params, lr, weight_decay): wd in the momentum slot
     "optim.schedule": "poly",
-    "optim.poly_power": 0.9,
+    "optim.poly_power": 0.9,                # SIPE tool/torchutils.py:13,26 PolyOptimizerSGD momentum=0.9 (the poly power)
     "optim.new_layer_lr_mult": 10.0,        # SIPE train_resnet50_SIPE.py:120-121 10 * lr on newly_added
     "optim.grad_clip": 1.0,                 # SIPE train_resnet50_SIPE.py:159 clip_grad_norm_(max_norm=1)
     "train.epochs": 5,                      # SIPE train_resnet50_SIPE.py:66 --max_epoches
@@ -162,7 +162,7 @@ PPC = {
     "optim.name": "sgd",
     "optim.lr": 0.01,                       # wseg esp contrast_train.py:40 --lr
     "optim.weight_decay": 5e-4,             # wseg esp contrast_train.py:42 --wt_dec
-    "optim.momentum": 0.9,                  # fsae: PolyOptimizer passes wt_dec as momentum (configs/voc/ppc_eps.yaml)
+    "optim.momentum": 5e-4,                 # wseg esp util/torchutils.py:7 SGD(params, lr, weight_decay): wd in the momentum slot
     "optim.schedule": "poly", "optim.poly_power": 0.9, "optim.new_layer_lr_mult": 10.0,
     "train.device": "cuda",
     "infer.scales": [0.5, 1.0, 1.5, 2.0],   # wseg esp contrast_infer.py scales
