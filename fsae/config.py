@@ -437,6 +437,14 @@ class SIPEConfig:
 
 
 @dataclass
+class CAMConfig:
+    """The plain CAM's backbone training (fsae/methods/cam.py); the VOC / COCO recipes set IRN's (true)."""
+
+    freeze_bn: bool = False  # BatchNorm in eval mode (IRN's FixedBatchNorm, net/resnet50.py:11-14)
+    freeze_low_stages: bool = False  # stem, stage 1 and 2 get no gradient (IRN net/resnet50_cam.py:28, 39-43)
+
+
+@dataclass
 class MCTConfig:
     """MCTformer V2 (fsae/methods/mctformer.py): timm ViT with C class tokens."""
 
@@ -493,6 +501,7 @@ class ModelConfig:
     # methods "cam" and "mctformer": the fixed background logit of FSAE's S = [cams, b] (fsae/methods/cam.py)
     background_logit: float = 5.0
     sipe: SIPEConfig = field(default_factory=SIPEConfig)  # method "sipe" only (fsae/methods/sipe.py)
+    cam: CAMConfig = field(default_factory=CAMConfig)  # method "cam" only (fsae/methods/cam.py)
     mct: MCTConfig = field(default_factory=MCTConfig)  # method "mctformer" only (fsae/methods/mctformer.py)
     resnet38: ResNet38Config = field(default_factory=ResNet38Config)  # backbone "resnet38" only
     eps: EPSConfig = field(default_factory=EPSConfig)  # methods "eps" and "ppc" (fsae/methods/eps.py)
@@ -622,7 +631,9 @@ class Config(Settings):
         "data.workers", "data.prefetch", "train.device", "train.log_every", "train.tensorboard", "train.val_every",
         "train.val_scales", "train.checkpoint_every", "train.channels_last", "train.compile", "infer", "eval",
     )
-    hashed_unless_default: ClassVar[tuple[str, ...]] = ("fsae.ema_mode",)  # runs before it: EMA teacher in eval mode
+    # Fields added after runs were written (those runs: EMA teacher in eval mode; the plain CAM's BN and low stages trained)
+    hashed_unless_default: ClassVar[tuple[str, ...]] = ("fsae.ema_mode", "model.cam.freeze_bn",
+                                                        "model.cam.freeze_low_stages")
 
     def check(self) -> None:
         check_range_pair(self.data.long_side, "data.long_side")

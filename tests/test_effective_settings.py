@@ -61,3 +61,90 @@ def test_sgd_momentum_is_the_base_code_s_positional_weight_decay(recipe):
     assert [g["momentum"] for g in ours.param_groups] == [g["momentum"] for g in base.param_groups], POLY_SGD[recipe]
     assert [g["weight_decay"] for g in ours.param_groups] == [g["weight_decay"] for g in base.param_groups]
     assert [g["nesterov"] for g in ours.param_groups] == [g["nesterov"] for g in base.param_groups]
+
+
+# ---------------------------------------------------------------- the CAM / SIPE backbone as IRN / SIPE train it
+def _irn_reference_grads(backbone, classifier, images, labels):
+    """IRN's CAM step written out (net/resnet50_cam.py:25-37): FixedBatchNorm (net/resnet50.py:11-14, running
+    statistics), stage 2's output detached (:28), GAP then the classifier, multi-label soft margin, on a copy
+    with every parameter trainable. -> {parameter name: gradient or None} of ``backbone``, and the loss."""
+    import copy
+
+    import torch.nn.functional as F
+
+    backbone, classifier = copy.deepcopy(backbone), copy.deepcopy(classifier)
+    for p in backbone.parameters():
+        p.requires_grad_(True)  # IRN's optimiser holds them all: the detach alone decides
+
+    def fixed_bn(m, x):
+        return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, training=False, eps=m.eps)
+
+    hooks = [m.register_forward_hook(lambda m, inp, out: fixed_bn(m, inp[0]))
+             for m in backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    try:
+        x = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(images))))
+        x = backbone.layer2(backbone.layer1(x)).detach()  # :28
+        x = backbone.layer4(backbone.layer3(x))
+        logits = classifier(x.mean(dim=(2, 3), keepdim=True)).flatten(1)  # :33-35 gap2d then the 1x1 classifier
+        loss = F.multilabel_soft_margin_loss(logits, labels)
+    finally:
+        for h in hooks:
+            h.remove()
+    loss.backward()
+    return {n: p.grad for n, p in backbone.named_parameters()}, loss.detach()
+
+
+def _cam_recipe_model(*overrides):
+    from fsae.methods import build_method
+
+    cfg = load_config(REPO / "configs/voc/cam.yaml", ["model.backbone=resnet18_irn", "model.weights=null",
+                                                      "data.num_classes=3", *overrides])
+    torch.manual_seed(0)
+    return build_method(cfg.model, num_classes=3)
+
+
+def _bn_layers(module):
+    return [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def test_cam_recipe_backbone_trains_as_irn_s(overrides=()):
+    model = _cam_recipe_model(*overrides).train()
+    with torch.no_grad():  # non-trivial running statistics, so that batch statistics would differ
+        for m in _bn_layers(model.backbone):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    images, labels = torch.randn(2, 3, 64, 64), torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    ref, ref_loss = _irn_reference_grads(model.backbone, model.classifier, images, labels)
+    stats = [m.running_mean.clone() for m in _bn_layers(model.backbone)]
+    loss = model.losses({"label": labels}, model(images, labels))["cls"]
+    loss.backward()
+    assert torch.allclose(loss, ref_loss, atol=1e-6)  # same forward: running statistics, no batch statistics
+    params = dict(model.backbone.named_parameters())
+    for name, g in ref.items():
+        if g is None:  # conv1, bn1, layer1, layer2: no gradient in IRN, frozen here
+            assert params[name].grad is None and not params[name].requires_grad, name
+        else:
+            assert torch.allclose(params[name].grad, g, atol=1e-6, rtol=1e-4), name
+    assert all(torch.equal(a, m.running_mean) for a, m in zip(stats, _bn_layers(model.backbone)))
+    trained = {id(p) for g in model.param_groups() for p in g["params"]}
+    assert trained == {id(p) for n, p in params.items() if ref[n] is not None} | \
+        {id(p) for p in model.classifier.parameters()}
+
+
+@pytest.mark.parametrize("override", ["model.cam.freeze_bn=false", "model.cam.freeze_low_stages=false"])
+def test_the_irn_reference_tells_today_s_cam_apart(override):
+    with pytest.raises(AssertionError):  # the check above fails on the behaviour before issue 29
+        test_cam_recipe_backbone_trains_as_irn_s((override,))
+
+
+def test_synthetic_cam_keeps_training_bn_and_low_stages():
+    cfg = load_config(REPO / "configs/synthetic/cam.yaml")
+    assert not cfg.model.cam.freeze_bn and not cfg.model.cam.freeze_low_stages  # the demo's measured recipe
+
+
+def test_freeze_low_stages_refuses_a_network_without_resnet_stages():
+    from fsae.errors import ConfigError
+    from fsae.models.backbones import freeze_low_stages
+
+    with pytest.raises(ConfigError, match="layer3"):
+        freeze_low_stages(nn.Sequential(nn.Conv2d(3, 4, 3)))

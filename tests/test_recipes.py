@@ -27,6 +27,8 @@ CAM_COMMON = {
     "model.output_stride": 16,              # the same strides
     "model.weights": "imagenet",            # irn net/resnet50.py:7 resnet50-19c8e357.pth
     "model.background_logit": 5.0,          # fsae: FSAE's S = [cams, 5] (fsae/methods/cam.py)
+    "model.cam.freeze_bn": True,            # irn net/resnet50.py:11-14 FixedBatchNorm
+    "model.cam.freeze_low_stages": True,    # irn net/resnet50_cam.py:28 x = stage2(x).detach(), :39-43 conv1/bn1
     "optim.name": "sgd",                    # irn misc/torchutils.py PolyOptimizer(torch.optim.SGD)
     "optim.lr": 0.1,                        # irn run_sample.py:28 --cam_learning_rate
     "optim.weight_decay": 1e-4,             # irn run_sample.py:29 --cam_weight_decay

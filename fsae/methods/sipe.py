@@ -54,6 +54,7 @@ from torch import nn
 
 from fsae.methods.base import Method, Output
 from fsae.models.backbones import create_backbone, load_pretrained
+from fsae.models.backbones import freeze_low_stages as freeze_low_stages_
 from fsae.models.batchnorm import freeze_batch_norm
 
 EPS = 1e-5
@@ -150,9 +151,7 @@ class SIPE(Method):
         if freeze_bn:  # SIPE's FixedBatchNorm: running statistics, in training too
             freeze_batch_norm(self.features)
         if freeze_low_stages:  # SIPE: stage 2's output is detached, the stem and stages 1-2 never train
-            for name, p in self.features.named_parameters():
-                if not name.startswith(("layer3", "layer4")):
-                    p.requires_grad_(False)
+            freeze_low_stages_(self.features)
 
     @classmethod
     def from_config(cls, model_cfg, num_classes: int) -> "SIPE":
