@@ -148,3 +148,68 @@ def test_freeze_low_stages_refuses_a_network_without_resnet_stages():
 
     with pytest.raises(ConfigError, match="layer3"):
         freeze_low_stages(nn.Sequential(nn.Conv2d(3, 4, 3)))
+
+
+# ---------------------------------------------------------------- DeepLab V2 as deeplab-pytorch trains it
+def _deeplab_pytorch_groups(model, lr, wd):
+    """deeplab-pytorch main.py:48-67, 160-181 written out: {id(param): (lr, weight decay)}: every Conv2d
+    parameter of the base at 1x with decay, ASPP conv weights at 10x with decay, ASPP conv biases at 20x
+    without; BatchNorm parameters in no group."""
+    out = {}
+    for part, w_mult, b_mult, b_wd in ((model.backbone, 1, 1, wd), (model.head, 10, 20, 0.0)):
+        for m in part.modules():
+            if isinstance(m, nn.Conv2d):
+                out[id(m.weight)] = (w_mult * lr, wd)
+                if m.bias is not None:
+                    out[id(m.bias)] = (b_mult * lr, b_wd)
+    return out
+
+
+@pytest.mark.parametrize("recipe", ["voc/deeplabv2_r101.yaml", "coco/deeplabv2_r101.yaml"])
+def test_deeplabv2_optimiser_groups_are_deeplab_pytorch_s(recipe, tmp_path, monkeypatch):
+    from fsae.segment.config import load_seg_config
+    from fsae.segment.deeplab import build_deeplab
+    from fsae.segment.train import build_seg_optimizer
+
+    monkeypatch.setenv("FSAE_WEIGHTS", str(tmp_path))
+    cfg = load_seg_config(REPO / "configs" / recipe, ["model.weights=null"])
+    model = build_deeplab(cfg.model, num_classes=3)
+    ours = {id(p): (g["lr"], g["weight_decay"]) for g in build_seg_optimizer(model, cfg).param_groups
+            for p in g["params"]}
+    ref = _deeplab_pytorch_groups(model, cfg.optim.lr, cfg.optim.weight_decay)
+    assert set(ours) == set(ref)
+    assert all(ours[k] == pytest.approx(ref[k]) for k in ref)
+    assert any(v == pytest.approx((20 * cfg.optim.lr, 0.0)) for v in ref.values())  # the ASPP biases exist
+
+
+def _msc_reference(base, x, scales):
+    """deeplab-pytorch libs/models/msc.py:26-47 in training mode, written out."""
+    import torch.nn.functional as F
+
+    logits = base(x)
+    h, w = logits.shape[-2:]
+    pyramid = [base(F.interpolate(x, scale_factor=p, mode="bilinear", align_corners=False)) for p in scales]
+    everything = [logits] + [F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False) for p in pyramid]
+    return [logits] + pyramid + [torch.max(torch.stack(everything), dim=0)[0]]
+
+
+def test_msc_training_outputs_and_loss_are_deeplab_pytorch_s():
+    from fsae.segment.config import load_seg_config
+    from fsae.segment.train import msc_logits, msc_loss, segmentation_loss
+
+    scales = load_seg_config(REPO / "configs/voc/deeplabv2_r101.yaml").train.msc_scales
+    assert list(scales) == [0.5, 0.75]  # deeplab-pytorch libs/models/__init__.py:33-39 MSC(..., scales=[0.5, 0.75])
+    torch.manual_seed(0)
+    base = nn.Conv2d(3, 4, 3, stride=8, padding=1)
+    seen = []
+    base.register_forward_pre_hook(lambda m, inp: seen.append(tuple(inp[0].shape[-2:])))
+    x = torch.randn(2, 3, 65, 65)
+    masks = torch.randint(0, 4, (2, 65, 65))
+    masks[:, :5] = 255
+    ours = msc_logits(base, x, scales)
+    assert seen == [(65, 65), (32, 32), (48, 48)]  # 1x, floor(65 * 0.5), floor(65 * 0.75)
+    ref = _msc_reference(base, x, scales)
+    assert len(ours) == 4 and all(torch.equal(a, b) for a, b in zip(ours, ref))
+    loss, _ = msc_loss(ours, masks)
+    assert torch.allclose(loss, sum(segmentation_loss(r, masks)[0] for r in ref))  # main.py:231-236 the sum
+    assert len(msc_logits(base, x, [])) == 1  # off: the crop's logits only

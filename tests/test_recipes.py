@@ -266,7 +266,7 @@ SEG = {
     "optim.momentum": 0.9,                  # configs/voc12.yaml:44 MOMENTUM
     "optim.weight_decay": 5e-4,             # configs/voc12.yaml:47 WEIGHT_DECAY
     "optim.poly_power": 0.9,                # configs/voc12.yaml:46 POLY_POWER
-    "optim.head_lr_mult": 10.0,             # main.py get_params 10x on the ASPP weights
+    "optim.head_lr_mult": 10.0,             # main.py:169-173 10x on the ASPP weights
     "train.batch_size": 10,                 # configs/voc12.yaml:38-41 5 x ITER_SIZE 2
     "train.device": "cuda",
     "infer.scales": [0.5, 0.75, 1.0, 1.25, 1.5],  # configs/voc12.yaml:9 SCALES
@@ -285,13 +285,19 @@ SEG_VOC = {**SEG, **VOC, "data.test_split": "test", "data.gt_dir": "Segmentation
 SEG_TABLES = {
     "voc/deeplabv2_r101.yaml": {**SEG_VOC, "name": "voc_deeplabv2_r101", "model.arch": "deeplabv2",
                                 "model.aspp_rates": [6, 12, 18, 24],  # configs/voc12.yaml:32 ATROUS_RATES
-                                "optim.lr": 2.5e-4},                  # configs/voc12.yaml:45 LR
+                                "optim.lr": 2.5e-4,                   # configs/voc12.yaml:45 LR
+                                "optim.bias_lr_mult": 2.0,  # main.py:174-177 ASPP biases at 20 x LR
+                                "optim.bias_weight_decay": False,  # main.py:177 weight_decay 0.0 on them
+                                "train.msc_scales": [0.5, 0.75]},  # libs/models/__init__.py:38 MSC; msc.py:26-47
     "voc/deeplabv1_r101.yaml": {**SEG_VOC, "name": "voc_deeplabv1_r101", "model.arch": "deeplabv1",
                                 "model.largefov_dilation": 12, "model.largefov_channels": 1024,
                                 "model.dropout": 0.5,  # DeepLab-V1 LargeFOV (Chen et al., ICLR 2015, sec. 4)
                                 "optim.lr": 1e-3},
     "coco/deeplabv2_r101.yaml": {**SEG, **COCO, "name": "coco_deeplabv2_r101", "model.arch": "deeplabv2",
                                  "model.aspp_rates": [6, 12, 18, 24], "optim.lr": 2.5e-4,
+                                 "optim.bias_lr_mult": 2.0,  # main.py:174-177 ASPP biases at 20 x LR
+                                 "optim.bias_weight_decay": False,  # main.py:177 weight_decay 0.0 on them
+                                 "train.msc_scales": [0.5, 0.75],  # libs/models/__init__.py:38 MSC; msc.py:26-47
                                  "data.test_split": "", "data.gt_dir": "SegmentationClass/val2014",
                                  "train.iterations": 100000,  # configs/cocostuff164k.yaml ITER_MAX 100000
                                  "train.checkpoint_every": 5000},
