@@ -610,6 +610,8 @@ class EvalConfig:
     background: str | None = setting(None, choices=("threshold", "own", "power"))
     bg_power: float | None = positive(None)
     crf_iterations: int | None = at_least(1, None)
+    # a named entry of fsae.protocol.PROTOCOLS to start from (None: model.method's), e.g. eps_wseg
+    protocol: str | None = None
 
 
 @dataclass

@@ -212,4 +212,50 @@ def test_msc_training_outputs_and_loss_are_deeplab_pytorch_s():
     assert len(ours) == 4 and all(torch.equal(a, b) for a, b in zip(ours, ref))
     loss, _ = msc_loss(ours, masks)
     assert torch.allclose(loss, sum(segmentation_loss(r, masks)[0] for r in ref))  # main.py:231-236 the sum
-    assert len(msc_logits(base, x, [])) == 1  # off: the crop's logits only
+    assert len(msc_logits(base, x, None)) == 1  # off (the default): the crop's logits only
+
+
+# ---------------------------------------------------------------- protocols: PPC's sweep, EPS and its copy
+def _wseg_eval_thresholds(max_th):
+    """obeychoi0120/wseg@ssl eval.py:155-156: ``for i in range(args.max_th): t = i / 100.0``."""
+    return [i / 100.0 for i in range(max_th)]
+
+
+@pytest.mark.parametrize("name, max_th", [("ppc", 50),             # wseg@ssl script/voc_ppc1.sh:86 --max_th 50
+                                          ("eps_wseg", 50),        # wseg@ssl script/voc_eps.sh:64 --max_th 50
+                                          ("eps_wseg_coco", 30)])  # wseg@ssl script/coco_eps.sh:63 --max_th 30
+def test_sweeps_are_the_authors_scripts(name, max_th):
+    from fsae.protocol import PROTOCOLS
+
+    assert PROTOCOLS[name].eval_mode == "sweep"
+    assert PROTOCOLS[name].thresholds() == pytest.approx(_wseg_eval_thresholds(max_th))
+
+
+def test_eps_scores_a_fixed_threshold_and_its_copies_their_own():
+    from fsae.protocol import PROTOCOLS
+
+    assert PROTOCOLS["eps"].eval_mode == "fixed"
+    assert PROTOCOLS["eps"].thresholds() == [0.20]  # halbielee/EPS script/coco_eps.sh:43, voc12_eps.sh:41 --thr 0.20
+    assert PROTOCOLS["eps_wseg"].threshold == 0.20  # wseg@ssl script/voc_eps.sh:44
+    assert PROTOCOLS["eps_wseg_coco"].threshold == 0.22  # wseg@ssl script/coco_eps.sh:44
+    for name in ("eps_wseg", "eps_wseg_coco"):  # wseg@ssl voc_eps.sh:50-51, coco_eps.sh:50-51 --crf_t 5 --crf_alpha 8
+        assert (PROTOCOLS[name].crf_iterations, PROTOCOLS[name].bg_power) == (5, 8.0)
+
+
+def test_a_recipe_picks_a_named_protocol_and_old_eps_runs_still_resolve():
+    from fsae.config import Config
+    from fsae.errors import ConfigError
+    from fsae.protocol import resolve_protocol
+
+    old = Config().to_dict()
+    old["model"]["method"] = "eps"
+    del old["eval"]["protocol"]  # a run saved before the field existed
+    cfg = Config.from_dict(old)
+    assert resolve_protocol(cfg).eval_mode == "fixed" and resolve_protocol(cfg).threshold == 0.20
+    cfg.eval.protocol = "eps_wseg_coco"
+    assert resolve_protocol(cfg).sweep == (0.0, 0.29, 0.01)
+    cfg.eval.sweep = [0.0, 0.1, 0.05]  # the recipe's eval.* fields still apply on top
+    assert resolve_protocol(cfg).thresholds() == pytest.approx([0.0, 0.05, 0.1])
+    cfg.eval.protocol = "nope"
+    with pytest.raises(ConfigError, match="eval.protocol 'nope'"):
+        resolve_protocol(cfg)

@@ -86,8 +86,8 @@ class SegTrainConfig:
     channels_last: bool = False
     # Multi-scale training (deeplab-pytorch MSC, libs/models/msc.py:26-47, main.py:228-239): the loss on the
     # crop's logits, on the logits of the crop resized by each of these factors, and on their pixel-wise max,
-    # summed ([]: the crop only). The deeplabv2_r101 recipes: [0.5, 0.75].
-    msc_scales: list[float] = setting(factory=list, low=0, low_open=True)
+    # summed (null: the crop only). The deeplabv2_r101 recipes: [0.5, 0.75].
+    msc_scales: list[float] | None = setting(None, low=0, low_open=True)
 
 
 @dataclass

@@ -129,7 +129,7 @@ def msc_logits(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Te
     scale, their pixel-wise max]``; each scale resizes ``images`` bilinearly (``scale_factor``, no corner
     alignment) and the max is taken after resizing every output bilinearly to the full-scale logits' size.
 
-    Shape: images (B, 3, H, W) -> len(scales) + 2 tensors (B, K, h_s, w_s); no scales: ``[logits]``.
+    Shape: images (B, 3, H, W) -> len(scales) + 2 tensors (B, K, h_s, w_s); no scales (None, []): ``[logits]``.
     """
     logits = forward(images)
     if not scales:
