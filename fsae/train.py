@@ -575,7 +575,11 @@ def open_logs(run_dir: Path, step: int, start_epoch: int) -> None:
 def with_absolute_data_paths(cfg: Config) -> Config:
     """A copy of ``cfg`` with ``data.root``, ``data.saliency_dir`` and ``data.label_file`` absolute, so the
     run directory's config.yaml works from any directory (``fsae cam RUN``)."""
+    from fsae.data.voc import saliency_folder
+
     cfg = copy.deepcopy(cfg)
+    if cfg.data.saliency_dir:  # a relative one lies below data.root (fsae.data.voc.saliency_folder)
+        cfg.data.saliency_dir = str(saliency_folder(cfg.data.root, cfg.data.saliency_dir))
     for name in ("root", "saliency_dir", "label_file"):
         if getattr(cfg.data, name):
             setattr(cfg.data, name, os.path.abspath(getattr(cfg.data, name)))

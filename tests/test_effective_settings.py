@@ -259,3 +259,39 @@ def test_a_recipe_picks_a_named_protocol_and_old_eps_runs_still_resolve():
     cfg.eval.protocol = "nope"
     with pytest.raises(ConfigError, match="eval.protocol 'nope'"):
         resolve_protocol(cfg)
+
+
+# ---------------------------------------------------------------- recipe path joins
+def _voc_tree(root: Path, sal: Path):
+    (root / "ImageSets/Segmentation").mkdir(parents=True)
+    (root / "ImageSets/Segmentation/train.txt").write_text("a\n")
+    (root / "cls_labels.json").write_text('{"a": [1]}')
+    sal.mkdir(parents=True, exist_ok=True)
+
+
+def test_relative_saliency_dir_lies_below_data_root(tmp_path, monkeypatch):
+    from fsae.data.voc import VOCDataset
+    from fsae.train import with_absolute_data_paths
+
+    root = tmp_path / "elsewhere/VOC2012"
+    _voc_tree(root, root / "SALImages")
+    monkeypatch.chdir(tmp_path)  # no SALImages here: the recipe's value must resolve under data.root
+    assert VOCDataset(root, "train", saliency_dir="SALImages").saliency_dir == root / "SALImages"
+    assert VOCDataset(root, "train", saliency_dir=str(tmp_path / "abs")).saliency_dir == tmp_path / "abs"
+    cfg = load_config(REPO / "configs/voc/ppc_eps.yaml", [f"data.root={root}"])
+    assert Path(with_absolute_data_paths(cfg).data.saliency_dir) == root / "SALImages"
+    # the cwd-relative form of older recipes still finds its folder
+    (tmp_path / "data/old/SALImages").mkdir(parents=True)
+    assert VOCDataset(root, "train", saliency_dir="data/old/SALImages").saliency_dir == Path("data/old/SALImages")
+
+
+def test_check_training_data_finds_the_saliency_folder_below_root(tmp_path, monkeypatch):
+    from fsae.data.check import check_training_data
+
+    root = tmp_path / "VOC2012"
+    _voc_tree(root, root / "SALImages")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(REPO / "configs/voc/ppc_eps.yaml", [f"data.root={root}", "data.train_split=train",
+                                                          "train.val_every=0"])
+    problems = [str(p) for p in check_training_data(cfg)]
+    assert not any("saliency folder not found" in p for p in problems), problems

@@ -375,7 +375,7 @@ def test_saliency_follows_the_crop_geometry(tiny_synthetic):
 
 VOC = {
     "data.kind": "voc", "data.num_classes": 20, "data.train_split": "train_aug", "data.mask_dir": "SegmentationClassAug",
-    "data.saliency_dir": "data/VOCdevkit/VOC2012/SALImages", "data.long_side": [448, 768], "data.crop_size": 448,
+    "data.saliency_dir": "SALImages", "data.long_side": [448, 768], "data.crop_size": 448,
     "data.hflip": True, "data.jitter": [0.3, 0.3, 0.3, 0.1],
     "model.method": "ppc", "model.backbone": "resnet38", "model.output_stride": 8,
     "model.weights": "data/weights/ilsvrc-cls_rna-a1_cls1000_ep-0001.params",
@@ -392,7 +392,7 @@ VOC = {
 }
 COCO = {
     **VOC, "data.kind": "coco", "data.num_classes": 80, "data.train_split": "train2014", "data.val_split": "val2014",
-    "data.mask_dir": "SegmentationClass", "data.saliency_dir": "data/COCO/SALImages", "data.long_side": [256, 448],
+    "data.mask_dir": "SegmentationClass", "data.saliency_dir": "SALImages", "data.long_side": [256, 448],
     "data.crop_size": 321, "model.eps.alpha": 0.9, "train.epochs": 50, "train.batch_size": 16,
     "infer.split": "train2014", "eval.threshold": 0.2,
 }

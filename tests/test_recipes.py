@@ -172,7 +172,7 @@ PPC = {
     "fsae.enabled": False,
 }
 PPC_VOC = {**PPC, **VOC, "name": "voc_ppc_eps", "data.mask_dir": "SegmentationClassAug",
-           "data.saliency_dir": "data/VOCdevkit/VOC2012/SALImages",
+           "data.saliency_dir": "SALImages",
            "data.long_side": [448, 768],    # wseg esp contrast_train.py:32 --resize_size
            "data.crop_size": 448,           # wseg esp script/script_contrast.sh:23 --crop_size
            "model.eps.alpha": 0.5,          # wseg esp contrast_train.py:50 --alpha
@@ -181,7 +181,7 @@ PPC_VOC = {**PPC, **VOC, "name": "voc_ppc_eps", "data.mask_dir": "SegmentationCl
            "infer.split": "train",
            "eval.threshold": 0.22}          # wseg esp script/script_contrast.sh:39 --thr 0.22
 PPC_COCO = {**PPC, **COCO, "name": "coco_ppc_eps", "data.mask_dir": "SegmentationClass",
-            "data.saliency_dir": "data/COCO/SALImages",
+            "data.saliency_dir": "SALImages",
             "data.long_side": [256, 448],   # EPS script/coco_eps.sh:25 --resize_size 256 448
             "data.crop_size": 321,          # EPS script/coco_eps.sh:26 --crop_size 321
             "model.eps.alpha": 0.9,         # EPS script/coco_eps.sh:28 --lam 0.9
