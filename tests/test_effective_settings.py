@@ -295,3 +295,13 @@ def test_check_training_data_finds_the_saliency_folder_below_root(tmp_path, monk
                                                           "train.val_every=0"])
     problems = [str(p) for p in check_training_data(cfg)]
     assert not any("saliency folder not found" in p for p in problems), problems
+
+
+def test_res38_cls_recipes_name_the_weights_folder():
+    import yaml
+
+    from fsae.weights import DEFAULT_FOLDER
+
+    for recipe, section in (("voc/psa.yaml", "net"), ("voc/deeplab_r38_mct.yaml", "model")):
+        value = yaml.safe_load((REPO / "configs" / recipe).read_text())[section]["weights"]
+        assert Path(value) == DEFAULT_FOLDER / "res38_cls.pth", recipe  # not relative to the working directory
