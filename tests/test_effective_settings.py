@@ -305,3 +305,49 @@ def test_res38_cls_recipes_name_the_weights_folder():
     for recipe, section in (("voc/psa.yaml", "net"), ("voc/deeplab_r38_mct.yaml", "model")):
         value = yaml.safe_load((REPO / "configs" / recipe).read_text())[section]["weights"]
         assert Path(value) == DEFAULT_FOLDER / "res38_cls.pth", recipe  # not relative to the working directory
+
+
+# ---------------------------------------------------------------- SIPE: an image and its flip fused before the seeds
+def _sipe_cam_reference(model, image, label):
+    """SIPE network/resnet50_SIPE.py:121-154 (class CAM) on ``[image, flipped image]``, written out with
+    fsae's background-last layout: CAMs and hierarchical features summed over the pair (:140-141), then
+    norm_cam (:143-147), seeds on the fused features, gated by the label after the argmax (:149), prototypes and
+    the IS-CAM (:150-151). -> (C + 1, h, w)."""
+    import torch.nn.functional as F
+
+    from fsae.methods.sipe import hierarchical_features, is_cam, seed_prototypes, structure_seeds
+
+    x = torch.cat([image, image.flip(-1)])
+    x1, x2, x3, x4 = model.features(x)
+    sides = [side(f) for side, f in zip(model.sides, (x1, x2, x3, x4))]
+    hie = hierarchical_features(sides, x3.shape[-2:])
+    cam = model.classifier(x4)
+    cam, hie = (cam[0] + cam[1].flip(-1))[None], (hie[0] + hie[1].flip(-1))[None]  # :140-141
+    norm = F.relu(cam)
+    norm = norm / (F.adaptive_max_pool2d(norm, 1) + 1e-5)
+    norm = torch.cat([norm, 1 - norm.max(dim=1, keepdim=True).values], dim=1)
+    norm = F.interpolate(norm, size=hie.shape[-2:], mode="bilinear", align_corners=True)
+    gate = torch.cat([label, torch.ones(1, 1)], dim=1)  # make_cam.py:52 the background always present
+    seeds = structure_seeds(norm, gate, hie)
+    return is_cam(seed_prototypes(seeds, hie), hie)[0]
+
+
+def test_sipe_fuses_an_image_and_its_flip_before_seeds_and_prototypes():
+    from fsae.infer import multiscale_maps
+    from fsae.methods.sipe import SIPE
+
+    torch.manual_seed(0)
+    model = SIPE(3, backbone="resnet18", channels=[8, 16, 16, 32], side_channels=[4, 4, 8, 8]).eval()
+    image, label = torch.randn(1, 3, 64, 64), torch.tensor([[1.0, 0.0, 1.0]])
+    ref = _sipe_cam_reference(model, image, label)
+    with torch.no_grad():
+        out = multiscale_maps(model, image, scales=[1.0], flip=True, labels=label, resize="bilinear")
+        per_view = model.cam_with_background(torch.cat([image, image.flip(-1)]), label.repeat(2, 1))
+    size = image.shape[-2:]
+    want = torch.nn.functional.interpolate(ref[None], size=size, mode="bilinear", align_corners=False)[0]
+    assert torch.allclose(out["cams"][0], want[:-1] * torch.tensor([1.0, 0, 1.0])[:, None, None], atol=1e-5)
+    assert torch.allclose(out["background"][0], want[-1], atol=1e-5)
+    assert want[:-1].abs().sum() > 0
+    old = per_view[0][:1] + per_view[0][1:].flip(-1)  # the IS-CAM per view, summed after (before issue 29)
+    old = torch.nn.functional.interpolate(old, size=size, mode="bilinear", align_corners=False)[0]
+    assert not torch.allclose(old, out["cams"][0], atol=1e-3)  # the reference tells the two apart
