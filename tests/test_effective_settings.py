@@ -351,3 +351,19 @@ def test_sipe_fuses_an_image_and_its_flip_before_seeds_and_prototypes():
     old = per_view[0][:1] + per_view[0][1:].flip(-1)  # the IS-CAM per view, summed after (before issue 29)
     old = torch.nn.functional.interpolate(old, size=size, mode="bilinear", align_corners=False)[0]
     assert not torch.allclose(old, out["cams"][0], atol=1e-3)  # the reference tells the two apart
+
+
+# ---------------------------------------------------------------- COCO PPC + FSAE: the matched schedule
+def _wseg_max_epochs(max_iters, iter_size, num_data=82081, batch_size=16):
+    """obeychoi0120/wseg@ssl contrast_train.py:160-162: int(max_iters * iter_size // (num_data // batch_size))."""
+    return int(max_iters * iter_size // (num_data // batch_size))
+
+
+def test_coco_ppc_base_at_the_authors_fsae_schedule_is_one_recipe_away():
+    authors = load_config(REPO / "configs/coco/ppc_eps_fsae_authors.yaml")
+    base = load_config(REPO / "configs/coco/ppc_eps.yaml")
+    matched = load_config(REPO / "configs/coco/ppc_eps_200ep.yaml")
+    assert base.train.epochs == _wseg_max_epochs(256500, 1) == 50  # ssl script/coco_ppc0.sh:29-30
+    assert authors.train.epochs == matched.train.epochs == _wseg_max_epochs(513000, 2) == 200  # coco_ppc1.sh:29-30
+    base.train.epochs, base.name = matched.train.epochs, matched.name
+    assert base == matched  # nothing else differs

@@ -194,6 +194,8 @@ PPC_COCO = {**PPC, **COCO, "name": "coco_ppc_eps", "data.mask_dir": "Segmentatio
 RECIPES["voc/ppc_eps.yaml"] = PPC_VOC
 RECIPES["voc/ppc_eps_fsae.yaml"] = {**PPC_VOC, **PAPER_FSAE, "name": "voc_ppc_eps_fsae", "fsae.teacher": "reuse"}
 RECIPES["coco/ppc_eps.yaml"] = PPC_COCO
+# The base at the FSAE authors' PPC + FSAE schedule (ssl script/coco_ppc1.sh:29-30, contrast_train.py:162).
+RECIPES["coco/ppc_eps_200ep.yaml"] = {**PPC_COCO, "name": "coco_ppc_eps_200ep", "train.epochs": 200}
 RECIPES["coco/ppc_eps_fsae.yaml"] = {**PPC_COCO, **PAPER_FSAE, "name": "coco_ppc_eps_fsae",
                                      "fsae.teacher": "ema", "fsae.ema_decay": 0.999}  # the paper §4.1.3 (COCO)
 # The FSAE authors' PPC + FSAE code (obeychoi0120/wseg, branch ssl), where it differs from the paper.
@@ -313,6 +315,7 @@ WEIGHT_FILES = {
     "voc/mctformer_fsae.yaml": "deit_small_patch16_224-cd65a155.pth",
     **{f"{d}/ppc_eps{s}.yaml": "ilsvrc-cls_rna-a1_cls1000_ep-0001.params"
        for d in ("voc", "coco") for s in ("", "_fsae", "_fsae_authors")},
+    "coco/ppc_eps_200ep.yaml": "ilsvrc-cls_rna-a1_cls1000_ep-0001.params",
     **{name: "deeplabv1_resnet101-coco.pth" for name in SEG_TABLES},
 }
 
