@@ -21,6 +21,7 @@ CAM_COMMON = {
     "data.long_side": [320, 640],           # irn step/train_cam.py:35 resize_long=(320, 640)
     "data.crop_size": 512,                  # irn run_sample.py:25 --cam_crop_size 512
     "data.hflip": True,                     # irn step/train_cam.py:35 hor_flip=True
+    "data.jitter": None,                    # irn step/train_cam.py:35-36: no colour jitter
     "data.workers": 8,                      # irn run_sample.py:17 --num_workers (os.cpu_count() // 2); fsae 8
     "model.method": "cam",                  # irn run_sample.py:24 --cam_network net.resnet50_cam
     "model.backbone": "resnet50_irn",       # irn net/resnet50_cam.py:14 resnet50(strides=(2, 2, 2, 1))
@@ -87,7 +88,8 @@ SIPE = {
     "fsae.enabled": False,
 }
 PAPER_FSAE = {"fsae.enabled": True}  # fsae: the paper's FAE + SAE defaults (§4.1.3)
-RECIPES["voc/sipe.yaml"] = SIPE
+SIPE_BASE = {"data.jitter": None}  # SIPE train_resnet50_SIPE.py:94-95: no colour jitter (the +FSAE recipes: §4.1.3's)
+RECIPES["voc/sipe.yaml"] = {**SIPE, **SIPE_BASE}
 RECIPES["voc/sipe_fsae.yaml"] = {**SIPE, **PAPER_FSAE, "name": "voc_sipe_fsae",
                                  "optim.lr": 0.05, "train.epochs": 10}  # the paper §4.1.3
 # SIPE's COCO run (run_coco.sh:5-9 --dataset coco): the VOC arguments with the COCO branch's data.
@@ -103,7 +105,7 @@ SIPE_COCO = {
     "infer.scales": [1.0, 0.5, 1.5, 2.0],   # SIPE make_cam.py:103 scales
     "eval.split": "train2014",              # SIPE eval_cam.py:52-55 train2014 GT, data/train_coco.txt
 }
-RECIPES["coco/sipe.yaml"] = SIPE_COCO
+RECIPES["coco/sipe.yaml"] = {**SIPE_COCO, **SIPE_BASE}
 # COCO: the paper keeps SIPE's own settings (§4.1.3 "For the others, we follow the default ...").
 RECIPES["coco/sipe_fsae.yaml"] = {**SIPE_COCO, **PAPER_FSAE, "name": "coco_sipe_fsae"}
 
