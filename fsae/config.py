@@ -521,6 +521,9 @@ class OptimConfig:
     warmup_epochs: float = at_least(0, 0.0)  # linear warm-up from warmup_lr to lr
     warmup_lr: float = at_least(0, 0.0)
     min_lr: float = at_least(0, 0.0)  # cosine only: the final learning rate
+    # update: the schedule moves every step | epoch: once per epoch, as timm's scheduler.step(epoch) after each epoch
+    # (MCTformer main.py:297: epoch e trains at the schedule's value of e - 1, epochs 0 and 1 alike)
+    lr_step: str = setting("update", choices=("update", "epoch"))
 
 
 @dataclass
@@ -633,9 +636,10 @@ class Config(Settings):
         "data.workers", "data.prefetch", "train.device", "train.log_every", "train.tensorboard", "train.val_every",
         "train.val_scales", "train.checkpoint_every", "train.channels_last", "train.compile", "infer", "eval",
     )
-    # Fields added after runs were written (those runs: EMA teacher in eval mode; the plain CAM's BN and low stages trained)
+    # Fields added after runs were written (those runs: EMA teacher in eval mode; the plain CAM's BN and low stages
+    # trained; the LR moved every step)
     hashed_unless_default: ClassVar[tuple[str, ...]] = ("fsae.ema_mode", "model.cam.freeze_bn",
-                                                        "model.cam.freeze_low_stages")
+                                                        "model.cam.freeze_low_stages", "optim.lr_step")
 
     def check(self) -> None:
         check_range_pair(self.data.long_side, "data.long_side")

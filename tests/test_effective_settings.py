@@ -367,3 +367,26 @@ def test_coco_ppc_base_at_the_authors_fsae_schedule_is_one_recipe_away():
     assert authors.train.epochs == matched.train.epochs == _wseg_max_epochs(513000, 2) == 200  # coco_ppc1.sh:29-30
     base.train.epochs, base.name = matched.train.epochs, matched.name
     assert base == matched  # nothing else differs
+
+
+# ---------------------------------------------------------------- MCTformer: the LR moves once per epoch
+def test_mctformer_lr_follows_timm_stepped_once_per_epoch():
+    from timm.scheduler.cosine_lr import CosineLRScheduler
+
+    from fsae.train import learning_rate
+
+    cfg = load_config(REPO / "configs/voc/mctformer.yaml")
+    o, spe = cfg.optim, 7
+    opt = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=o.lr)
+    # MCTformer main.py:297 (DeiT's loop): train epoch e, then lr_scheduler.step(e); timm's create_scheduler
+    # with --sched cosine --warmup-epochs 5 --warmup-lr 1e-6 --min-lr 1e-5 (main.py:52-69)
+    sched = CosineLRScheduler(opt, t_initial=cfg.train.epochs, lr_min=o.min_lr, warmup_lr_init=o.warmup_lr,
+                              warmup_t=int(o.warmup_epochs), cycle_limit=1)
+    total = cfg.train.epochs * spe
+    for epoch in range(cfg.train.epochs):
+        want = opt.param_groups[0]["lr"]
+        for step in (epoch * spe, epoch * spe + spe - 1):
+            assert learning_rate(o, step, total, spe) == pytest.approx(want, rel=1e-9), (epoch, step)
+        sched.step(epoch)
+    o.lr_step = "update"  # today's per-update schedule differs inside an epoch
+    assert learning_rate(o, 3 * spe + 3, total, spe) != pytest.approx(learning_rate(o, 3 * spe, total, spe))

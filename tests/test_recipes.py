@@ -136,6 +136,7 @@ MCT = {
     "optim.warmup_epochs": 5,               # MCTformer main.py:69 --warmup-epochs
     "optim.warmup_lr": 1e-6,                # MCTformer main.py:62 --warmup-lr
     "optim.min_lr": 1e-5,                   # MCTformer main.py:64 --min-lr
+    "optim.lr_step": "epoch",               # MCTformer main.py:297 lr_scheduler.step(epoch) once per epoch
     "train.epochs": 60,                     # MCTformer main.py:26 --epochs
     "train.batch_size": 64,                 # MCTformer main.py:25 --batch-size
     "train.device": "cuda",
