@@ -437,6 +437,14 @@ class SIPEConfig:
 
 
 @dataclass
+class CAMConfig:
+    """The plain CAM's backbone training (fsae/methods/cam.py); the VOC / COCO recipes set IRN's (true)."""
+
+    freeze_bn: bool = False  # BatchNorm in eval mode (IRN's FixedBatchNorm, net/resnet50.py:11-14)
+    freeze_low_stages: bool = False  # stem, stage 1 and 2 get no gradient (IRN net/resnet50_cam.py:28, 39-43)
+
+
+@dataclass
 class MCTConfig:
     """MCTformer V2 (fsae/methods/mctformer.py): timm ViT with C class tokens."""
 
@@ -493,6 +501,7 @@ class ModelConfig:
     # methods "cam" and "mctformer": the fixed background logit of FSAE's S = [cams, b] (fsae/methods/cam.py)
     background_logit: float = 5.0
     sipe: SIPEConfig = field(default_factory=SIPEConfig)  # method "sipe" only (fsae/methods/sipe.py)
+    cam: CAMConfig = field(default_factory=CAMConfig)  # method "cam" only (fsae/methods/cam.py)
     mct: MCTConfig = field(default_factory=MCTConfig)  # method "mctformer" only (fsae/methods/mctformer.py)
     resnet38: ResNet38Config = field(default_factory=ResNet38Config)  # backbone "resnet38" only
     eps: EPSConfig = field(default_factory=EPSConfig)  # methods "eps" and "ppc" (fsae/methods/eps.py)
@@ -512,6 +521,9 @@ class OptimConfig:
     warmup_epochs: float = at_least(0, 0.0)  # linear warm-up from warmup_lr to lr
     warmup_lr: float = at_least(0, 0.0)
     min_lr: float = at_least(0, 0.0)  # cosine only: the final learning rate
+    # update: the schedule moves every step | epoch: once per epoch, as timm's scheduler.step(epoch) after each epoch
+    # (MCTformer main.py:297: epoch e trains at the schedule's value of e - 1, epochs 0 and 1 alike)
+    lr_step: str = setting("update", choices=("update", "epoch"))
 
 
 @dataclass
@@ -601,6 +613,8 @@ class EvalConfig:
     background: str | None = setting(None, choices=("threshold", "own", "power"))
     bg_power: float | None = positive(None)
     crf_iterations: int | None = at_least(1, None)
+    # a named entry of fsae.protocol.PROTOCOLS to start from (None: model.method's), e.g. eps_wseg
+    protocol: str | None = None
 
 
 @dataclass
@@ -622,7 +636,10 @@ class Config(Settings):
         "data.workers", "data.prefetch", "train.device", "train.log_every", "train.tensorboard", "train.val_every",
         "train.val_scales", "train.checkpoint_every", "train.channels_last", "train.compile", "infer", "eval",
     )
-    hashed_unless_default: ClassVar[tuple[str, ...]] = ("fsae.ema_mode",)  # runs before it: EMA teacher in eval mode
+    # Fields added after runs were written (those runs: EMA teacher in eval mode; the plain CAM's BN and low stages
+    # trained; the LR moved every step)
+    hashed_unless_default: ClassVar[tuple[str, ...]] = ("fsae.ema_mode", "model.cam.freeze_bn",
+                                                        "model.cam.freeze_low_stages", "optim.lr_step")
 
     def check(self) -> None:
         check_range_pair(self.data.long_side, "data.long_side")

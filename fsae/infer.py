@@ -119,6 +119,7 @@ def multiscale_maps(model, images: torch.Tensor, scales: Sequence[float] = (1.0,
     size = tuple(images.shape[1:3]) if resize == "pil_bicubic" else tuple(images.shape[-2:])
     b = images.shape[0]
     with_background = labels is not None and getattr(model, "seed_background", False)
+    fused = flip and with_background and getattr(model, "fuses_flips", False)  # SIPE fuses the pair itself
     sums: dict[str, torch.Tensor] = {}
     for scale in scales:
         x = scaled_batch(images, scale, resize)
@@ -126,12 +127,13 @@ def multiscale_maps(model, images: torch.Tensor, scales: Sequence[float] = (1.0,
             x = torch.cat([x, x.flip(-1)], dim=0)
         with autocast(precision, x.device):
             if with_background:
-                fg, bg = model.cam_with_background(x, torch.cat([labels, labels]) if flip else labels)
+                fg, bg = model.cam_with_background(x, torch.cat([labels, labels]) if flip else labels,
+                                                   **({"flip_pairs": True} if fused else {}))
                 out = torch.cat([fg, bg[:, None]], dim=1)
             else:
                 out = model.cam(x)
         out = F.relu(out.float())
-        if flip:  # fused at the network's resolution (IRN net/resnet50_cam.py:68)
+        if flip and not fused:  # fused at the network's resolution (IRN net/resnet50_cam.py:68)
             out = out[:b] + out[b:].flip(-1)
         parts = {"cams": upsample_cam(out, size, upsample, upsample_stride)}
         if strided:

@@ -17,16 +17,22 @@ A ``Protocol`` is what the method's own repository does after training, stage by
   ``threshold``; ``"own"``: the method's own plane (SIPE's IS-CAM background), plain argmax;
   ``"power"``: ``(1 - max_c cam_c) ** bg_power`` (PSA / EPS / PPC ``_crf_with_alpha``,
   ``contrast_infer.py:154-158``; MCTformer ``engine.py:224-229``).
-- ``crf_iterations``: mean-field iterations of the dense CRF (PSA/EPS 10; the FSAE authors' PPC script
-  ``--crf_t 5``, obeychoi0120/wseg ``script/coco_eps.sh:50-51``).
+- ``crf_iterations``: mean-field iterations of the dense CRF (PSA 10; the FSAE
+  authors' scripts ``--crf_t 5``, obeychoi0120/wseg@ssl ``script/voc_ppc1.sh:56``, ``script/coco_eps.sh:50-51``).
 - ``eval_mode``: ``"fixed"``: score ``threshold`` only (IRN ``step/eval_cam.py:14``, ``cam_eval_thres``
-  0.15); ``"sweep"``: every threshold of ``sweep`` and the best (PPC/FSAE ``eval.py:155-157``,
-  ``--max_th 60``: 0.00..0.59); ``"first_drop"``: the sweep in order, stopping at the first threshold
+  0.15; halbielee/EPS ``script/coco_eps.sh:43``, ``voc12_eps.sh:41`` ``--thr 0.20``, scored on the saved PNGs
+  without CRF by ``evaluate_png.py``, ``coco_eps.sh:51-56``); ``"sweep"``: every threshold of ``sweep`` and the
+  best (obeychoi0120/wseg@ssl ``eval.py:155-156``: ``i / 100`` for ``i < --max_th``; the authors' scripts pass
+  ``--max_th 50``, 0.00..0.49, ``script/voc_ppc1.sh:86``, ``voc_eps.sh:64``, and ``--max_th 30``, 0.00..0.29,
+  ``script/coco_eps.sh:63``; eval.py's own default 60 is not what they ran); ``"first_drop"``: the sweep in order, stopping at the first threshold
   that does not improve (MCTformer ``evaluation.py:139-148``); ``"argmax"``: the seed's own background,
   no threshold (SIPE ``eval_cam.py:18-21``).
 - ``eval_split``: the ids scored (Tables 1 and 5-10: VOC ``train``, 1,464 images, even when ``seeds/``
   also holds ``train_aug`` seeds; IRN ``run_sample.py:21``, SIPE ``eval_cam.py:49``, MCTformer ``run.sh``,
   PPC ``script_contrast.sh``: ``DATA=train``).
+
+``PROTOCOLS`` holds one entry per method (picked by ``model.method``) and further named entries a recipe
+picks with ``eval.protocol`` (``eps_wseg`` / ``eps_wseg_coco``: the FSAE authors' copy of EPS).
 
 A run's recipe may override any field: ``infer.resize`` / ``infer.upsample`` / ``infer.normalise`` and
 ``eval.threshold`` / ``eval.sweep`` / ``eval.mode`` / ``eval.split`` / ``eval.background`` /
@@ -96,14 +102,25 @@ PROTOCOLS: dict[str, Protocol] = {
     # its PSA step uses (1 - max)^alpha backgrounds (low/high alpha, fsae psa).
     "mctformer": Protocol("mctformer", resize="pil_bicubic", upsample="direct", normalise="minmax",
                           background="threshold", sweep=(0.0, 0.59, 0.01), eval_mode="first_drop"),
-    # PPC on EPS (usr922/wseg esp; the FSAE authors' obeychoi0120/wseg ssl): threshold 0.22 seeds,
-    # CRF pseudo-masks on (1 - max)^8 with 5 iterations, sweep 0.00..0.59.
+    # PPC on EPS (usr922/wseg esp; the FSAE authors' obeychoi0120/wseg@ssl script/voc_ppc1.sh): threshold 0.22
+    # seeds (:50), CRF pseudo-masks on (1 - max)^8 with 5 iterations (:56-57), sweep 0.00..0.49 (:86 --max_th 50).
     "ppc": Protocol("ppc", resize="pil_bicubic", upsample="direct", normalise="max", background="power",
-                    bg_power=8.0, crf_iterations=5, threshold=0.22, sweep=(0.0, 0.59, 0.01), eval_mode="sweep"),
-    # EPS (halbielee/EPS): the same inference as PPC (infer.py --thr 0.20 in its COCO/VOC scripts).
+                    bg_power=8.0, crf_iterations=5, threshold=0.22, sweep=(0.0, 0.49, 0.01), eval_mode="sweep"),
+    # EPS (halbielee/EPS): seeds at the fixed --thr 0.20 (script/coco_eps.sh:43, voc12_eps.sh:41) saved as PNGs and
+    # scored as they are, no CRF (coco_eps.sh:51-56 evaluate_png.py). Its scripts make no CRF masks: `fsae crf`
+    # keeps the CRF of the FSAE authors' copy below, (1 - max)^8 with 5 iterations (fsae's choice, as before).
     "eps": Protocol("eps", resize="pil_bicubic", upsample="direct", normalise="max", background="power",
-                    bg_power=8.0, crf_iterations=5, threshold=0.20, sweep=(0.0, 0.59, 0.01), eval_mode="sweep"),
+                    bg_power=8.0, crf_iterations=5, threshold=0.20, sweep=(0.0, 0.59, 0.01), eval_mode="fixed"),
+    # The FSAE authors' copy of EPS (obeychoi0120/wseg@ssl), what fsae called EPS's protocol before issue 29.
+    # VOC (script/voc_eps.sh): --thr 0.20 (:44), CRF t 5 on alpha 8 (:50-51), sweep 0.00..0.49 (:64).
+    "eps_wseg": Protocol("eps", resize="pil_bicubic", upsample="direct", normalise="max", background="power",
+                         bg_power=8.0, crf_iterations=5, threshold=0.20, sweep=(0.0, 0.49, 0.01), eval_mode="sweep"),
+    # COCO (script/coco_eps.sh): --thr 0.22 (:44), CRF t 5 on alpha 8 (:50-51), sweep 0.00..0.29 (:63 --max_th 30).
+    "eps_wseg_coco": Protocol("eps", resize="pil_bicubic", upsample="direct", normalise="max", background="power",
+                              bg_power=8.0, crf_iterations=5, threshold=0.22, sweep=(0.0, 0.29, 0.01),
+                              eval_mode="sweep"),
 }
+METHOD_PROTOCOLS = ("cam", "sipe", "mctformer", "ppc", "eps")  # the entries model.method picks
 
 # Recipe fields (section, field) -> Protocol field.
 _INFER_FIELDS = {"resize": "resize", "upsample": "upsample", "normalise": "normalise"}
@@ -112,13 +129,24 @@ _EVAL_FIELDS = {"threshold": "threshold", "sweep": "sweep", "mode": "eval_mode",
 
 
 def method_protocol(method: str) -> Protocol:
-    if method not in PROTOCOLS:
-        raise ConfigError(f"model.method {method!r} has no protocol; known: {sorted(PROTOCOLS)}")
+    if method not in METHOD_PROTOCOLS:
+        raise ConfigError(f"model.method {method!r} has no protocol; known: {sorted(METHOD_PROTOCOLS)}")
     return PROTOCOLS[method]
 
 
+def named_protocol(cfg) -> Protocol:
+    """``eval.protocol``'s entry when the recipe names one (ConfigError naming the field when unknown), else
+    the entry of ``model.method``."""
+    name = getattr(cfg.eval, "protocol", None)
+    if name is None:
+        return method_protocol(cfg.model.method)
+    if name not in PROTOCOLS:
+        raise ConfigError(f"eval.protocol {name!r} is not a protocol; known: {sorted(PROTOCOLS)}")
+    return PROTOCOLS[name]
+
+
 def resolve_protocol(cfg, **flags) -> Protocol:
-    """The run's protocol: the method's (``cfg.model.method``), then the recipe's non-None ``infer.*`` /
+    """The run's protocol: ``eval.protocol``'s or the method's (``cfg.model.method``), then the recipe's non-None ``infer.*`` /
     ``eval.*`` fields (module docstring), then the non-None ``flags`` (Protocol field names)."""
     changes = {}
     for section, mapping in ((cfg.infer, _INFER_FIELDS), (cfg.eval, _EVAL_FIELDS)):
@@ -130,7 +158,7 @@ def resolve_protocol(cfg, **flags) -> Protocol:
     if unknown:
         raise ConfigError(f"unknown protocol field(s) {unknown}")
     changes.update({k: (tuple(v) if k == "sweep" else v) for k, v in flags.items() if v is not None})
-    return dataclasses.replace(method_protocol(cfg.model.method), **changes)
+    return dataclasses.replace(named_protocol(cfg), **changes)
 
 
 def protocol_ids(cfg, protocol: Protocol | None = None) -> list[str] | None:

@@ -115,7 +115,11 @@ def learning_rate(optim_cfg, step: int, total_steps: int, steps_per_epoch: int) 
     Linear warm-up from ``warmup_lr`` to ``lr`` over ``warmup_epochs * steps_per_epoch`` steps, then
     ``schedule``: "poly", ``lr (1 - step / total) ** poly_power``; "cosine", ``min_lr + (lr - min_lr)
     (1 + cos(pi step / total)) / 2``, timm's ``CosineLRScheduler`` (warmup_prefix=False) stepped per update.
+    ``lr_step = "epoch"``: the value at the first step of epoch ``max(e - 1, 0)`` for every step of epoch ``e``
+    (timm's ``scheduler.step(epoch)`` after each epoch, MCTformer main.py:297).
     """
+    if getattr(optim_cfg, "lr_step", "update") == "epoch":
+        step = max(step // max(steps_per_epoch, 1) - 1, 0) * steps_per_epoch
     warmup = optim_cfg.warmup_epochs * steps_per_epoch
     if step < warmup:
         return optim_cfg.warmup_lr + (optim_cfg.lr - optim_cfg.warmup_lr) * step / warmup
@@ -579,7 +583,11 @@ def open_logs(run_dir: Path, step: int, start_epoch: int) -> None:
 def with_absolute_data_paths(cfg: Config) -> Config:
     """A copy of ``cfg`` with ``data.root``, ``data.saliency_dir`` and ``data.label_file`` absolute, so the
     run directory's config.yaml works from any directory (``fsae cam RUN``)."""
+    from fsae.data.voc import saliency_folder
+
     cfg = copy.deepcopy(cfg)
+    if cfg.data.saliency_dir:  # a relative one lies below data.root (fsae.data.voc.saliency_folder)
+        cfg.data.saliency_dir = str(saliency_folder(cfg.data.root, cfg.data.saliency_dir))
     for name in ("root", "saliency_dir", "label_file"):
         if getattr(cfg.data, name):
             setattr(cfg.data, name, os.path.abspath(getattr(cfg.data, name)))

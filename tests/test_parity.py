@@ -382,7 +382,8 @@ def test_mctformer_sweep_stops_at_the_first_drop():
 
 def test_protocol_thresholds_of_each_repo():
     assert PROTOCOLS["cam"].thresholds() == [0.15]  # IRN run_sample.py:30 cam_eval_thres
-    assert PROTOCOLS["ppc"].thresholds() == [i / 100 for i in range(60)]  # obeychoi0120/wseg eval.py:155-156
+    # obeychoi0120/wseg@ssl eval.py:155-156 (i / 100, i < --max_th) with script/voc_ppc1.sh:86 --max_th 50
+    assert PROTOCOLS["ppc"].thresholds() == [i / 100 for i in range(50)]
     assert PROTOCOLS["mctformer"].thresholds() == [i / 100 for i in range(60)]  # MCTformer evaluation.py:139-140
     assert PROTOCOLS["mctformer"].eval_mode == "first_drop" and PROTOCOLS["sipe"].eval_mode == "argmax"
     assert all(p.eval_split == "train" for p in PROTOCOLS.values())

@@ -21,17 +21,20 @@ CAM_COMMON = {
     "data.long_side": [320, 640],           # irn step/train_cam.py:35 resize_long=(320, 640)
     "data.crop_size": 512,                  # irn run_sample.py:25 --cam_crop_size 512
     "data.hflip": True,                     # irn step/train_cam.py:35 hor_flip=True
+    "data.jitter": None,                    # irn step/train_cam.py:35-36: no colour jitter
     "data.workers": 8,                      # irn run_sample.py:17 --num_workers (os.cpu_count() // 2); fsae 8
     "model.method": "cam",                  # irn run_sample.py:24 --cam_network net.resnet50_cam
     "model.backbone": "resnet50_irn",       # irn net/resnet50_cam.py:14 resnet50(strides=(2, 2, 2, 1))
     "model.output_stride": 16,              # the same strides
     "model.weights": "imagenet",            # irn net/resnet50.py:7 resnet50-19c8e357.pth
     "model.background_logit": 5.0,          # fsae: FSAE's S = [cams, 5] (fsae/methods/cam.py)
+    "model.cam.freeze_bn": True,            # irn net/resnet50.py:11-14 FixedBatchNorm
+    "model.cam.freeze_low_stages": True,    # irn net/resnet50_cam.py:28 x = stage2(x).detach(), :39-43 conv1/bn1
     "optim.name": "sgd",                    # irn misc/torchutils.py PolyOptimizer(torch.optim.SGD)
     "optim.lr": 0.1,                        # irn run_sample.py:28 --cam_learning_rate
     "optim.weight_decay": 1e-4,             # irn run_sample.py:29 --cam_weight_decay
-    "optim.momentum": 0.9,                  # fsae: IRN passes weight decay as momentum (configs/voc/cam.yaml)
-    "optim.poly_power": 0.9,                # irn misc/torchutils.py PolyOptimizer momentum=0.9 (the power)
+    "optim.momentum": 1e-4,                 # irn misc/torchutils.py:12 SGD(params, lr, weight_decay): wd in the momentum slot
+    "optim.poly_power": 0.9,                # irn misc/torchutils.py:11,24 PolyOptimizer momentum=0.9 (the poly power)
     "optim.new_layer_lr_mult": 10.0,        # irn step/train_cam.py:44 10 * lr on the classifier
     "train.epochs": 5,                      # irn run_sample.py:27 --cam_num_epoches
     "train.batch_size": 16,                 # irn run_sample.py:26 --cam_batch_size
@@ -71,9 +74,9 @@ SIPE = {
     "optim.name": "sgd",                    # SIPE train_resnet50_SIPE.py:119 PolyOptimizerSGD
     "optim.lr": 0.1,                        # SIPE train_resnet50_SIPE.py:68 --lr
     "optim.weight_decay": 1e-4,             # SIPE train_resnet50_SIPE.py:70 --wt_dec
-    "optim.momentum": 0.9,                  # SIPE tool/torchutils.py PolyOptimizerSGD: momentum 0.9
+    "optim.momentum": 1e-4,                 # SIPE tool/torchutils.py:14 SGD(params, lr, weight_decay): wd in the momentum slot
     "optim.schedule": "poly",
-    "optim.poly_power": 0.9,
+    "optim.poly_power": 0.9,                # SIPE tool/torchutils.py:13,26 PolyOptimizerSGD momentum=0.9 (the poly power)
     "optim.new_layer_lr_mult": 10.0,        # SIPE train_resnet50_SIPE.py:120-121 10 * lr on newly_added
     "optim.grad_clip": 1.0,                 # SIPE train_resnet50_SIPE.py:159 clip_grad_norm_(max_norm=1)
     "train.epochs": 5,                      # SIPE train_resnet50_SIPE.py:66 --max_epoches
@@ -85,7 +88,8 @@ SIPE = {
     "fsae.enabled": False,
 }
 PAPER_FSAE = {"fsae.enabled": True}  # fsae: the paper's FAE + SAE defaults (§4.1.3)
-RECIPES["voc/sipe.yaml"] = SIPE
+SIPE_BASE = {"data.jitter": None}  # SIPE train_resnet50_SIPE.py:94-95: no colour jitter (the +FSAE recipes: §4.1.3's)
+RECIPES["voc/sipe.yaml"] = {**SIPE, **SIPE_BASE}
 RECIPES["voc/sipe_fsae.yaml"] = {**SIPE, **PAPER_FSAE, "name": "voc_sipe_fsae",
                                  "optim.lr": 0.05, "train.epochs": 10}  # the paper §4.1.3
 # SIPE's COCO run (run_coco.sh:5-9 --dataset coco): the VOC arguments with the COCO branch's data.
@@ -101,7 +105,7 @@ SIPE_COCO = {
     "infer.scales": [1.0, 0.5, 1.5, 2.0],   # SIPE make_cam.py:103 scales
     "eval.split": "train2014",              # SIPE eval_cam.py:52-55 train2014 GT, data/train_coco.txt
 }
-RECIPES["coco/sipe.yaml"] = SIPE_COCO
+RECIPES["coco/sipe.yaml"] = {**SIPE_COCO, **SIPE_BASE}
 # COCO: the paper keeps SIPE's own settings (§4.1.3 "For the others, we follow the default ...").
 RECIPES["coco/sipe_fsae.yaml"] = {**SIPE_COCO, **PAPER_FSAE, "name": "coco_sipe_fsae"}
 
@@ -132,6 +136,7 @@ MCT = {
     "optim.warmup_epochs": 5,               # MCTformer main.py:69 --warmup-epochs
     "optim.warmup_lr": 1e-6,                # MCTformer main.py:62 --warmup-lr
     "optim.min_lr": 1e-5,                   # MCTformer main.py:64 --min-lr
+    "optim.lr_step": "epoch",               # MCTformer main.py:297 lr_scheduler.step(epoch) once per epoch
     "train.epochs": 60,                     # MCTformer main.py:26 --epochs
     "train.batch_size": 64,                 # MCTformer main.py:25 --batch-size
     "train.device": "cuda",
@@ -162,7 +167,7 @@ PPC = {
     "optim.name": "sgd",
     "optim.lr": 0.01,                       # wseg esp contrast_train.py:40 --lr
     "optim.weight_decay": 5e-4,             # wseg esp contrast_train.py:42 --wt_dec
-    "optim.momentum": 0.9,                  # fsae: PolyOptimizer passes wt_dec as momentum (configs/voc/ppc_eps.yaml)
+    "optim.momentum": 5e-4,                 # wseg esp util/torchutils.py:7 SGD(params, lr, weight_decay): wd in the momentum slot
     "optim.schedule": "poly", "optim.poly_power": 0.9, "optim.new_layer_lr_mult": 10.0,
     "train.device": "cuda",
     "infer.scales": [0.5, 1.0, 1.5, 2.0],   # wseg esp contrast_infer.py scales
@@ -170,7 +175,7 @@ PPC = {
     "fsae.enabled": False,
 }
 PPC_VOC = {**PPC, **VOC, "name": "voc_ppc_eps", "data.mask_dir": "SegmentationClassAug",
-           "data.saliency_dir": "data/VOCdevkit/VOC2012/SALImages",
+           "data.saliency_dir": "SALImages",
            "data.long_side": [448, 768],    # wseg esp contrast_train.py:32 --resize_size
            "data.crop_size": 448,           # wseg esp script/script_contrast.sh:23 --crop_size
            "model.eps.alpha": 0.5,          # wseg esp contrast_train.py:50 --alpha
@@ -179,7 +184,7 @@ PPC_VOC = {**PPC, **VOC, "name": "voc_ppc_eps", "data.mask_dir": "SegmentationCl
            "infer.split": "train",
            "eval.threshold": 0.22}          # wseg esp script/script_contrast.sh:39 --thr 0.22
 PPC_COCO = {**PPC, **COCO, "name": "coco_ppc_eps", "data.mask_dir": "SegmentationClass",
-            "data.saliency_dir": "data/COCO/SALImages",
+            "data.saliency_dir": "SALImages",
             "data.long_side": [256, 448],   # EPS script/coco_eps.sh:25 --resize_size 256 448
             "data.crop_size": 321,          # EPS script/coco_eps.sh:26 --crop_size 321
             "model.eps.alpha": 0.9,         # EPS script/coco_eps.sh:28 --lam 0.9
@@ -192,6 +197,8 @@ PPC_COCO = {**PPC, **COCO, "name": "coco_ppc_eps", "data.mask_dir": "Segmentatio
 RECIPES["voc/ppc_eps.yaml"] = PPC_VOC
 RECIPES["voc/ppc_eps_fsae.yaml"] = {**PPC_VOC, **PAPER_FSAE, "name": "voc_ppc_eps_fsae", "fsae.teacher": "reuse"}
 RECIPES["coco/ppc_eps.yaml"] = PPC_COCO
+# The base at the FSAE authors' PPC + FSAE schedule (ssl script/coco_ppc1.sh:29-30, contrast_train.py:162).
+RECIPES["coco/ppc_eps_200ep.yaml"] = {**PPC_COCO, "name": "coco_ppc_eps_200ep", "train.epochs": 200}
 RECIPES["coco/ppc_eps_fsae.yaml"] = {**PPC_COCO, **PAPER_FSAE, "name": "coco_ppc_eps_fsae",
                                      "fsae.teacher": "ema", "fsae.ema_decay": 0.999}  # the paper §4.1.3 (COCO)
 # The FSAE authors' PPC + FSAE code (obeychoi0120/wseg, branch ssl), where it differs from the paper.
@@ -264,7 +271,7 @@ SEG = {
     "optim.momentum": 0.9,                  # configs/voc12.yaml:44 MOMENTUM
     "optim.weight_decay": 5e-4,             # configs/voc12.yaml:47 WEIGHT_DECAY
     "optim.poly_power": 0.9,                # configs/voc12.yaml:46 POLY_POWER
-    "optim.head_lr_mult": 10.0,             # main.py get_params 10x on the ASPP weights
+    "optim.head_lr_mult": 10.0,             # main.py:169-173 10x on the ASPP weights
     "train.batch_size": 10,                 # configs/voc12.yaml:38-41 5 x ITER_SIZE 2
     "train.device": "cuda",
     "infer.scales": [0.5, 0.75, 1.0, 1.25, 1.5],  # configs/voc12.yaml:9 SCALES
@@ -283,13 +290,19 @@ SEG_VOC = {**SEG, **VOC, "data.test_split": "test", "data.gt_dir": "Segmentation
 SEG_TABLES = {
     "voc/deeplabv2_r101.yaml": {**SEG_VOC, "name": "voc_deeplabv2_r101", "model.arch": "deeplabv2",
                                 "model.aspp_rates": [6, 12, 18, 24],  # configs/voc12.yaml:32 ATROUS_RATES
-                                "optim.lr": 2.5e-4},                  # configs/voc12.yaml:45 LR
+                                "optim.lr": 2.5e-4,                   # configs/voc12.yaml:45 LR
+                                "optim.bias_lr_mult": 2.0,  # main.py:174-177 ASPP biases at 20 x LR
+                                "optim.bias_weight_decay": False,  # main.py:177 weight_decay 0.0 on them
+                                "train.msc_scales": [0.5, 0.75]},  # libs/models/__init__.py:38 MSC; msc.py:26-47
     "voc/deeplabv1_r101.yaml": {**SEG_VOC, "name": "voc_deeplabv1_r101", "model.arch": "deeplabv1",
                                 "model.largefov_dilation": 12, "model.largefov_channels": 1024,
                                 "model.dropout": 0.5,  # DeepLab-V1 LargeFOV (Chen et al., ICLR 2015, sec. 4)
                                 "optim.lr": 1e-3},
     "coco/deeplabv2_r101.yaml": {**SEG, **COCO, "name": "coco_deeplabv2_r101", "model.arch": "deeplabv2",
                                  "model.aspp_rates": [6, 12, 18, 24], "optim.lr": 2.5e-4,
+                                 "optim.bias_lr_mult": 2.0,  # main.py:174-177 ASPP biases at 20 x LR
+                                 "optim.bias_weight_decay": False,  # main.py:177 weight_decay 0.0 on them
+                                 "train.msc_scales": [0.5, 0.75],  # libs/models/__init__.py:38 MSC; msc.py:26-47
                                  "data.test_split": "", "data.gt_dir": "SegmentationClass/val2014",
                                  "train.iterations": 100000,  # configs/cocostuff164k.yaml ITER_MAX 100000
                                  "train.checkpoint_every": 5000},
@@ -305,6 +318,7 @@ WEIGHT_FILES = {
     "voc/mctformer_fsae.yaml": "deit_small_patch16_224-cd65a155.pth",
     **{f"{d}/ppc_eps{s}.yaml": "ilsvrc-cls_rna-a1_cls1000_ep-0001.params"
        for d in ("voc", "coco") for s in ("", "_fsae", "_fsae_authors")},
+    "coco/ppc_eps_200ep.yaml": "ilsvrc-cls_rna-a1_cls1000_ep-0001.params",
     **{name: "deeplabv1_resnet101-coco.pth" for name in SEG_TABLES},
 }
 

@@ -350,6 +350,7 @@ RECIPES = {
     "configs/voc/deeplabv2_r101.yaml": {
         **COMMON, "name": "voc_deeplabv2_r101", "model.arch": "deeplabv2", "model.aspp_rates": [6, 12, 18, 24],
         "optim.lr": 2.5e-4,
+        "optim.bias_lr_mult": 2.0, "optim.bias_weight_decay": False, "train.msc_scales": [0.5, 0.75],  # issue 29
     },
     "configs/voc/deeplabv1_r101.yaml": {
         **COMMON, "name": "voc_deeplabv1_r101", "model.arch": "deeplabv1", "model.largefov_dilation": 12,
@@ -360,6 +361,7 @@ RECIPES = {
         "optim.lr": 2.5e-4, "data.kind": "coco", "data.root": "data/COCO", "data.num_classes": 80,
         "data.train_split": "train2014", "data.val_split": "val2014", "data.test_split": "",
         "data.gt_dir": "SegmentationClass/val2014", "train.iterations": 100000, "train.checkpoint_every": 5000,
+        "optim.bias_lr_mult": 2.0, "optim.bias_weight_decay": False, "train.msc_scales": [0.5, 0.75],  # issue 29
     },
     # The CPU-sized recipe behind the numbers of the synthetic experiment (docs: README, seg section).
     "configs/synthetic/deeplabv2_r18.yaml": {

@@ -36,7 +36,7 @@ from pathlib import Path
 from fsae.data.coco import COCO_SPLITS, split_paths
 from fsae.data.prepare import map_parallel, present_classes
 from fsae.data.synthetic import META_FILE
-from fsae.data.voc import ANNOTATION_DIR, LABEL_FILE, xml_objects
+from fsae.data.voc import ANNOTATION_DIR, LABEL_FILE, saliency_folder, xml_objects
 from fsae.labels import VOC_CLASSES
 from fsae.errors import DataError
 from fsae.io import read_id_list, read_image, read_json, read_mask
@@ -299,7 +299,7 @@ def check_training_data(cfg) -> list[Problem]:
             masks = root / data.mask_dir if data.mask_dir else None
         if training and masks is not None and not masks.is_dir():
             masks = None  # training reads GT masks only where they exist
-        saliency = Path(data.saliency_dir) if training and data.saliency_dir else None
+        saliency = saliency_folder(root, data.saliency_dir) if training else None
         return _Split(name, list_path, images, masks, saliency)
 
     splits = [split_of(data.train_split, True)]

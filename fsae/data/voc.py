@@ -28,6 +28,20 @@ LABEL_FILE = "cls_labels.json"
 ANNOTATION_DIR = "Annotations"
 
 
+def saliency_folder(root: str | Path, saliency_dir: str | Path | None) -> Path | None:
+    """``data.saliency_dir`` as a folder: an absolute path as given; a relative one below ``root``, as
+    ``mask_dir`` (``SALImages`` -> ``<root>/SALImages``), except when no such folder exists there but one
+    does relative to the working directory (recipes before issue 29 wrote ``data/VOCdevkit/VOC2012/SALImages``,
+    the synthetic recipes ``data/synthetic/saliency``). None when unset."""
+    if not saliency_dir:
+        return None
+    path = Path(saliency_dir)
+    if path.is_absolute():
+        return path
+    below_root = Path(root) / path
+    return path if not below_root.is_dir() and path.is_dir() else below_root
+
+
 def xml_objects(path: str | Path) -> tuple[list[int], list[str]]:
     """The classes (sorted, in 1..20) a VOC annotation file's objects name, and the object names that are
     no VOC class (sorted; e.g. a typo ``pottedplants``). DataError naming the file if it does not parse.
@@ -101,7 +115,7 @@ class VOCDataset(Dataset):
         self.ids = read_id_list(self.root / split_dir / f"{split}.txt")
         self.image_dir = self.root / image_dir
         self.mask_dir = self.root / mask_dir if mask_dir else None
-        self.saliency_dir = Path(saliency_dir) if saliency_dir else None
+        self.saliency_dir = saliency_folder(self.root, saliency_dir)
         label_path = Path(label_file) if label_file else self.root / LABEL_FILE
         self.labels = load_image_labels(label_path, num_classes)
         missing = [i for i in self.ids if i not in self.labels]

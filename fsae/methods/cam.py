@@ -8,6 +8,11 @@ background LAST: S = [cam_1..cam_C, b] with a fixed background logit b = ``backg
 pixel is confident background only where every present class's raw CAM is low (< ~1.3), and confident
 foreground only where one class's CAM is high (> ~8); weakly activated object parts stay unlabelled.
 docs/decisions.md has the measurement that chose this map over SIPE's and a learned background.
+
+Backbone training as IRN's CAM step (``model.cam``, on in the VOC / COCO recipes, off by default):
+``freeze_bn`` keeps every BatchNorm in eval mode with its affine trained (IRN's FixedBatchNorm,
+net/resnet50.py:11-14); ``freeze_low_stages`` trains only ``layer3`` / ``layer4`` of the backbone (IRN
+freezes conv1 / bn1 and detaches stage 2's output, net/resnet50_cam.py:28, 39-43).
 """
 
 from __future__ import annotations
@@ -18,21 +23,29 @@ from torch import nn
 
 from fsae.methods.base import Method, Output, backbone_options
 from fsae.models.backbones import build_backbone
+from fsae.models.backbones import freeze_low_stages as freeze_low_stages_of
+from fsae.models.batchnorm import freeze_batch_norm
 
 
 class CAM(Method):
     def __init__(self, num_classes: int, backbone: str = "tinycnn", output_stride: int = 8,
-                 weights: str | None = None, background_logit: float = 5.0, **backbone_kwargs):
+                 weights: str | None = None, background_logit: float = 5.0, freeze_bn: bool = False,
+                 freeze_low_stages: bool = False, **backbone_kwargs):
         super().__init__()
         self.num_classes = num_classes
         self.background_logit = background_logit
         self.backbone = build_backbone(backbone, output_stride, weights, **backbone_kwargs)
         self.classifier = nn.Conv2d(self.backbone.out_channels, num_classes, 1, bias=False)
+        if freeze_bn:  # IRN's FixedBatchNorm: running statistics in training too
+            freeze_batch_norm(self.backbone)
+        if freeze_low_stages:  # IRN: conv1 / bn1 frozen, stage 2's output detached
+            freeze_low_stages_of(self.backbone)
 
     @classmethod
     def from_config(cls, model_cfg, num_classes: int) -> "CAM":
         return cls(num_classes, backbone=model_cfg.backbone, output_stride=model_cfg.output_stride,
                    weights=model_cfg.weights, background_logit=model_cfg.background_logit,
+                   freeze_bn=model_cfg.cam.freeze_bn, freeze_low_stages=model_cfg.cam.freeze_low_stages,
                    **backbone_options(model_cfg))
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> Output:
@@ -49,5 +62,5 @@ class CAM(Method):
         return F.relu(self.classifier(self.backbone(images)))
 
     def param_groups(self) -> list[dict]:
-        return [{"params": list(self.backbone.parameters()), "new": False},
+        return [{"params": [p for p in self.backbone.parameters() if p.requires_grad], "new": False},
                 {"params": list(self.classifier.parameters()), "new": True}]

@@ -25,9 +25,11 @@ network/resnet50_SIPE.py:16; or a timm name) gives four stage features x1..x4. T
 
 SIPE's own layout puts the background at channel 0; here it is LAST everywhere (``fsae.labels``), so
 no conversion is needed. SIPE computes the training seeds from the last stage feature x4 and the
-inference seeds from the hierarchical features; both are kept. Differences from SIPE's code: the
-prototypes of one view are computed per view (SIPE's inference fuses the flipped view's features
-before the prototypes); crop padding is left out of the GSC mean (the seeds may include it, as
+inference seeds from the hierarchical features; both are kept. At inference SIPE sums the CAMs and the
+hierarchical features of an image and its flip before the seeds and prototypes (network/resnet50_SIPE.py:
+140-141): ``cam_with_background(x, labels, flip_pairs=True)`` does the same for a batch laid out as
+``[views, flipped views]`` (``fuses_flips``: ``fsae.infer`` passes it and skips its own flip sum).
+Difference from SIPE's code: crop padding is left out of the GSC mean (the seeds may include it, as
 ``Method.forward`` does not see the valid mask).
 
 Training recipe (SIPE's ``train_resnet50_SIPE.py``): frozen BatchNorm (``freeze_bn``), the stem and
@@ -54,6 +56,7 @@ from torch import nn
 
 from fsae.methods.base import Method, Output
 from fsae.models.backbones import create_backbone, load_pretrained
+from fsae.models.backbones import freeze_low_stages as freeze_low_stages_
 from fsae.models.batchnorm import freeze_batch_norm
 
 EPS = 1e-5
@@ -129,8 +132,15 @@ def gsc_loss(norm_cam: torch.Tensor, is_cams: torch.Tensor, valid: torch.Tensor 
     return (diff * weight).sum() / weight.sum().clamp(min=1)
 
 
+def fuse_flips(x: torch.Tensor) -> torch.Tensor:
+    """``[views, flipped views]`` -> view + its flip flipped back. Shape: (2B, ...) -> (B, ...)."""
+    b = x.shape[0] // 2
+    return x[:b] + x[b:].flip(-1)
+
+
 class SIPE(Method):
     seed_background = True  # cam_with_background(images, labels) scores the background itself (fsae.infer)
+    fuses_flips = True  # cam_with_background(..., flip_pairs=True) fuses an image and its flip itself
 
     def __init__(self, num_classes: int, backbone: str = "resnet50", weights: str | None = None,
                  side_channels=(128, 128, 256, 256), channels=None, freeze_bn: bool = True,
@@ -150,9 +160,7 @@ class SIPE(Method):
         if freeze_bn:  # SIPE's FixedBatchNorm: running statistics, in training too
             freeze_batch_norm(self.features)
         if freeze_low_stages:  # SIPE: stage 2's output is detached, the stem and stages 1-2 never train
-            for name, p in self.features.named_parameters():
-                if not name.startswith(("layer3", "layer4")):
-                    p.requires_grad_(False)
+            freeze_low_stages_(self.features)
 
     @classmethod
     def from_config(cls, model_cfg, num_classes: int) -> "SIPE":
@@ -166,10 +174,14 @@ class SIPE(Method):
         sides = [side(x.detach()) for side, x in zip(self.sides, (x1, x2, x3, x4))]
         return x4, hierarchical_features(sides, x3.shape[-2:])
 
-    def _maps(self, images: torch.Tensor, labels: torch.Tensor, training: bool):
-        """-> cams (B, C, h, w), norm_cam (B, C+1, h, w), IS-CAM (B, C+1, h, w)."""
+    def _maps(self, images: torch.Tensor, labels: torch.Tensor, training: bool, flip_pairs: bool = False):
+        """-> cams (B, C, h, w), norm_cam (B, C+1, h, w), IS-CAM (B, C+1, h, w). ``flip_pairs``: ``images``
+        (2B, ...) are ``[views, flipped views]``, whose CAMs and hierarchical features are summed first (SIPE
+        network/resnet50_SIPE.py:140-141); the maps are then (B, ...) and ``labels`` the views' (B, C)."""
         x4, hie = self._trunk(images)
         cams = self.classifier(x4)
+        if flip_pairs:
+            cams, hie = fuse_flips(cams), fuse_flips(hie)
         # SIPE gates the map by the label before the seeds in training only (valid_mask), after the argmax always
         norm_cam = F.interpolate(sipe_norm_cam(cams, labels if training else None), size=hie.shape[-2:],
                                  mode="bilinear", align_corners=True)
@@ -204,10 +216,15 @@ class SIPE(Method):
         return self.cam_with_background(images, labels)[0]
 
     @torch.no_grad()
-    def cam_with_background(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The IS-CAM: foreground (B, C, h, w), absent classes zero, and SIPE's background plane (B, h, w)."""
+    def cam_with_background(self, images: torch.Tensor, labels: torch.Tensor,
+                            flip_pairs: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The IS-CAM: foreground (B, C, h, w), absent classes zero, and SIPE's background plane (B, h, w).
+        ``flip_pairs``: images (2B, ...) = ``[views, flipped views]``, labels (2B, C) or (B, C); the maps
+        are of the fused pairs (B, ...), oriented as the views (``_maps``)."""
         labels = labels.to(images.dtype)
-        _, _, is_cams = self._maps(images, labels, training=False)
+        if flip_pairs:
+            labels = labels[: images.shape[0] // 2]
+        _, _, is_cams = self._maps(images, labels, training=False, flip_pairs=flip_pairs)
         return is_cams[:, :-1] * labels[:, :, None, None], is_cams[:, -1]
 
     def param_groups(self) -> list[dict]:

@@ -148,6 +148,26 @@ class TorchvisionResNet(nn.Module):
         return [maps[i] for i in self.out_indices]
 
 
+TRAINED_STAGES = ("layer3", "layer4")
+
+
+def freeze_low_stages(net: nn.Module) -> nn.Module:
+    """Stop training the stem and stages 1-2 of a ResNet (in place; returns ``net``): every parameter outside
+    ``layer3`` / ``layer4`` gets ``requires_grad = False``.
+
+    The same weights as the base code's ``conv1`` / ``bn1`` frozen plus stage 2's output detached (IRN
+    net/resnet50_cam.py:28, 39-43; SIPE network/resnet50_SIPE.py:73, 105-109): nothing before the detach gets
+    a gradient, so the stem and stages 1-2 never change. ConfigError when ``net`` has no ``layer3`` / ``layer4``.
+    """
+    params = list(net.named_parameters())
+    if not any(set(name.split(".")) & set(TRAINED_STAGES) for name, _ in params):
+        raise ConfigError(f"freeze_low_stages needs a ResNet with layer3 / layer4, not {type(net).__name__}")
+    for name, p in params:
+        if not set(name.split(".")) & set(TRAINED_STAGES):
+            p.requires_grad_(False)
+    return net
+
+
 def _block_width(block: nn.Module) -> int:
     return (block.bn3 if hasattr(block, "bn3") else block.bn2).num_features
 

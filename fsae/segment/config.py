@@ -84,6 +84,10 @@ class SegTrainConfig:
     # GradScaler) and channels-last memory format of model and crops. The recipes keep fp32.
     precision: str = setting("fp32", choices=("fp32", "bf16", "fp16"))
     channels_last: bool = False
+    # Multi-scale training (deeplab-pytorch MSC, libs/models/msc.py:26-47, main.py:228-239): the loss on the
+    # crop's logits, on the logits of the crop resized by each of these factors, and on their pixel-wise max,
+    # summed (null: the crop only). The deeplabv2_r101 recipes: [0.5, 0.75].
+    msc_scales: list[float] | None = setting(None, low=0, low_open=True)
 
 
 @dataclass
@@ -125,7 +129,8 @@ class SegConfig(Settings):
         "data.val_split", "data.test_split", "data.workers", "data.prefetch", "train.device", "train.log_every",
         "train.checkpoint_every", "train.channels_last", "infer",
     )
-    hashed_unless_default: ClassVar[tuple[str, ...]] = ("train.precision",)  # runs before it trained in fp32
+    # Fields added after runs were written (those runs: fp32, no multi-scale loss)
+    hashed_unless_default: ClassVar[tuple[str, ...]] = ("train.precision", "train.msc_scales")
 
     def check(self) -> None:
         check_range_pair(self.data.scale_range, "data.scale_range")

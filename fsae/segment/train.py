@@ -6,7 +6,9 @@ One iteration, top to bottom:
    (``fsae.augment.random_geometry``); padding is the mean colour (0 after normalisation) and label 255;
 2. logits = DeepLab(crop) at stride 8 (under ``train.precision``'s autocast, cast back to fp32), upsampled
    bilinearly to the crop size;
-3. loss = cross-entropy over the pixels whose mask is not 255 (ignored), in fp32;
+3. loss = cross-entropy over the pixels whose mask is not 255 (ignored), in fp32; with ``train.msc_scales``
+   (deeplab-pytorch's MSC) the sum of that loss on the crop's logits, on the logits of the crop resized by
+   each factor, and on their pixel-wise max (``msc_logits``);
 4. SGD step (momentum, weight decay) at ``lr * (1 - it / iterations) ** poly_power``, x ``head_lr_mult``
    on the head (and, when set, x ``bias_lr_mult`` and no decay on biases, BatchNorm affine left out:
    ``DeepLab.param_groups``).
@@ -118,6 +120,30 @@ def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor) -> tuple[torch.
     labelled = masks != IGNORE_INDEX
     loss = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX, reduction="sum")
     return loss / labelled.sum().clamp(min=1), labelled.float().mean().item()
+
+
+def msc_logits(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+               scales) -> list[torch.Tensor]:
+    """deeplab-pytorch's multi-scale training outputs (libs/models/msc.py:26-47): ``[logits, logits at each
+    scale, their pixel-wise max]``; each scale resizes ``images`` bilinearly (``scale_factor``, no corner
+    alignment) and the max is taken after resizing every output bilinearly to the full-scale logits' size.
+
+    Shape: images (B, 3, H, W) -> len(scales) + 2 tensors (B, K, h_s, w_s); no scales (None, []): ``[logits]``.
+    """
+    logits = forward(images)
+    if not scales:
+        return [logits]
+    pyramid = [forward(F.interpolate(images, scale_factor=s, mode="bilinear", align_corners=False)) for s in scales]
+    size = logits.shape[-2:]
+    resized = [logits] + [F.interpolate(p, size=size, mode="bilinear", align_corners=False) for p in pyramid]
+    return [logits, *pyramid, torch.stack(resized).max(dim=0).values]
+
+
+def msc_loss(outputs: list[torch.Tensor], masks: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The sum of ``segmentation_loss`` over ``msc_logits``' outputs (deeplab-pytorch main.py:231-236) and the
+    labelled pixel ratio."""
+    losses = [segmentation_loss(o, masks) for o in outputs]
+    return sum(loss for loss, _ in losses), losses[0][1]
 
 
 def check_training_masks(dataset) -> None:
@@ -316,8 +342,10 @@ def _train_segmentation(cfg: SegConfig, run_dir: Path, progress: bool, resume: b
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
         images, masks = batch["image"].to(device), batch["mask"].to(device)
-        logits = mixed_forward(model, images, precision=cfg.train.precision, channels_last=cfg.train.channels_last)
-        loss, labelled = segmentation_loss(logits, masks)  # fp32 logits: the log-softmax needs fp32's mantissa
+        outputs = msc_logits(lambda x: mixed_forward(model, x, precision=cfg.train.precision,
+                                                     channels_last=cfg.train.channels_last),
+                             images, cfg.train.msc_scales)
+        loss, labelled = msc_loss(outputs, masks)  # fp32 logits: the log-softmax needs fp32's mantissa
         if not torch.isfinite(loss):
             raise FsaeError(f"non-finite loss at iteration {iteration}; batch ids {list(batch['id'])}")
         optimizer.zero_grad(set_to_none=True)
@@ -342,4 +370,5 @@ def _train_segmentation(cfg: SegConfig, run_dir: Path, progress: bool, resume: b
 
 
 __all__ = ["train_segmentation", "load_seg_checkpoint", "seg_model_from_checkpoint", "segmentation_loss",
+           "msc_logits", "msc_loss",
            "IterationBatches", "SegTrainCrops"]
