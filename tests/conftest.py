@@ -1,3 +1,5 @@
+import csv
+import math
 from pathlib import Path
 
 import pytest
@@ -87,3 +89,62 @@ def train_killed_after_epoch(monkeypatch):
         monkeypatch.setattr(train_module, "save_checkpoint", real_save)
 
     return kill
+
+
+# ------------------------------------------------------------------ training runs: logged rows, a NaN injected
+
+
+def metric_rows(run_dir) -> list[dict]:
+    """The rows of ``run_dir/metrics.csv`` as dicts of strings."""
+    with open(Path(run_dir) / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def logged_steps(cfg, num_train: int) -> list[int]:
+    """The ``step`` column a finished single-process run writes: every ``train.log_every``-th step and the last,
+    of ``epochs * (num_train // batch_size)`` steps (the loader drops the last partial batch)."""
+    total = cfg.train.epochs * (num_train // cfg.train.batch_size)
+    return [s for s in range(1, total + 1) if s % cfg.train.log_every == 0 or s == total]
+
+
+def assert_finished_without_nan(run_dir, cfg, num_train: int) -> list[dict]:
+    """Every step of the run was logged (the non-finite guard raises before a NaN step's row, so the rows that
+    exist are finite by construction: what can fail is a missing row) and every logged loss is finite."""
+    rows = metric_rows(run_dir)
+    assert [int(r["step"]) for r in rows] == logged_steps(cfg, num_train)
+    assert all(math.isfinite(float(r["loss"])) for r in rows)
+    return rows
+
+
+@pytest.fixture
+def nan_at_call(monkeypatch):
+    """``inject(cls, call)``: ``cls.losses`` multiplies its first term by NaN on its ``call``-th call (0-based),
+    i.e. at training step ``call`` of a single-process run."""
+
+    def inject(cls, call: int) -> None:
+        original = cls.losses
+        calls = [0]
+
+        def losses(self, batch, output):
+            terms = original(self, batch, output)
+            if calls[0] == call:
+                first = next(iter(terms))
+                terms[first] = terms[first] * float("nan")
+            calls[0] += 1
+            return terms
+
+        monkeypatch.setattr(cls, "losses", losses)
+
+    return inject
+
+
+def assert_nan_stops_training(train, cfg, run_dir) -> None:
+    """A NaN injected at step 1 (``nan_at_call(cls, 1)``) stops ``train`` naming step 1, before its row and any
+    checkpoint: only step 0's row (``step`` 1) is in metrics.csv."""
+    from fsae.errors import FsaeError
+
+    cfg.train.log_every = 1
+    with pytest.raises(FsaeError, match=r"non-finite loss at step 1: terms \{'\w+': nan"):
+        train(cfg, run_dir, progress=False)
+    assert [r["step"] for r in metric_rows(run_dir)] == ["1"]
+    assert not (Path(run_dir) / "checkpoints" / "last.pt").exists()
