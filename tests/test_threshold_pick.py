@@ -47,7 +47,8 @@ def evaluate(thresholds, mode, background=None) -> dict:
 
 
 def test_the_hand_curve_at_every_threshold_of_the_sweep():
-    thresholds = PROTOCOLS["ppc"].thresholds()  # 0.00 .. 0.59
+    thresholds = PROTOCOLS["ppc"].thresholds()
+    assert thresholds == [i / 100 for i in range(60)]  # 0.00 .. 0.59, the stop included
     result = evaluate(thresholds, "sweep")
     assert result["miou"] == pytest.approx([hand_miou(t) for t in thresholds], abs=1e-12)
     assert result["miou"][thresholds.index(0.20)] == pytest.approx(7 / 15)
