@@ -1,3 +1,5 @@
+import csv
+import math
 from pathlib import Path
 
 import pytest
@@ -24,8 +26,22 @@ TINY32 = dict(num_val=4, image_size=32, body_axes=(6.0, 9.0), part_radius=(1.5, 
               clutter_axes=(3.0, 5.0), seed=1)
 
 
-def tiny32_data(root, num_train: int = 16):
-    return generate(root, SyntheticSpec(num_train=num_train, **TINY32), progress=False)
+def tiny32_data(root, num_train: int = 16, seed: int = 1):
+    return generate(root, SyntheticSpec(num_train=num_train, **{**TINY32, "seed": seed}), progress=False)
+
+
+def tiny32_config(root):
+    """A 1-epoch CAM recipe on a ``tiny32_data`` set: width-8 tinycnn, batch 4, every step logged, no held-out
+    evaluation, no TensorBoard (the fault, config and DDP tests start from it)."""
+    from fsae.config import Config
+
+    cfg = Config()
+    cfg.data.root, cfg.data.num_classes, cfg.data.crop_size, cfg.data.long_side = str(root), 4, 32, None
+    cfg.data.val_split = ""
+    cfg.model.width = 8
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.log_every = 1, 4, 1
+    cfg.train.val_every, cfg.train.tensorboard = 0, False
+    return cfg
 
 
 @pytest.fixture(scope="session")
@@ -87,3 +103,130 @@ def train_killed_after_epoch(monkeypatch):
         monkeypatch.setattr(train_module, "save_checkpoint", real_save)
 
     return kill
+
+
+# ------------------------------------------------------------------ training runs: logged rows, a NaN injected
+
+
+def metric_rows(run_dir) -> list[dict]:
+    """The rows of ``run_dir/metrics.csv`` as dicts of strings."""
+    with open(Path(run_dir) / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def logged_steps(cfg, num_train: int) -> list[int]:
+    """The ``step`` column a finished single-process run writes: every ``train.log_every``-th step and the last,
+    of ``epochs * (num_train // batch_size)`` steps (the loader drops the last partial batch)."""
+    total = cfg.train.epochs * (num_train // cfg.train.batch_size)
+    return [s for s in range(1, total + 1) if s % cfg.train.log_every == 0 or s == total]
+
+
+def assert_finished_without_nan(run_dir, cfg, num_train: int) -> list[dict]:
+    """Every step of the run was logged (the non-finite guard raises before a NaN step's row, so the rows that
+    exist are finite by construction: what can fail is a missing row) and every logged loss is finite."""
+    rows = metric_rows(run_dir)
+    assert [int(r["step"]) for r in rows] == logged_steps(cfg, num_train)
+    assert all(math.isfinite(float(r["loss"])) for r in rows)
+    return rows
+
+
+@pytest.fixture
+def nan_at_call(monkeypatch):
+    """``inject(cls, call)``: ``cls.losses`` multiplies its first term by NaN on its ``call``-th call (0-based),
+    i.e. at training step ``call`` of a single-process run."""
+
+    def inject(cls, call: int) -> None:
+        original = cls.losses
+        calls = [0]
+
+        def losses(self, batch, output):
+            terms = original(self, batch, output)
+            if calls[0] == call:
+                first = next(iter(terms))
+                terms[first] = terms[first] * float("nan")
+            calls[0] += 1
+            return terms
+
+        monkeypatch.setattr(cls, "losses", losses)
+
+    return inject
+
+
+def assert_nan_stops_training(train, cfg, run_dir) -> None:
+    """A NaN injected at step 1 (``nan_at_call(cls, 1)``) stops ``train`` naming step 1, before its row and any
+    checkpoint: only step 0's row (``step`` 1) is in metrics.csv."""
+    from fsae.errors import FsaeError
+
+    cfg.train.log_every = 1
+    with pytest.raises(FsaeError, match=r"non-finite loss at step 1: terms \{'\w+': nan"):
+        train(cfg, run_dir, progress=False)
+    assert [r["step"] for r in metric_rows(run_dir)] == ["1"]
+    assert not (Path(run_dir) / "checkpoints" / "last.pt").exists()
+
+
+# ------------------------------------------------------------------ processes: children, a run killed mid-write
+
+
+def child_pids(pid: int) -> list[int]:
+    """Live (not zombie) processes whose parent is ``pid``, from /proc."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+# ``python killer.py MODULE ATTR N ARGS...``: ``fsae ARGS`` with MODULE.ATTR (an atomic_write) replaced; its N-th
+# call writes the temp file and then SIGKILLs the process before the rename.
+KILLER = """
+import importlib, os, signal, sys
+module_name, attr, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+module = importlib.import_module(module_name)
+real, calls = getattr(module, attr), []
+
+def killing_write(path, write_fn):
+    calls.append(path)
+    if len(calls) < n:
+        return real(path, write_fn)
+
+    def write_then_die(tmp):
+        write_fn(tmp)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    return real(path, write_then_die)
+
+setattr(module, attr, killing_write)
+from fsae.cli import main
+sys.exit(main(sys.argv[4:]))
+"""
+
+
+def run_fsae(*args, killed_at: tuple[str, int] | None = None, tmp=None, timeout: float = 900):
+    """``python -m fsae ARGS`` in a subprocess (one thread, this checkout on PYTHONPATH); with
+    ``killed_at = ("module.atomic_write", n)`` it dies by SIGKILL in the n-th such write (``KILLER``, written
+    to ``tmp``)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    if killed_at is None:
+        cmd = [sys.executable, "-m", "fsae", *args]
+    else:
+        script = Path(tmp) / "killer.py"
+        script.write_text(KILLER)
+        module, attr = killed_at[0].rsplit(".", 1)
+        cmd = [sys.executable, str(script), module, attr, str(killed_at[1]), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -25,6 +25,7 @@ from fsae.io import read_mask, write_json, write_mask, write_text
 from fsae.refine.crf import DEEPLAB_CRF, IRN_LABEL_CRF, PSA_CRF, CrfParams
 from fsae.refine.irn.config import IRNConfig, load_irn_config
 from fsae.segment.config import SegConfig, load_seg_config
+from tests.conftest import alive, child_pids, tiny32_config, tiny32_data
 
 REPO = Path(__file__).resolve().parents[1]
 ROOTS = {"cam": Config, "seg": SegConfig, "irn": IRNConfig}
@@ -120,19 +121,22 @@ def test_every_recipe_passes_the_checks(recipe):
     loader(REPO / "configs" / recipe)
 
 
+# each method of ``model.method``'s choices, the synthetic recipe it builds from and the class it must build
+METHOD_RECIPES = {"cam": ("cam.yaml", "CAM"), "eps": ("ppc_eps.yaml", "EPS"), "ppc": ("ppc_eps.yaml", "PPC"),
+                  "sipe": ("sipe.yaml", "SIPE"), "mctformer": ("mctformer.yaml", "MCTformerV2")}
+
+
 def test_method_choices_are_the_methods_build_method_knows():
     from fsae.config import METHODS
     from fsae.methods import build_method
 
-    cfg = Config()
-    for method in METHODS:
+    assert sorted(METHODS) == sorted(METHOD_RECIPES)
+    for method, (recipe, cls) in METHOD_RECIPES.items():
+        cfg = load_config(REPO / "configs" / "synthetic" / recipe)
         cfg.model.method = method
-        try:
-            build_method(cfg.model, 4)
-        except ValueError as exc:
-            assert "unknown method" not in str(exc), method
-        except Exception:  # needs other settings (a backbone of its own): the name itself was accepted
-            pass
+        built = build_method(cfg.model, 4)
+        assert type(built).__name__ == cls, method  # EPS / PPC share a recipe: the name alone decides the class
+    cfg = Config()
     cfg.model.method = "foo"
     with pytest.raises(ValueError, match="unknown method"):
         build_method(cfg.model, 4)
@@ -230,22 +234,14 @@ def test_save_and_from_dict_round_trip(tmp_path):
 
 
 def _tiny(root) -> Config:
-    cfg = Config()
-    cfg.data.root, cfg.data.num_classes, cfg.data.crop_size, cfg.data.long_side = str(root), 4, 32, None
-    cfg.data.val_split = ""
-    cfg.model.width = 8
-    cfg.train.epochs, cfg.train.batch_size, cfg.train.log_every = 2, 4, 1
-    cfg.train.val_every, cfg.train.tensorboard = 0, False
+    cfg = tiny32_config(root)
+    cfg.train.epochs = 2
     return cfg
 
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    from fsae.data.synthetic import SyntheticSpec, generate
-
-    spec = SyntheticSpec(num_train=8, num_val=4, image_size=32, body_axes=(6.0, 9.0), part_radius=(1.5, 2.5),
-                         stripe_period=(4.0, 6.0), clutter_axes=(3.0, 5.0), seed=2)
-    return generate(tmp_path_factory.mktemp("config_data"), spec, progress=False)
+    return tiny32_data(tmp_path_factory.mktemp("config_data"), num_train=8, seed=2)
 
 
 def test_training_resumes_after_a_change_that_does_not_decide_the_weights(tiny_data, tmp_path, capsys,
@@ -373,27 +369,6 @@ if __name__ == "__main__":  # spawned workers import this file too
 """
 
 
-def _children(pid: int) -> list[int]:
-    """Live processes whose parent is ``pid`` (from /proc)."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            out.append(int(stat.parent.name))
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
 def test_pool_workers_exit_when_the_parent_is_killed(tmp_path):
     script = tmp_path / "pool.py"
@@ -405,22 +380,22 @@ def test_pool_workers_exit_when_the_parent_is_killed(tmp_path):
         pid = int(parent.stdout.readline())
         deadline = time.time() + 60
         while time.time() < deadline:
-            workers = [c for c in _children(pid) if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+            workers = [c for c in child_pids(pid) if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
             if len(workers) == 2:
                 break
             time.sleep(0.2)
         assert len(workers) == 2, workers
         time.sleep(1.0)  # the workers are inside time.sleep(60)
-        assert all(_alive(w) for w in workers) and parent.poll() is None
+        assert all(alive(w) for w in workers) and parent.poll() is None
         os.kill(pid, signal.SIGKILL)
         parent.wait(10)
         deadline = time.time() + 5
-        while time.time() < deadline and any(_alive(w) for w in workers):
+        while time.time() < deadline and any(alive(w) for w in workers):
             time.sleep(0.1)
-        assert not [w for w in workers if _alive(w)], "pool workers outlived their SIGKILLed parent"
+        assert not [w for w in workers if alive(w)], "pool workers outlived their SIGKILLed parent"
     finally:
         if parent.poll() is None:
             parent.kill()
         for w in workers:  # a failed run leaves them behind
-            if _alive(w):
+            if alive(w):
                 os.kill(w, signal.SIGKILL)

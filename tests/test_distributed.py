@@ -19,6 +19,7 @@ from fsae.errors import FsaeError
 from fsae.evaluate import evaluate_masks, evaluate_seeds
 from fsae.methods import build_method
 from fsae.train import image_generators, per_image, train
+from tests.conftest import tiny32_config
 
 REPO = Path(__file__).resolve().parents[1]
 # Adam's update divides by sqrt(second moment), which turns float-rounding differences of the averaged
@@ -103,13 +104,11 @@ def test_shard_parsing_and_cover():
 def ddp_config(root) -> Config:
     """FSAE on, a BatchNorm-free backbone (ConvNeXt-atto: LayerNorm), so per-process normalisation
     equals the global batch's (BatchNorm would need SyncBatchNorm, which torch runs on GPUs only)."""
-    cfg = Config()
-    cfg.data.root, cfg.data.num_classes, cfg.data.crop_size, cfg.data.long_side = str(root), 4, 32, None
+    cfg = tiny32_config(root)
     cfg.data.val_split = "val"
-    cfg.model.backbone, cfg.model.output_stride = "convnext_atto", 8
+    cfg.model.backbone, cfg.model.output_stride, cfg.model.width = "convnext_atto", 8, 32  # width: the default
     cfg.fsae.enabled, cfg.fsae.start_epoch = True, 0
-    cfg.train.epochs, cfg.train.batch_size, cfg.train.log_every = 2, 4, 1
-    cfg.train.val_every, cfg.train.tensorboard, cfg.train.deterministic = 1, False, True
+    cfg.train.epochs, cfg.train.val_every, cfg.train.deterministic = 2, 1, True
     cfg.train.val_scales, cfg.eval.sweep = [1.0], [0.1, 0.5, 0.1]
     return cfg
 

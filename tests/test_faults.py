@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,64 +20,28 @@ from PIL import Image
 
 from fsae.cli import main as cli
 from fsae.config import Config, save_config
-from fsae.data.synthetic import SyntheticSpec, generate
 from fsae.io import read_mask, write_mask
 from fsae.methods.cam import CAM
 from fsae.train import train
+from tests.conftest import run_fsae, tiny32_config, tiny32_data
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Run ``fsae ARGS`` with MODULE.ATTR (an atomic_write) replaced: its N-th call writes the temp file and
-# then SIGKILLs the process before the rename.
-KILLER = """
-import importlib, os, signal, sys
-module_name, attr, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-module = importlib.import_module(module_name)
-real, calls = getattr(module, attr), []
-
-def killing_write(path, write_fn):
-    calls.append(path)
-    if len(calls) < n:
-        return real(path, write_fn)
-
-    def write_then_die(tmp):
-        write_fn(tmp)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    return real(path, write_then_die)
-
-setattr(module, attr, killing_write)
-from fsae.cli import main
-sys.exit(main(sys.argv[4:]))
-"""
-
-
 def tiny_data(root: Path) -> Path:
     """16 train / 4 val images of 32 x 32 px in the VOC layout."""
-    spec = SyntheticSpec(num_train=16, num_val=4, image_size=32, body_axes=(6.0, 9.0), part_radius=(1.5, 2.5),
-                         stripe_period=(4.0, 6.0), clutter_axes=(3.0, 5.0), seed=1)
-    return generate(root, spec, progress=False)
+    return tiny32_data(root)
 
 
 def tiny_config(root) -> Config:
-    cfg = Config()
-    cfg.data.root, cfg.data.num_classes, cfg.data.crop_size, cfg.data.long_side = str(root), 4, 32, None
-    cfg.data.val_split = ""
-    cfg.model.width = 8
+    cfg = tiny32_config(root)
     cfg.fsae.enabled, cfg.fsae.start_epoch = True, 0
-    cfg.train.epochs, cfg.train.batch_size, cfg.train.log_every = 1, 4, 1
-    cfg.train.val_every, cfg.train.tensorboard = 0, False
     cfg.infer.scales = [1.0, 0.5]
     return cfg
 
 
 def run_killed(tmp_path: Path, target: str, n: int, *fsae_args: str) -> subprocess.CompletedProcess:
-    script = tmp_path / "killer.py"
-    script.write_text(KILLER)
-    module, attr = target.rsplit(".", 1)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, str(script), module, attr, str(n), *fsae_args], env=env,
-                          capture_output=True, text=True, timeout=600)
+    """``fsae FSAE_ARGS`` SIGKILLed in the n-th call of ``target`` (an atomic_write), mid-write."""
+    proc = run_fsae(*fsae_args, killed_at=(target, n), tmp=tmp_path, timeout=600)
     assert proc.returncode == -9, f"expected death by SIGKILL, got {proc.returncode}: {proc.stderr[-2000:]}"
     return proc
 

@@ -17,9 +17,9 @@ import pytest
 from fsae import grid as grid_module
 from fsae.cli import main as cli
 from fsae.compare import compare_markdown, compare_runs, seed_group_table, seed_groups
-from fsae.data.synthetic import SyntheticSpec, generate
 from fsae.errors import CheckpointError, ConfigError
 from fsae.grid import GridSpec, parse_vary, plan_grid, run_finished, run_job, run_jobs
+from tests.conftest import alive, child_pids, tiny32_data
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = """name: tiny
@@ -37,9 +37,7 @@ SETTINGS = ["tau_fae=0.5", "tau_fae=0.95"]
 def recipe(tmp_path_factory):
     """16 train images of 32 x 32 px and a 1-epoch recipe on them."""
     folder = tmp_path_factory.mktemp("grid_data")
-    spec = SyntheticSpec(num_train=16, num_val=4, image_size=32, body_axes=(6.0, 9.0), part_radius=(1.5, 2.5),
-                         stripe_period=(4.0, 6.0), clutter_axes=(3.0, 5.0), seed=1)
-    root = generate(folder / "data", spec, progress=False)
+    root = tiny32_data(folder / "data")
     path = folder / "tiny.yaml"
     path.write_text(TINY.format(root=root))
     return path
@@ -104,25 +102,6 @@ def test_jobs_run_side_by_side_one_per_device(recipe, tmp_path, monkeypatch):
 # ---------------------------------------------------------------------- a real grid, killed and resumed
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
 @pytest.fixture(scope="module")
 def killed_grid(recipe, tmp_path_factory):
     """``fsae grid`` (2 values x 2 seeds, CRF masks) SIGKILLed while its third job runs, then rerun."""
@@ -135,12 +114,12 @@ def killed_grid(recipe, tmp_path_factory):
     deadline = time.time() + 900
     while not third.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    _wait(lambda: _children(proc.pid))  # the log is opened just before the job's fork
-    jobs = _children(proc.pid)
+    _wait(lambda: child_pids(proc.pid))  # the log is opened just before the job's fork
+    jobs = child_pids(proc.pid)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait() == -9, proc.stderr.read().decode()[-2000:]
     finished = [out / s / f"seed={seed}" for s, seed in ((SETTINGS[0], 0), (SETTINGS[0], 1))]
-    killed_early = {"jobs": jobs, "jobs_gone": all(_wait(lambda: _gone(j)) for j in jobs),
+    killed_early = {"jobs": jobs, "jobs_gone": all(_wait(lambda: not alive(j)) for j in jobs),
                     "third_done": (third.parent / "eval" / "crf.json").exists(),
                     "mtimes": {str(f): _mtimes(f) for f in finished}}
     rerun = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)

@@ -21,6 +21,7 @@ from fsae.methods.ppc import (PPC, adaptive_min_pooling_loss, equivariance_losse
                               min_max_norm, pcm_propagate, pcm_seed, pixel_prototype_contrast,
                               pseudo_labels_and_prototypes, top_class_onehot)
 from fsae.train import TrainViews, build_optimizer, train
+from tests.conftest import assert_finished_without_nan, assert_nan_stops_training
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -479,9 +480,7 @@ def test_ppc_trains_on_the_generated_set_and_cam_eval_run(tmp_path):
     cfg.train.log_every = 8
     run = tmp_path / "run"
     train(cfg, run, progress=False)
-    with open(run / "metrics.csv") as f:
-        losses = [float(r["loss"]) for r in __import__("csv").DictReader(f)]
-    assert all(math.isfinite(v) for v in losses)
+    losses = [float(r["loss"]) for r in assert_finished_without_nan(run, cfg, spec.num_train)]  # 25 rows
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
     assert cli(["cam", str(run)]) == 0
     out_json = tmp_path / "eval.json"
@@ -503,8 +502,15 @@ def test_reduced_resnet38_ppc_trains_without_nan(tiny_synthetic, tmp_path):
     cfg.model.resnet38.freeze_stem = False
     cfg.optim.name, cfg.optim.lr, cfg.optim.new_layer_lr_mult = "sgd", 0.01, 10.0
     train(cfg, tmp_path / "run", progress=False)
-    with open(tmp_path / "run" / "metrics.csv") as f:
-        assert all(math.isfinite(float(r["loss"])) for r in __import__("csv").DictReader(f))
+    rows = assert_finished_without_nan(tmp_path / "run", cfg, 24)  # 6 rows: 2 epochs of 24 // 8 steps
+    assert all(math.isfinite(float(r["fsae"])) for r in rows) and any(float(r["fsae"]) > 0 for r in rows)
+
+
+def test_a_nan_in_the_ppc_loss_stops_training(tiny_synthetic, tmp_path, nan_at_call):
+    """What the finite-loss checks above rely on: a NaN step stops the run before its row is written."""
+    root, _ = tiny_synthetic
+    nan_at_call(PPC, 1)
+    assert_nan_stops_training(train, tiny_ppc_config(root, fsae=True), tmp_path / "run")
 
 
 @pytest.mark.parametrize("dataset", ["voc", "coco"])

@@ -6,8 +6,6 @@ resumed; the `fsae psa` stage end to end on a tiny generated set."""
 import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +31,7 @@ from fsae.refine.psa.train import AffinityCrops, pool, train_step
 from fsae.refine.psa.walk import propagate, psa_mask, walk_scores
 from fsae.refine.irn.affinity import affinity_loss
 from fsae.stamps import folder_digest, make_stamp, read_stamp, stamp_path
+from tests.conftest import run_fsae
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -383,39 +382,8 @@ def tiny_run(tmp_path_factory):
     return root, data, ids
 
 
-def run_fsae(*args, killer=None, tmp=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    if killer is None:
-        cmd = [sys.executable, "-m", "fsae", *args]
-    else:
-        script = tmp / "killer.py"
-        script.write_text(KILLER)
-        cmd = [sys.executable, str(script), str(killer), *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-
-
-# Replace fsae.refine.irn.train.atomic_write (the training loop PSA shares with IRN): its N-th call writes
-# the temp file, then SIGKILLs the process before the rename (tests/test_faults.py does the same for the other stages).
-KILLER = """
-import os, signal, sys
-import fsae.refine.irn.train as module
-real, calls, n = module.atomic_write, [], int(sys.argv[1])
-
-def killing_write(path, write_fn):
-    calls.append(path)
-    if len(calls) < n:
-        return real(path, write_fn)
-
-    def write_then_die(tmp):
-        write_fn(tmp)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    return real(path, write_then_die)
-
-module.atomic_write = killing_write
-from fsae.cli import main
-sys.exit(main(sys.argv[2:]))
-"""
+# PSA's training loop is the one IRN's stage has: fsae.refine.irn.train.atomic_write is where it writes psa.pt
+PSA_TRAIN_WRITE = "fsae.refine.irn.train.atomic_write"
 
 
 def test_psa_training_killed_mid_run_resumes_to_the_same_weights(tiny_run, tmp_path):
@@ -430,7 +398,7 @@ def test_psa_training_killed_mid_run_resumes_to_the_same_weights(tiny_run, tmp_p
     args = ["--config", str(config), "--images", images, "--step", "train"]
     straight = run_fsae("psa", str(tmp_path / "straight"), *args)
     assert straight.returncode == 0, straight.stderr[-2000:]
-    killed = run_fsae("psa", str(tmp_path / "killed"), *args, killer=2, tmp=tmp_path)  # dies writing epoch 2
+    killed = run_fsae("psa", str(tmp_path / "killed"), *args, killed_at=(PSA_TRAIN_WRITE, 2), tmp=tmp_path)  # dies writing epoch 2
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     left = torch.load(tmp_path / "killed" / "psa" / "psa.pt", weights_only=True)
     assert left["epoch"] == 1 and left["step"] == 2

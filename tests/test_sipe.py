@@ -18,6 +18,7 @@ from fsae.methods import build_method
 from fsae.methods.sipe import (SIPE, gsc_loss, hierarchical_features, is_cam, seed_prototypes, sipe_norm_cam,
                                structure_seeds)
 from fsae.train import train
+from tests.conftest import assert_finished_without_nan, assert_nan_stops_training
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -177,8 +178,7 @@ def test_trains_with_fsae_from_start_epoch_and_seeds_evaluate(tiny_synthetic, tm
     cfg = tiny_run_config(root, start_epoch=1)
     run = tmp_path / "run"
     train(cfg, run, progress=False)
-    rows = list(csv.DictReader(open(run / "metrics.csv")))
-    assert all(math.isfinite(float(r["loss"])) for r in rows)
+    rows = assert_finished_without_nan(run, cfg, spec.num_train)  # 6 rows: 2 epochs of 24 // 8 steps
     before = [float(r["fsae"]) for r in rows if r["epoch"] == "0"]
     after = [float(r["fsae"]) for r in rows if r["epoch"] == "1"]
     assert before and all(v == 0.0 for v in before)
@@ -194,15 +194,21 @@ def test_trains_with_fsae_from_start_epoch_and_seeds_evaluate(tiny_synthetic, tm
     assert result["count"] == spec.num_train and 0 < result["best"]["miou"] <= 1
 
 
+
+def test_a_nan_in_the_sipe_loss_stops_training(tiny_synthetic, tmp_path, nan_at_call):
+    """What the finite-loss checks here rely on: a NaN step stops the run before its row is written."""
+    root, _ = tiny_synthetic
+    nan_at_call(SIPE, 1)
+    assert_nan_stops_training(train, tiny_run_config(root, start_epoch=0), tmp_path / "run")
+
+
 @pytest.mark.slow
 def test_loss_falls_without_nan(tiny_synthetic, tmp_path):
     root, _ = tiny_synthetic
     cfg = tiny_run_config(root, enabled=False)
     cfg.train.epochs = 15
     train(cfg, tmp_path / "run", progress=False)
-    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
-    loss = [float(r["loss"]) for r in rows]
-    assert all(math.isfinite(v) for v in loss)
+    loss = [float(r["loss"]) for r in assert_finished_without_nan(tmp_path / "run", cfg, 24)]  # 45 rows
     assert np.mean(loss[-6:]) < np.mean(loss[:6]) - 0.05
 
 
