@@ -43,12 +43,15 @@ RESULTS = Path(__file__).resolve().parent / "results_gpu.md"
 
 def recipe_config(name: str, fsae: bool, tiny: bool, device: str, precision: str = "fp32",
                   channels_last: bool = False):
-    """A paper recipe (configs/voc/<name>[_fsae].yaml) with random weights on ``device``."""
+    """A paper recipe's +FSAE recipe (configs/voc/<name>_fsae.yaml) with random weights on ``device``; without
+    ``fsae`` the same recipe with fsae.enabled=false, so the two steps differ by FSAE alone (a base recipe
+    may also drop the weak view's colour jitter, docs/recipes.md)."""
     overrides = ["model.weights=null", f"train.device={device}", f"train.precision={precision}",
-                 f"train.channels_last={str(channels_last).lower()}", "fsae.start_epoch=0"]
+                 f"train.channels_last={str(channels_last).lower()}", "fsae.start_epoch=0",
+                 f"fsae.enabled={str(fsae).lower()}"]
     if tiny:
         overrides += TINY[name] + ["train.batch_size=2"]
-    return load_config(CONFIGS / f"{name}{'_fsae' if fsae else ''}.yaml", overrides)
+    return load_config(CONFIGS / f"{name}_fsae.yaml", overrides)
 
 
 def random_batch(cfg, device: str, seed: int = 0) -> dict:

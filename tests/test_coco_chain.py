@@ -25,7 +25,8 @@ from fsae.seeds import load_seed  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 # CPU-sized overrides of the shipped recipes: a width-8 tinycnn, no pretrained file, 16 px crops.
-CAM_OVERRIDES = ["model.backbone=tinycnn", "model.weights=null", "model.width=8", "model.output_stride=8",
+CAM_OVERRIDES = ["model.backbone=tinycnn", "model.cam.freeze_bn=false", "model.cam.freeze_low_stages=false",
+                 "model.weights=null", "model.width=8", "model.output_stride=8",
                  "data.long_side=null", "data.crop_size=16", "train.epochs=1", "train.batch_size=2",
                  "train.device=cpu", "data.workers=0", "infer.scales=[1.0]"]
 SEG_OVERRIDES = ["model.backbone=tinycnn", "model.weights=null", "model.width=8", "model.freeze_bn=false",

@@ -57,7 +57,7 @@ COMMON = {
     "optim.name": "sgd",
     "optim.lr": 0.1,
     "optim.weight_decay": 1e-4,
-    "optim.momentum": 0.9,
+    "optim.momentum": 1e-4,  # IRN misc/torchutils.py:12 SGD(params, lr, weight_decay): the decay in the momentum slot
     "optim.poly_power": 0.9,
     "optim.new_layer_lr_mult": 10.0,
     "train.batch_size": 16,

@@ -1,7 +1,8 @@
 """Each protocol's threshold pick (fsae.evaluate ``pick_best`` / ``SeedEvaluator`` / ``evaluate_seeds``, fsae.sweep)
 on one hand-worked seed whose mIoU is worked out for every threshold.
 
-fixed (IRN, CAM): the one threshold ``Protocol.threshold``; sweep (PPC / EPS): the first maximum of the sweep;
+fixed (IRN's CAM, EPS): the one threshold ``Protocol.threshold``; sweep (PPC, the FSAE authors' EPS copy): the first
+maximum of the sweep (0.00 .. 0.49, their --max_th 50);
 first_drop (MCTformer): the sweep in order, stopping at the first threshold not strictly above the best so far;
 argmax (SIPE): the seed's own background plane, no threshold.
 
@@ -47,17 +48,19 @@ def evaluate(thresholds, mode, background=None) -> dict:
 
 
 def test_the_hand_curve_at_every_threshold_of_the_sweep():
-    thresholds = PROTOCOLS["ppc"].thresholds()
-    assert thresholds == [i / 100 for i in range(60)]  # 0.00 .. 0.59, the stop included
+    # PPC: 0.00 .. 0.49 (obeychoi0120/wseg@ssl script/voc_ppc1.sh:86 --max_th 50); MCTformer 0.00 .. 0.59
+    assert PROTOCOLS["ppc"].thresholds() == [i / 100 for i in range(50)]
+    thresholds = PROTOCOLS["mctformer"].thresholds()
+    assert thresholds == [i / 100 for i in range(60)]  # the stop included
     result = evaluate(thresholds, "sweep")
     assert result["miou"] == pytest.approx([hand_miou(t) for t in thresholds], abs=1e-12)
     assert result["miou"][thresholds.index(0.20)] == pytest.approx(7 / 15)
     assert result["miou"][thresholds.index(0.21)] == pytest.approx(13 / 40)
 
 
-@pytest.mark.parametrize("method, threshold, miou", [("cam", 0.15, 7 / 15)])
+@pytest.mark.parametrize("method, threshold, miou", [("cam", 0.15, 7 / 15), ("eps", 0.20, 7 / 15)])
 def test_fixed_scores_the_protocol_threshold_only(method, threshold, miou):
-    protocol = PROTOCOLS[method]  # IRN step/eval_cam.py: cam_eval_thres 0.15
+    protocol = PROTOCOLS[method]  # IRN step/eval_cam.py: cam_eval_thres 0.15; EPS coco_eps.sh:43 --thr 0.20
     assert protocol.eval_mode == "fixed" and protocol.thresholds() == [threshold]
     result = evaluate(protocol.thresholds(), protocol.eval_mode)
     assert result["thresholds"] == [threshold]
@@ -67,12 +70,18 @@ def test_fixed_scores_the_protocol_threshold_only(method, threshold, miou):
     assert result["best"]["threshold"] == 0.55 and result["best"]["miou"] == pytest.approx(17 / 24)
 
 
-@pytest.mark.parametrize("method", ["ppc", "eps"])
+@pytest.mark.parametrize("method", ["ppc", "eps_wseg"])
 def test_sweep_picks_the_first_maximum(method):
-    protocol = PROTOCOLS[method]  # obeychoi0120/wseg eval.py:155-157: max over 0.00..0.59
+    protocol = PROTOCOLS[method]  # obeychoi0120/wseg eval.py:155-157: max over 0.00..0.49 (--max_th 50)
     assert protocol.eval_mode == "sweep"
     result = evaluate(protocol.thresholds(), protocol.eval_mode)
-    # the peak holds for t = 0.51 .. 0.59 (0.505 <= t < 0.605): the first of them is reported
+    # up to 0.49 the best is 1/2 for t = 0.31 .. 0.49 (0.305 <= t < 0.505): the first of them is reported; at
+    # 0.31 B is a false background and D a false object: each class has TP 2 of union 4, FP 1, FN 1
+    assert result["best"]["threshold"] == 0.31 and result["best"]["miou"] == pytest.approx(1 / 2)
+    assert result["best"]["iou"] == pytest.approx([1 / 2, 1 / 2])
+    assert result["best"]["fpr"] == pytest.approx(1 / 4) and result["best"]["fnr"] == pytest.approx(1 / 4)
+    # on the 0.00 .. 0.59 grid the peak holds for t = 0.51 .. 0.59 (0.505 <= t < 0.605): the first is reported
+    result = evaluate(PROTOCOLS["mctformer"].thresholds(), "sweep")
     assert result["best"]["threshold"] == 0.51 and result["best"]["miou"] == pytest.approx(17 / 24)
     assert result["best"]["iou"][0] == pytest.approx(3 / 4) and result["best"]["iou"][1] == pytest.approx(2 / 3)
     # at 0.51 pixel B is the one error: bg FP 1 of union 4, fg FN 1 of union 3; FPR, FNR are means over both classes
@@ -124,13 +133,13 @@ def test_each_pick_from_seed_files(tmp_path):
     seeds.mkdir(), gt.mkdir()
     write_mask(gt / "a.png", GT)
     picks = {}
-    for method in ("cam", "ppc", "mctformer", "sipe"):
+    for method in ("cam", "ppc", "eps", "mctformer", "sipe"):
         protocol = PROTOCOLS[method]
         # SIPE's seed carries its background plane (the argmax protocol needs one); the others' do not
         save_seed(seeds / "a.npz", KEYS, CAMS, background=BACKGROUND if method == "sipe" else None)
         result = evaluate_seeds(seeds, gt, ["a"], 1, protocol.thresholds(), progress=False, mode=protocol.eval_mode)
         picks[method] = (result["best"]["threshold"], round(result["best"]["miou"], 6))
-    assert picks == {"cam": (0.15, round(7 / 15, 6)), "ppc": (0.51, round(17 / 24, 6)),
+    assert picks == {"cam": (0.15, round(7 / 15, 6)), "ppc": (0.31, 0.5), "eps": (0.2, round(7 / 15, 6)),
                      "mctformer": (0.0, 0.25), "sipe": (0.0, 0.5)}
 
 
