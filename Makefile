@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-# torch + torchvision: the x86_64 wheels this machine keeps on disk (see docs/install.md);
+# torch + torchvision pinned per architecture (docs/install.md);
 # override e.g. `make install TORCH_SPEC="torch torchvision"` elsewhere.
 ARCH := $(shell uname -m)
 ifeq ($(ARCH),aarch64)
