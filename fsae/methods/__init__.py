@@ -9,7 +9,9 @@ from fsae.methods.mctformer import MCTformerV2
 from fsae.methods.ppc import PPC
 from fsae.methods.sipe import SIPE
 
-# ``model.method`` -> class; adding a base method = one file, one entry here, one YAML.
+# ``model.method`` -> class. Adding a base method takes: its file here (a ``Method`` subclass), its entry in this
+# table, its model fields in ``fsae.config.ModelConfig`` (if it has settings of its own), its protocol in
+# ``fsae.protocol.PROTOCOLS`` (how its seeds and pseudo-masks are made and scored), and its recipe YAMLs.
 METHODS: dict[str, type[Method]] = {"cam": CAM, "eps": EPS, "ppc": PPC, "sipe": SIPE, "mctformer": MCTformerV2}
 
 
