@@ -20,9 +20,10 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from fsae.config import Config, EvalConfig, check_device, check_sweep, check_value, load_config
+from fsae.config import Config, EvalConfig, load_config
 from fsae.errors import ConfigError, FsaeError
 from fsae.io import ids_in, read_id_list
+from fsae.settings import check_device, check_sweep, check_value
 
 _THRESHOLD_FIELD = {f.name: f for f in dataclasses.fields(EvalConfig)}["threshold"]
 

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from fsae import distributed
 from fsae.augment import (apply_geometry, image_generators, normalize, per_image, random_geometry,  # noqa: F401
                           timm_train_transform, timm_train_view, weak_view)
-from fsae.config import Config, config_from_dict, describe_changes, save_config
+from fsae.config import Config, config_from_dict, save_config
 from fsae.data import build_dataset
 from fsae.data.check import check_training_data, format_problems
 from fsae.errors import CheckpointError, ConfigError, DataError, FsaeError
@@ -50,6 +50,7 @@ from fsae.lock import output_lock
 from fsae.methods import build_method
 from fsae.models.batchnorm import sync_batch_norm
 from fsae.weights import read_weight_file
+from fsae.settings import describe_changes
 from fsae.speed import grad_scaler as speed_grad_scaler, loader_options
 from fsae.tblog import close_writer, log_scalars, open_writer
 from fsae.two_view import TwoViewFSAE, model_forward
@@ -555,7 +556,7 @@ def resume_from(path: Path, cfg: Config, model, optimizer, two_view: TwoViewFSAE
     """Load ``last.pt`` into the model, optimizer, EMA, GradScaler and torch RNG; -> (step, skipped steps,
     best epoch)."""
     state = load_checkpoint(path, cfg)
-    # The saved config, read by today's rules (fsae.config.REMOVED_KEYS), decides; not the hash stored with it.
+    # The saved config, read by today's rules (Config.removed_keys), decides; not the hash stored with it.
     if config_from_dict(state["config"], str(path)).hash() != cfg.hash():
         raise CheckpointError(f"{path}: written by another config ({config_changes(state['config'], cfg)}); "
                               f"use a new run directory, or --no-resume to start over")

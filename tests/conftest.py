@@ -64,7 +64,7 @@ def one_thread():
 def check_seg_recipe():
     """``check(recipe, table)``: the segmentation recipe ``recipe`` (a path under the repository) writes
     exactly the dotted fields of ``table``, and loads to the table's values (floats approximately)."""
-    from fsae.config import _flat
+    from fsae.settings import _flat
     from fsae.segment.config import load_seg_config
 
     def check(recipe: str, table: dict) -> None:

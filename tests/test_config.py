@@ -1,4 +1,4 @@
-"""The one config machinery (fsae.config): checked values, one hash of the deciding fields, resume after a
+"""The one config machinery (fsae.settings, filled by fsae.config and the other stages' configs): checked values, one hash of the deciding fields, resume after a
 change that does not decide the weights, CRF parameters, file modes and orphan pool workers."""
 
 from __future__ import annotations
@@ -162,6 +162,26 @@ def test_devices_are_checked_against_the_machine():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA GPU"):
             check_device("cuda:1")
+
+
+def test_stage_configs_take_the_machinery_from_settings_not_from_the_cam_schema():
+    import ast
+
+    import fsae
+
+    package = Path(fsae.__file__).parent
+    for rel in ["settings.py", "segment/config.py", "refine/irn/config.py", "refine/psa/config.py", "refine/crf.py"]:
+        tree = ast.parse((package / rel).read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert "fsae.config" not in imported, rel
+
+
+def test_removed_keys_belong_to_the_cam_config_alone():
+    assert Config.removed_keys == {"model.background": "constant", "model.sipe.score_map": "cam"}
+    assert load_config(overrides=["model.background=constant"]).hash() == Config().hash()  # the kept value loads
+    with pytest.raises(ConfigError, match="'model.background: learned' was removed; only 'constant' remains"):
+        load_config(overrides=["model.background=learned"])
+    assert SegConfig.removed_keys == {} and IRNConfig.removed_keys == {}
 
 
 # --------------------------------------------------------------------------------------------- hash

@@ -14,7 +14,8 @@ import pytest
 import yaml
 from scipy.io import loadmat
 
-from fsae.config import _flat, load_config
+from fsae.config import load_config
+from fsae.settings import _flat
 from fsae.data.check import check_dataset, label_disagreements
 from fsae.errors import FsaeError
 from fsae.io import read_image, read_mask

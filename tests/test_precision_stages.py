@@ -263,7 +263,7 @@ def test_psa_bf16_steps_stay_near_fp32(irn_batches):
 def test_fp32_hashes_and_stamps_are_those_from_before_the_speedsection_settings():
     # The hashes of the default configs computed by the code before train.precision / channels_last / prefetch
     # existed in these stages (commit 317e9ca): their checkpoints still resume. Config's changed once since, when
-    # model.background and model.sipe.score_map were removed (fsae.config.REMOVED_KEYS; resume compares the hash
+    # model.background and model.sipe.score_map were removed (Config.removed_keys; resume compares the hash
     # of the checkpoint's saved config, tests/test_pipeline.py::test_a_checkpoint_saved_before_a_removal_resumes).
     before = {Config: "ab9992b61cb13eec", SegConfig: "48f7bfcbe2f99df1", IRNConfig: "249221ec1303748d",
               PSAConfig: "161ecd6297499dca"}

@@ -25,7 +25,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from fsae.config import at_least, positive
+from fsae.settings import at_least, positive
 from fsae.errors import DataError, FsaeError
 from fsae.seeds import check_seed, load_seed
 from fsae.io import read_image, read_mask, write_mask

@@ -2,7 +2,7 @@
 
 The defaults are the DeepLab-V2 settings WSSS papers use on VOC (``configs/voc/deeplabv2_r101.yaml``
 documents where each number comes from). A recipe YAML overrides fields and ``--set train.iterations=100``
-overrides apply on top, with ``fsae.config``'s machinery (unknown keys and values out of range are an error
+overrides apply on top, with ``fsae.settings``' machinery (unknown keys and values out of range are an error
 naming the file and the field; one hash of what decides the weights).
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from fsae.config import Settings, at_least, check_range_pair, fill_config, fraction, positive, setting
+from fsae.settings import Settings, at_least, check_range_pair, fill_config, fraction, positive, setting
 from fsae.errors import ConfigError
 from fsae.refine.crf import DEEPLAB_CRF, CrfParams
 

@@ -40,7 +40,7 @@ from fsae.data import build_dataset
 from fsae.io import read_mask
 from fsae.errors import CheckpointError, ConfigError, DataError, FsaeError
 from fsae.labels import IGNORE_INDEX
-from fsae.config import describe_changes
+from fsae.settings import describe_changes
 from fsae.segment.config import SegConfig
 from fsae.weights import read_weight_file
 from fsae.segment.deeplab import DeepLab, build_deeplab

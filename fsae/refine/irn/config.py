@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
-from fsae.config import Settings, at_least, check_range_pair, fill_config, fraction, positive, setting
+from fsae.settings import Settings, at_least, check_range_pair, fill_config, fraction, positive, setting
 from fsae.errors import ConfigError
 from fsae.refine.crf import IRN_LABEL_CRF, CrfParams
 

@@ -2,7 +2,7 @@
 
 MCTformer runs PSA with other values (``configs/voc/psa.yaml``: its ``main.py`` alphas, its copy of
 ``psa/train_aff.py`` and ``psa/infer_aff.py``). A recipe YAML overrides fields; ``--set walk.logt=6`` on
-the CLI (``fsae.config.fill_config``). The resolved config is saved next to the AffinityNet checkpoint.
+the CLI (``fsae.settings.fill_config``). The resolved config is saved next to the AffinityNet checkpoint.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
-from fsae.config import Settings, at_least, fill_config, fraction, positive, setting
+from fsae.settings import Settings, at_least, fill_config, fraction, positive, setting
 from fsae.errors import ConfigError
 from fsae.refine.crf import PSA_CRF, CrfParams
 
