@@ -142,6 +142,16 @@ def test_method_choices_are_the_methods_build_method_knows():
         build_method(cfg.model, 4)
 
 
+def test_the_method_tables_agree():
+    # Adding a method touches three tables (fsae/methods/__init__.py says which): a missing entry is red here.
+    from fsae.config import METHODS as CHOICES
+    from fsae.methods import METHODS as CLASSES
+    from fsae.protocol import METHOD_PROTOCOLS, PROTOCOLS
+
+    assert set(CHOICES) == set(CLASSES) == set(METHOD_PROTOCOLS)
+    assert all(PROTOCOLS[m].method == m for m in METHOD_PROTOCOLS)
+
+
 def test_backbone_names_are_checked_before_building():
     from fsae.models.backbones import check_backbone
 
