@@ -18,14 +18,15 @@ from fsae.errors import CheckpointError, ConfigError
 from fsae.evaluate import load_seed
 from fsae.infer import save_seed
 from fsae.io import read_mask, write_image, write_mask
+from fsae.refine.affinity import (affinity_labels, affinity_loss, line_path, pair_set, pair_valid, random_walk,
+                                  search_directions, transition_matrix)
 from fsae.refine.irn import train as irn_train
-from fsae.refine.irn.affinity import (affinity_from_boundary, affinity_labels, affinity_loss, line_path, pair_set,
-                                      pair_valid, search_directions)
+from fsae.refine.irn.affinity import affinity_from_boundary
 from fsae.refine.irn.config import IRNConfig, load_irn_config
 from fsae.refine.irn.ir_labels import ir_label, make_ir_labels
 from fsae.refine.irn.network import BoundaryNet, boundary_map
 from fsae.refine.irn.train import train_irn
-from fsae.refine.irn.walk import dense_affinity, propagate, random_walk, transition_matrix, walk_to_mask
+from fsae.refine.irn.walk import dense_affinity, propagate, walk_to_mask
 
 REPO = Path(__file__).resolve().parents[1]
 
