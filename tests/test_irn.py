@@ -312,6 +312,21 @@ def test_training_resumes_after_a_kill_to_the_same_weights(tmp_path, monkeypatch
         train_irn(tiny_irn_config(lr=0.05), *args, tmp_path / "full.pt", progress=False, image_ext=".png")
 
 
+def test_two_equal_trainings_write_equal_checkpoint_bytes(tmp_path):
+    """torch.save on a path names the zip records after the file (here the random temp name); through a file
+    object they are "archive/...", so equal states give equal bytes and the stamps' digests agree."""
+    import zipfile
+
+    ids = write_seed_set(tmp_path, n=4, size=24)
+    make_ir_labels(tmp_path / "seeds", tmp_path / "images", tmp_path / "ir", ids, workers=1, progress=False,
+                   image_ext=".png")
+    paths = [train_irn(tiny_irn_config(epochs=1), tmp_path / "images", tmp_path / "ir", ids, tmp_path / f"{n}.pt",
+                       progress=False, image_ext=".png") for n in ("first", "second")]
+    names = zipfile.ZipFile(paths[0]).namelist()
+    assert names and all(n.startswith("archive/") for n in names), names[:3]
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+
+
 def test_irn_configs_hold_irn_defaults():
     voc = load_irn_config(REPO / "configs/voc/irn.yaml")
     assert (voc.ir_label.fg_threshold, voc.ir_label.bg_threshold) == (0.30, 0.05)
