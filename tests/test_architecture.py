@@ -85,3 +85,15 @@ def test_no_import_cycle_inside_fsae():
     assert len(graph) > 30  # the whole package was read
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_irn_and_psa_share_refine_affinity_not_each_other():
+    """What both random walks need lives in fsae.refine.affinity; neither method package imports the other."""
+    graph = import_graph()
+    for own, other in (("fsae.refine.irn", "fsae.refine.psa"), ("fsae.refine.psa", "fsae.refine.irn")):
+        modules = [m for m in graph if m == own or m.startswith(own + ".")]
+        assert len(modules) > 5  # the package was read
+        crossing = {m: sorted(i for i in graph[m] if i == other or i.startswith(other + ".")) for m in modules}
+        crossing = {m: found for m, found in crossing.items() if found}
+        assert not crossing, f"{own} imports {other}: {crossing}"
+    assert "fsae.refine.affinity" in graph["fsae.refine.psa.train"] | graph["fsae.refine.irn.train"]

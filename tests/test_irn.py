@@ -18,14 +18,15 @@ from fsae.errors import CheckpointError, ConfigError
 from fsae.evaluate import load_seed
 from fsae.infer import save_seed
 from fsae.io import read_mask, write_image, write_mask
+from fsae.refine.affinity import (affinity_labels, affinity_loss, line_path, pair_set, pair_valid, random_walk,
+                                  search_directions, transition_matrix)
 from fsae.refine.irn import train as irn_train
-from fsae.refine.irn.affinity import (affinity_from_boundary, affinity_labels, affinity_loss, line_path, pair_set,
-                                      pair_valid, search_directions)
+from fsae.refine.irn.affinity import affinity_from_boundary
 from fsae.refine.irn.config import IRNConfig, load_irn_config
 from fsae.refine.irn.ir_labels import ir_label, make_ir_labels
 from fsae.refine.irn.network import BoundaryNet, boundary_map
 from fsae.refine.irn.train import train_irn
-from fsae.refine.irn.walk import dense_affinity, propagate, random_walk, transition_matrix, walk_to_mask
+from fsae.refine.irn.walk import dense_affinity, propagate, walk_to_mask
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -309,6 +310,21 @@ def test_training_resumes_after_a_kill_to_the_same_weights(tmp_path, monkeypatch
         torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0, msg=key)
     with pytest.raises(CheckpointError, match="other IRN settings"):
         train_irn(tiny_irn_config(lr=0.05), *args, tmp_path / "full.pt", progress=False, image_ext=".png")
+
+
+def test_two_equal_trainings_write_equal_checkpoint_bytes(tmp_path):
+    """torch.save on a path names the zip records after the file (here the random temp name); through a file
+    object they are "archive/...", so equal states give equal bytes and the stamps' digests agree."""
+    import zipfile
+
+    ids = write_seed_set(tmp_path, n=4, size=24)
+    make_ir_labels(tmp_path / "seeds", tmp_path / "images", tmp_path / "ir", ids, workers=1, progress=False,
+                   image_ext=".png")
+    paths = [train_irn(tiny_irn_config(epochs=1), tmp_path / "images", tmp_path / "ir", ids, tmp_path / f"{n}.pt",
+                       progress=False, image_ext=".png") for n in ("first", "second")]
+    names = zipfile.ZipFile(paths[0]).namelist()
+    assert names and all(n.startswith("archive/") for n in names), names[:3]
+    assert paths[0].read_bytes() == paths[1].read_bytes()
 
 
 def test_irn_configs_hold_irn_defaults():

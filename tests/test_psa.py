@@ -22,14 +22,13 @@ from fsae.data.synthetic import SyntheticSpec, generate
 from fsae.errors import ConfigError
 from fsae.infer import save_seed
 from fsae.io import read_mask, write_json, write_mask
-from fsae.refine.irn.affinity import pair_set
+from fsae.refine.affinity import affinity_loss, pair_set
 from fsae.refine.psa.aff_labels import aff_label_scores, affinity_label_map, crf_with_alpha
 from fsae.refine.psa.affinity import pair_affinity, pair_window, psa_affinity_labels
 from fsae.refine.psa.config import PSAWalkConfig, load_psa_config
 from fsae.refine.psa.network import AffinityNet
 from fsae.refine.psa.train import AffinityCrops, pool, train_step
 from fsae.refine.psa.walk import propagate, psa_mask, walk_scores
-from fsae.refine.irn.affinity import affinity_loss
 from fsae.stamps import folder_digest, make_stamp, read_stamp, stamp_path
 from tests.conftest import run_fsae
 
@@ -382,8 +381,8 @@ def tiny_run(tmp_path_factory):
     return root, data, ids
 
 
-# PSA's training loop is the one IRN's stage has: fsae.refine.irn.train.atomic_write is where it writes psa.pt
-PSA_TRAIN_WRITE = "fsae.refine.irn.train.atomic_write"
+# PSA's training loop (fsae.refine.affinity.fit_affinity_net) writes psa.pt through fsae.train.save_checkpoint
+PSA_TRAIN_WRITE = "fsae.train.atomic_write"
 
 
 def test_psa_training_killed_mid_run_resumes_to_the_same_weights(tiny_run, tmp_path):

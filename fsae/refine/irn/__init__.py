@@ -2,25 +2,25 @@
 network -> random-walk propagation.
 
 - ``ir_labels``: confident foreground / background / ignore from two thresholds + dense CRF.
-- ``affinity``: pair directions within a radius, pair labels, affinity from the boundary map, the loss.
+- ``affinity``: affinity from the boundary map (the pairs, pair labels, loss, walk and training loop it
+  shares with PSA are ``fsae.refine.affinity``).
 - ``network``: frozen torchvision ResNet + the boundary branch.
-- ``train``: training crops and the training loop.
-- ``walk``: transition matrix, random walk, pseudo-mask.
+- ``train``: training crops and the training step.
+- ``walk``: the boundary map's affinity matrix, the walk's start, pseudo-mask.
 - ``pipeline``: ``run_irn(run_dir, cfg)``, the ``fsae irn`` stage.
 
 IRN's displacement-field branch (instance segmentation) is not part of it.
 """
 
-from fsae.refine.irn.affinity import affinity_from_boundary, affinity_labels, affinity_loss
+from fsae.refine.irn.affinity import affinity_from_boundary
 from fsae.refine.irn.config import IRNConfig, load_irn_config
 from fsae.refine.irn.ir_labels import ir_label, make_ir_labels
 from fsae.refine.irn.network import BoundaryNet, boundary_map
 from fsae.refine.irn.pipeline import make_pseudo_masks, run_irn
 from fsae.refine.irn.train import train_irn
-from fsae.refine.irn.walk import propagate, random_walk, transition_matrix
+from fsae.refine.irn.walk import propagate
 
 __all__ = [
-    "BoundaryNet", "IRNConfig", "affinity_from_boundary", "affinity_labels", "affinity_loss", "boundary_map",
-    "ir_label", "load_irn_config", "make_ir_labels", "make_pseudo_masks", "propagate", "random_walk", "run_irn",
-    "train_irn", "transition_matrix",
+    "BoundaryNet", "IRNConfig", "affinity_from_boundary", "boundary_map", "ir_label", "load_irn_config",
+    "make_ir_labels", "make_pseudo_masks", "propagate", "run_irn", "train_irn",
 ]

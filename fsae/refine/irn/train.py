@@ -9,7 +9,8 @@ pair labels (``affinity_labels``) are made from that reduced label in the traini
 Loop: SGD on the branch only (the backbone is frozen), ``lr`` with poly decay over all steps,
 ``affinity_loss`` on ``affinity_from_boundary(sigmoid(logits))``; the network runs under ``train.precision``
 (``fsae.speed.mixed_forward``), the sigmoid, affinities and loss in fp32. The checkpoint (``irn.pt``, atomic)
-is written after each epoch; a rerun continues from it, or returns at once when it is complete.
+is written after each epoch; a rerun continues from it, or returns at once when it is complete (the loop is
+PSA's too: ``fsae.refine.affinity.fit_affinity_net``).
 """
 
 from __future__ import annotations
@@ -22,18 +23,19 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from fsae.augment import normalize
 from fsae.errors import CheckpointError, DataError
 from fsae.infer import to_tensor_image
-from fsae.io import atomic_write, read_image, read_mask
+from fsae.io import read_image, read_mask
 from fsae.labels import IGNORE_INDEX
 from fsae.weights import read_weight_file
-from fsae.refine.irn.affinity import affinity_from_boundary, affinity_labels, affinity_loss
+from fsae.refine.affinity import (affinity_labels, affinity_loader_options, affinity_loss, fit_affinity_net,
+                                  seed_loader_worker)
+from fsae.refine.irn.affinity import affinity_from_boundary
 from fsae.refine.irn.config import IRNConfig
 from fsae.refine.irn.network import FEATURE_STRIDE, BoundaryNet
-from fsae.speed import grad_scaler, loader_options, mixed_forward
+from fsae.speed import mixed_forward
 
 
 def _rescale(array: np.ndarray, scale: float, resample: int) -> np.ndarray:
@@ -108,12 +110,6 @@ class AffinityCrops(Dataset):
         return {"id": image_id, "image": x, "label": torch.from_numpy(np.asarray(small, dtype=np.int64))}
 
 
-def seed_loader_worker(worker_id: int) -> None:
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
-
-
 def train_step(model: BoundaryNet, images: torch.Tensor, labels: torch.Tensor, radius: int, precision: str = "fp32",
                channels_last: bool = False) -> dict[str, torch.Tensor]:
     """Loss terms of one batch. Shape: images (B, 3, S, S), labels (B, S/4, S/4)."""
@@ -148,75 +144,6 @@ def train_irn(cfg: IRNConfig, image_dir: str | os.PathLike, label_dir: str | os.
                                 weight_decay=tc.weight_decay)
     return fit_affinity_net(model, optimizer, loader, generator, cfg, checkpoint, train_step, device, progress,
                             "IRN")
-
-
-def affinity_loader_options(tc, device) -> dict:
-    """``fsae.speed.loader_options`` of IRN's and PSA's training ``train.*``, without persistent workers: the
-    crops draw from Python's ``random``, which each epoch's new workers seed from the loader's generator
-    (``seed_loader_worker``), the generator a resumed run restores; kept workers would go on with their own."""
-    return loader_options(tc.workers, device, tc.prefetch, persistent=False)
-
-
-def fit_affinity_net(model, optimizer, loader, generator: torch.Generator, cfg, checkpoint: Path, step_fn,
-                     device, progress: bool, what: str) -> Path:
-    """The resumable training of an affinity network (IRN's boundary branch, PSA's AffinityNet): poly
-    learning rate (``lr * group lr_mult * (1 - step / total) ** power``), ``step_fn(model, images, labels,
-    radius, precision, channels_last) -> {"total", "neg", ...}`` under ``train.precision`` (a GradScaler for
-    fp16) and ``train.channels_last``, ``checkpoint`` written atomically after each epoch with the RNG
-    states, so a killed run resumes to the same weights; a checkpoint of another ``cfg.hash()`` is refused."""
-    tc = cfg.train
-    total_steps = len(loader) * tc.epochs
-    start_epoch, step = 0, 0
-    if tc.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    scaler = grad_scaler(tc.precision, torch.device(device))
-    if checkpoint.is_file():
-        state = read_weight_file(checkpoint, f"{what} checkpoint", unwrap=False)
-        if state.get("config_hash") != cfg.hash():
-            raise CheckpointError(f"{checkpoint}: trained with other {what} settings (hash {state.get('config_hash')} "
-                                  f"!= {cfg.hash()}); delete it or use another run directory")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, step = state["epoch"], state["step"]
-        if start_epoch >= tc.epochs:
-            return checkpoint
-        random.setstate(state["py_random"])
-        torch.set_rng_state(state["torch_random"])
-        generator.set_state(state["loader_random"])
-
-    model.train()
-    bar = tqdm(total=total_steps, initial=step, desc=f"{what.lower()} train", disable=not progress)
-    for epoch in range(start_epoch, tc.epochs):
-        for batch in loader:
-            poly = (1 - step / total_steps) ** tc.poly_power
-            for group in optimizer.param_groups:
-                group["lr"] = tc.lr * group.get("lr_mult", 1.0) * poly
-            terms = step_fn(model, batch["image"].to(device), batch["label"].to(device), tc.radius, tc.precision,
-                            tc.channels_last)
-            if not torch.isfinite(terms["total"]):
-                raise FloatingPointError(f"{what} loss is {terms['total'].item()} at step {step} "
-                                         f"(images {batch['id']})")
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:  # fp16: scaled loss; the scaler skips a step with inf/NaN gradients
-                scaler.scale(terms["total"]).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                terms["total"].backward()
-                optimizer.step()
-            step += 1
-            bar.update()
-            bar.set_postfix(loss=f"{terms['total'].item():.3f}", neg=f"{terms['neg'].item():.3f}")
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                 "step": step, "config_hash": cfg.hash(), "config": cfg.to_dict(),
-                 "py_random": random.getstate(), "torch_random": torch.get_rng_state(),
-                 "loader_random": generator.get_state(),
-                 **({"scaler": scaler.state_dict()} if scaler is not None else {})}
-        atomic_write(checkpoint, lambda tmp: torch.save(state, tmp))
-    bar.close()
-    return checkpoint
 
 
 def load_boundary_net(checkpoint: str | os.PathLike, cfg: IRNConfig, device: str | torch.device = "cpu") -> BoundaryNet:

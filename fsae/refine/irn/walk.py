@@ -5,8 +5,7 @@ On the stride-4 grid of ``N = h * w`` pixels:
 1. ``A`` (N, N): the affinity of every pair within ``radius`` (5 at inference in IRN), from the boundary
    map (``affinity_from_boundary``), symmetric, ``A[p, p] = 1``, zero beyond the radius.
 2. ``P = D^-1 A^beta`` with ``D = diag(row sums of A^beta)``: the row-stochastic transition matrix
-   (``A^beta`` element-wise, beta = 10). IRN writes ``T = A^beta D^-1`` (columns sum to 1) and computes
-   ``x T``; as ``A`` is symmetric, ``T = P^T`` and ``x T^n = (P^n x^T)^T``: the same numbers.
+   (``A^beta`` element-wise, beta = 10; ``fsae.refine.affinity.transition_matrix``, shared with PSA).
 3. ``P^(2^exp_times)`` by squaring ``exp_times`` times (IRN: exp_times = 8, a walk of 256 steps).
 4. The CAMs, multiplied by ``1 - boundary`` (IRN), propagate: ``v = P^(2^exp_times) x`` per class.
 
@@ -31,7 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fsae.refine.irn.affinity import affinity_from_boundary, pair_set, pair_valid
+from fsae.refine.affinity import dense_pair_matrix, pair_valid, random_walk, transition_matrix
+from fsae.refine.irn.affinity import affinity_from_boundary
 
 
 def dense_affinity(boundary: torch.Tensor, radius: int) -> torch.Tensor:
@@ -39,37 +39,8 @@ def dense_affinity(boundary: torch.Tensor, radius: int) -> torch.Tensor:
 
     Shape: boundary (h, w) in [0, 1] -> (h*w, h*w); pixels are numbered row-major.
     """
-    h, w = boundary.shape
-    n = h * w
     aff = affinity_from_boundary(boundary[None], radius)[0]  # (D, h, w)
-    valid = pair_valid((h, w), radius, boundary.device)
-    directions = torch.as_tensor(pair_set(radius).directions, device=boundary.device)
-    ys, xs = torch.meshgrid(torch.arange(h, device=boundary.device), torch.arange(w, device=boundary.device),
-                            indexing="ij")
-    src = (ys * w + xs).expand_as(valid)  # (D, h, w)
-    dst = src + (directions[:, 0] * w + directions[:, 1])[:, None, None]
-    src, dst, values = src[valid], dst[valid], aff[valid]
-    dense = torch.eye(n, dtype=boundary.dtype, device=boundary.device)
-    dense[src, dst] = values
-    dense[dst, src] = values
-    return dense
-
-
-def transition_matrix(affinity: torch.Tensor, beta: float) -> torch.Tensor:
-    """Row-stochastic ``P = D^-1 A^beta``. Shape: (N, N) -> (N, N), rows sum to 1."""
-    scaled = affinity.pow(beta)
-    return scaled / scaled.sum(dim=1, keepdim=True)
-
-
-def random_walk(values: torch.Tensor, transition: torch.Tensor, exp_times: int) -> torch.Tensor:
-    """``P^(2^exp_times) v`` for each row ``v`` of ``values``, the power by repeated squaring.
-
-    Shape: values (K, N), transition (N, N) -> (K, N).
-    """
-    power = transition
-    for _ in range(exp_times):
-        power = power @ power
-    return values @ power.T
+    return dense_pair_matrix(aff, pair_valid(tuple(boundary.shape), radius, boundary.device), radius)
 
 
 @torch.no_grad()

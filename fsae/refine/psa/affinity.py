@@ -1,7 +1,7 @@
 """AffinityNet's pairs, affinities and pair labels on the stride-8 grid (PSA, Ahn & Kwak, CVPR 2018,
 Sec. 3.3, eq. 1-7).
 
-Pairs. The directions are IRN's (``fsae.refine.irn.affinity.pair_set``; PSA's ``get_indices_of_pairs``
+Pairs. The directions are IRN's (``fsae.refine.affinity.pair_set``; PSA's ``get_indices_of_pairs``
 lists the same offsets ``0 < dy^2 + dx^2 < radius^2`` in the half plane ``dy > 0 or (dy == 0, dx > 0)``).
 PSA keeps only pairs whose *source* ``(y, x)`` has its whole half-plane neighbourhood inside the map:
 ``y < h - (radius - 1)`` and ``radius - 1 <= x < w - (radius - 1)`` (tool/pyutils.py:137-157,
@@ -11,8 +11,8 @@ affinity matrix, so pixels in the bottom rows and the side columns are reached o
 Affinity (eq. 3, network/resnet38_aff.py:58): ``a(p, q) = exp(-mean_c |f_c(p) - f_c(q)|)`` of the
 AffinityNet features ``f`` (the L1 distance averaged over the channels).
 
-Loss: IRN's ``affinity_loss`` is PSA's (train_aff.py:105-113: ``bg/4 + fg/4 + neg/2``), on the pair
-labels of ``fsae.refine.irn.affinity.affinity_labels`` restricted to ``pair_window``.
+Loss: ``fsae.refine.affinity.affinity_loss``, IRN's and PSA's (train_aff.py:105-113: ``bg/4 + fg/4 + neg/2``),
+on the pair labels of ``fsae.refine.affinity.affinity_labels`` restricted to ``pair_window``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fsae.refine.irn.affinity import affinity_labels, pair_set
+from fsae.refine.affinity import affinity_labels, pair_set
 
 
 def pair_window(size: tuple[int, int], radius: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -7,7 +7,8 @@ average-pooled and turned into the label map (``affinity_label_map``; padding ->
 labels are made from that map in the training step. PSA does not rescale its training images.
 
 Loop: SGD (the backbone's trainable weights at ``lr``, the head at ``new_layer_lr_mult x lr``, weight
-decay on both, PSA's momentum quirk), poly decay over all steps, ``affinity_loss`` on the window pairs.
+decay on both, PSA's momentum quirk), poly decay over all steps, ``affinity_loss`` on the window pairs
+(the loop is IRN's too: ``fsae.refine.affinity.fit_affinity_net``).
 The checkpoint (``psa.pt``, atomic) is written after each epoch; a rerun with the same settings
 continues after its last finished epoch, or returns at once when it is complete.
 """
@@ -28,8 +29,7 @@ from fsae.augment import normalize
 from fsae.errors import CheckpointError, DataError
 from fsae.io import read_image
 from fsae.weights import read_weight_file
-from fsae.refine.irn.affinity import affinity_loss
-from fsae.refine.irn.train import affinity_loader_options, fit_affinity_net, seed_loader_worker
+from fsae.refine.affinity import affinity_loader_options, affinity_loss, fit_affinity_net, seed_loader_worker
 from fsae.refine.psa.aff_labels import affinity_label_map, load_aff_label
 from fsae.refine.psa.affinity import pair_affinity, psa_affinity_labels
 from fsae.refine.psa.config import FEATURE_STRIDE, AffNetConfig, PSAConfig

@@ -5,8 +5,8 @@ On the stride-8 grid of ``N = h * w`` pixels of the image padded to a multiple o
 1. ``A`` (N, N): the AffinityNet affinity of every pair in ``pair_window`` (radius 5), symmetric, ones on
    the diagonal, zero elsewhere.
 2. ``T = A^beta / column sums`` (element-wise power, beta 8) and ``T^(2^logt)`` by ``logt`` squarings.
-   This is IRN's walk (``fsae.refine.irn.walk``): with ``A`` symmetric, ``T = P^T`` for its row-stochastic
-   ``P = D^-1 A^beta`` and ``x T^n = (P^n x^T)^T``.
+   This is IRN's walk (``fsae.refine.affinity``, shared): with ``A`` symmetric, ``T = P^T`` for its
+   row-stochastic ``P = D^-1 A^beta`` and ``x T^n = (P^n x^T)^T``.
 3. The scores ``[background, cams...]`` at full resolution, zero-padded to the padded size and 8 x 8
    average-pooled, walk: ``v = x T^(2^logt)``. The background plane is ``(1 - max cams)^alpha`` (PSA,
    alpha 16) or the constant ``bg_threshold`` (MCTformer, 0.39).
@@ -22,8 +22,7 @@ import torch.nn.functional as F
 
 from fsae.augment import normalize
 from fsae.infer import to_tensor_image
-from fsae.refine.irn.affinity import pair_set
-from fsae.refine.irn.walk import random_walk, transition_matrix
+from fsae.refine.affinity import dense_pair_matrix, random_walk, transition_matrix
 from fsae.refine.psa.affinity import pair_affinity, pair_window
 from fsae.refine.psa.config import FEATURE_STRIDE, PSAWalkConfig
 from fsae.refine.psa.network import AffinityNet
@@ -33,18 +32,7 @@ from fsae.speed import mixed_forward
 def dense_affinity(pair_aff: torch.Tensor, radius: int) -> torch.Tensor:
     """PSA's ``to_dense``: the (N, N) affinity matrix of the ``pair_window`` pairs, symmetric, ones on the
     diagonal. Shape: pair_aff (D, h, w) -> (h*w, h*w); pixels numbered row-major."""
-    _, h, w = pair_aff.shape
-    device = pair_aff.device
-    window = pair_window((h, w), radius, device)
-    directions = torch.as_tensor(pair_set(radius).directions, device=device)
-    ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
-    src = (ys * w + xs).expand_as(window)
-    dst = src + (directions[:, 0] * w + directions[:, 1])[:, None, None]
-    src, dst, values = src[window], dst[window], pair_aff[window]
-    dense = torch.eye(h * w, dtype=pair_aff.dtype, device=device)
-    dense[src, dst] = values
-    dense[dst, src] = values
-    return dense
+    return dense_pair_matrix(pair_aff, pair_window(tuple(pair_aff.shape[1:]), radius, pair_aff.device), radius)
 
 
 def walk_scores(cams: torch.Tensor, cfg: PSAWalkConfig) -> torch.Tensor:
