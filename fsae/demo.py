@@ -3,7 +3,8 @@
 Steps: generate the synthetic set; train the plain CAM three times (FSAE off, FAE only, FAE+SAE) with
 a held-out seed mIoU after every epoch; infer seeds multi-scale + flip on the train split (the
 paper's protocol), and for the base also from its best held-out epoch; sweep the background threshold;
-check the demo's claims (``claims``); write ``report.md``, ``results.json``, CAM overlays and training
+check the demo's claims (``claims``: the base plateaued, FSAE ahead of its best epoch by expansion, Table 6's
+order); write ``report.md``, ``results.json`` (with each run's held-out curve), CAM overlays and training
 curves. ``FSAE_DEMO_SEED`` (or ``--seed``) changes the data and training seed; ``run_demo_seeds`` runs
 several seeds and tabulates them (``seeds.md``).
 """
