@@ -148,6 +148,19 @@ def plot_training_curves(path: str | os.PathLike, runs: dict[str, Path]) -> Path
     return save_figure(fig, path)
 
 
+def plot_heldout_curves(path: str | os.PathLike, curves: dict[str, dict]) -> Path:
+    """One panel: each run's held-out seed mIoU (``curves[name]["val_miou"]``, %) against its
+    ``curves[name]["epoch"]``, the runs together, so a reader sees where the base stops improving."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, curve in curves.items():
+        ax.plot(curve["epoch"], curve["val_miou"], marker="o", markersize=3, label=name)
+    ax.set(title="held-out seed mIoU per epoch", xlabel="epoch", ylabel="seed mIoU (%)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return save_figure(fig, path)
+
+
 def class_names(cfg) -> list[str]:
     """Background + the C class names: the synthetic set's meta.json, COCO's or VOC's names, else class<c>."""
     c = cfg.data.num_classes
@@ -375,14 +388,14 @@ def is_report(text: str) -> bool:
 
 
 def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, num_images: int = 4,
-                 embed: bool = False, compute: bool = True, progress: bool = False) -> Path:
+                 embed: bool = False, compute: bool = True, progress: bool = False, preamble: str = "") -> Path:
     """Write ``RUN_DIR/report.html`` (or ``out``) for a run directory, or for a folder of runs (one page
     with the ``fsae compare`` table and a section per run). Returns the HTML path.
 
     ``compute``: recompute stale evaluations and evaluate ``seeds/`` / ``crf/`` into ``eval/`` first when
     they have no evaluation (``fsae.rundir.update_evals``); without it stale ones are left out. ``embed``: PNGs as data URIs instead of files in ``report_files/``.
     ``out`` may be new or a report fsae wrote before (``is_report``); a folder or another file is refused
-    (DataError) before any work.
+    (DataError) before any work. ``preamble``: HTML put under the title (the demo's checklist and curves).
     """
     run_dir = Path(run_dir)
     runs = find_runs(run_dir)
@@ -391,7 +404,7 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     path = check_replaceable(Path(out) if out else run_dir / "report.html", is_report, "an fsae report (HTML)")
     figures = _Figures(path, embed)
     title = f"fsae report: {run_dir.resolve().name}"
-    body = [f"<h1>{html.escape(title)}</h1>"]
+    body = [f"<h1>{html.escape(title)}</h1>", *([preamble] if preamble else [])]
     if runs == [run_dir]:
         body.append(_run_section(run_dir, figures, "", num_images, compute, progress))
     else:

@@ -157,7 +157,7 @@ def test_demo_reads_the_recipes_which_differ_only_in_fsae():
     assert cfg == recipes["fsae"]
     # the demo's numbers come from these values (README's demo table)
     assert (cfg.train.epochs, cfg.train.batch_size, cfg.fsae.start_epoch, cfg.model.background_logit,
-            cfg.model.output_stride, cfg.model.depth) == (12, 16, 3, 2.5, 4, 5)
+            cfg.model.output_stride, cfg.model.depth) == (48, 16, 6, 2.5, 4, 5)
 
 
 def test_config_errors_name_the_key(tmp_path):

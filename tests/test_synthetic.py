@@ -119,3 +119,40 @@ def test_grey_clutter_is_flat_blobs_on_a_noisy_background():
 
     assert flat_background_share(SyntheticSpec(clutter=0)) < 0.001
     assert flat_background_share(SyntheticSpec()) > 0.02
+
+
+def _body_orientation_profile(spec, count):
+    """Per single-object image: (class, the body grating's contrast at each class orientation, best period)."""
+    periods = np.linspace(*spec.stripe_period, 7)
+    rows = []
+    for grey, mask, parts, cls in _single_object_samples(spec, count):
+        body = (mask == cls + 1) & ~parts
+        rows.append((cls, np.array([max(_grating_contrast(grey, body, p, np.pi * k / spec.num_classes)
+                                        for p in periods) for k in range(spec.num_classes)])))
+    return rows
+
+
+def _pair_distances(rows):
+    """Mean distance between the normalised orientation profiles of same-class and of different-class pairs."""
+    same, other = [], []
+    for i, (ci, pi) in enumerate(rows):
+        for cj, pj in rows[i + 1:]:
+            d = np.abs(pi / pi.sum() - pj / pj.sum()).sum()
+            (same if ci == cj else other).append(d)
+    return np.mean(same), np.mean(other)
+
+
+def test_a_per_object_body_is_not_a_class_cue():
+    """``orientation_cue=0``: each object's body grating takes a random class's orientation, so the body
+    statistics of two objects of one class differ as much as those of two classes, and the body's dominant
+    orientation is its class's for about 1 object in 4; with ``orientation_cue=1`` it always is, and
+    same-class bodies are alike."""
+    neutral = _body_orientation_profile(SyntheticSpec(max_objects=1, orientation_cue=0.0), 24)
+    cued = _body_orientation_profile(SyntheticSpec(max_objects=1, orientation_cue=1.0), 24)
+    assert all(int(np.argmax(p)) == c for c, p in cued)
+    share = np.mean([int(np.argmax(p)) == c for c, p in neutral])
+    assert share < 0.5  # 0.25 expected
+    same, other = _pair_distances(neutral)
+    assert 0.7 < same / other < 1.3
+    same, other = _pair_distances(cued)
+    assert same / other < 0.5
