@@ -235,27 +235,29 @@ def heldout_curve(run_dir: Path) -> dict[str, list]:
             "val_fpr": [100 * r["val_fpr"] for r in rows], "val_fnr": [100 * r["val_fnr"] for r in rows]}
 
 
+def curve_table(curves: dict[str, dict], mark_tail: bool) -> tuple[list[str], list[list]]:
+    """Header and rows of the runs' held-out seed mIoU per epoch, side by side (cells "61.2", "" past a
+    run's last evaluated epoch); ``mark_tail``: the base's last third named in the epoch column."""
+    variants = [v for v in VARIANTS if v in curves]
+    epochs = curves["base"]["epoch"]
+    tail = set(last_third(epochs)) if mark_tail else set()
+    rows = [[f"{epoch}{' (last third)' if epoch in tail else ''}",
+             *(f"{curves[v]['val_miou'][i]:.1f}" if i < len(curves[v]["val_miou"]) else "" for v in variants)]
+            for i, epoch in enumerate(epochs)]
+    return ["epoch", *(LABELS[v] for v in variants)], rows
+
+
 def render_curves(curves: dict[str, dict]) -> str:
     """The held-out seed mIoU of each run per epoch, side by side (markdown); the base's last third marked."""
-    epochs = curves["base"]["epoch"]
-    tail = set(last_third(epochs))
-    rows = []
-    for i, epoch in enumerate(epochs):
-        cells = [curves[v]["val_miou"][i] if i < len(curves[v]["val_miou"]) else "" for v in VARIANTS if v in curves]
-        rows.append([f"{epoch}{' (last third)' if epoch in tail else ''}", *cells])
-    return markdown_table(["epoch", *(LABELS[v] for v in VARIANTS if v in curves)], rows)
+    return markdown_table(*curve_table(curves, mark_tail=True))
 
 
 def render_report_html(results: dict) -> str:
     """The checklist and the held-out curves side by side, for the top of ``report.html``."""
     items = "".join(f"<li>[{'x' if held else ' '}] {html.escape(CLAIM_TEXT[name])}</li>"
                     for name, held in results["claims"].items())
-    curves = results["curves"]
-    variants = [v for v in VARIANTS if v in curves]
-    rows = [[e, *(f"{curves[v]['val_miou'][i]:.1f}" if i < len(curves[v]["val_miou"]) else "" for v in variants)]
-            for i, e in enumerate(curves["base"]["epoch"])]
     return (f"<h2>What the demo is meant to show (seed {results['seed']})</h2><ul>{items}</ul>"
-            "<h2>Held-out seed mIoU per epoch</h2>" + html_table(["epoch", *(LABELS[v] for v in variants)], rows))
+            "<h2>Held-out seed mIoU per epoch</h2>" + html_table(*curve_table(results["curves"], mark_tail=False)))
 
 
 def save_overlays(path: Path, out: Path, dataset: VOCDataset, n: int = 6) -> Path:

@@ -60,6 +60,18 @@ def grad_scaler(precision: str, device: torch.device):
     return torch.amp.GradScaler(device.type)
 
 
+def optimizer_step(optimizer, scaler, loss: torch.Tensor) -> None:
+    """Backward and step; fp16 (``scaler``): the scaled loss, a step with inf/NaN gradients skipped."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
 def loader_options(workers: int, device, prefetch: int = 2, persistent: bool = True) -> dict:
     """Keyword arguments of a training ``DataLoader``: pinned host memory when the device is CUDA (faster
     copies to it), and with worker processes, ``prefetch`` batches per worker in flight and (``persistent``)

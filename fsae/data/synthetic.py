@@ -52,7 +52,6 @@ class SyntheticSpec:
     part_radius: tuple[float, float] = (6.0, 9.0)  # the discriminative disc
     part_period: tuple[float, float] = (3.5, 4.5)  # its fine grating
     part_amplitude: float = 0.35
-    part_offset: float = 0.55  # the part's centre lies within this share of the body's semi-axes from its centre
     orientation_cue: float = 1.0  # probability that the body grating has its class's orientation (else another's)
     clutter: int = 4  # grey blobs per image
     # Body-like gratings per image at the class orientations (object texture in negatives). Off by default: with 2
@@ -145,7 +144,7 @@ def render_sample(rng: np.random.Generator, spec: SyntheticSpec, with_parts: boo
         # The discriminative part: a disc inside the body with a strong, fine grating at the class orientation.
         pr = rng.uniform(*spec.part_radius)
         t = rng.uniform(0, 2 * math.pi)
-        rho = rng.uniform(0, spec.part_offset)
+        rho = rng.uniform(0, 0.55)
         u, v = rho * a * math.cos(t), rho * b * math.sin(t)
         py = cy + u * math.sin(rot) + v * math.cos(rot)
         px = cx + u * math.cos(rot) - v * math.sin(rot)

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from fsae.errors import CheckpointError
 from fsae.labels import IGNORE_INDEX
-from fsae.speed import grad_scaler, loader_options
+from fsae.speed import grad_scaler, loader_options, optimizer_step
 from fsae.train import save_checkpoint
 from fsae.weights import read_weight_file
 
@@ -242,18 +242,6 @@ def affinity_state(model, optimizer, scaler, generator: torch.Generator, cfg, ep
             "py_random": random.getstate(), "torch_random": torch.get_rng_state(),
             "loader_random": generator.get_state(),
             **({"scaler": scaler.state_dict()} if scaler is not None else {})}
-
-
-def optimizer_step(optimizer, scaler, loss: torch.Tensor) -> None:
-    """Backward and step; fp16 (``scaler``): the scaled loss, a step with inf/NaN gradients skipped."""
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
 
 
 def fit_affinity_net(model, optimizer, loader, generator: torch.Generator, cfg, checkpoint: Path, step_fn,

@@ -44,7 +44,7 @@ from fsae.settings import describe_changes
 from fsae.segment.config import SegConfig
 from fsae.weights import read_weight_file
 from fsae.segment.deeplab import DeepLab, build_deeplab
-from fsae.speed import grad_scaler, loader_options, mixed_forward
+from fsae.speed import grad_scaler, loader_options, mixed_forward, optimizer_step
 from fsae.stamps import StaleOutputError, folder_digest, read_stamp, stamp_changes
 from fsae.train import checkpoint_kind, poly_lr, read_checkpoint_file, save_checkpoint
 from fsae.lock import output_lock
@@ -348,14 +348,7 @@ def _train_segmentation(cfg: SegConfig, run_dir: Path, progress: bool, resume: b
         loss, labelled = msc_loss(outputs, masks)  # fp32 logits: the log-softmax needs fp32's mantissa
         if not torch.isfinite(loss):
             raise FsaeError(f"non-finite loss at iteration {iteration}; batch ids {list(batch['id'])}")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:  # fp16: scaled loss; the scaler skips a step with inf/NaN gradients
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        optimizer_step(optimizer, scaler, loss)
         iteration += 1
         if iteration % cfg.train.log_every == 0 or iteration == total:
             with open(metrics_path, "a", newline="") as f:
