@@ -11,7 +11,9 @@ several seeds and tabulates them (``seeds.md``).
 
 from __future__ import annotations
 
+import contextlib
 import html
+import multiprocessing
 import os
 import time
 from pathlib import Path
@@ -23,10 +25,12 @@ from fsae.errors import ConfigError
 from fsae.evaluate import default_thresholds, evaluate_seeds, load_seed, save_eval
 from fsae.infer import infer_seeds
 from fsae.io import write_json, write_text
+from fsae.parallel import exit_with_parent
 from fsae.compare import markdown_table
 from fsae.report import (cam_heatmap, colour_mask, html_table, overlay, plot_heldout_curves, plot_training_curves,
                          read_csv, save_overlay_grid, write_report)
 from fsae.train import model_from_checkpoint, run_checkpoint, train
+from tqdm import tqdm
 
 # Table 6's rows, each a recipe in configs/synthetic/ (they differ only in the fsae section).
 VARIANTS = {"base": "cam.yaml", "fae": "cam_fae.yaml", "fsae": "cam_fsae.yaml"}
@@ -37,7 +41,7 @@ LABELS = {"base": "Base (plain CAM)", "fae": "+FAE", "fsae": "+FAE+SAE (FSAE)"}
 # The demo's set: the generator's objects scaled to 96 px images (the part's fine grating kept, so the strong
 # view's blur still removes it), 300 train / 150 val images, so that 48 epochs of three runs fit the 10 minutes
 # (docs/decisions.md, issue #30).
-DEMO_SET = {"image_size": 96, "body_axes": (15.0, 24.0), "part_radius": (4.5, 6.75), "stripe_period": (8.25, 10.5)}
+DEMO_SET = {"image_size": 96, "body_axes": (15.0, 24.0), "part_radius": (7.0, 10.0), "stripe_period": (8.25, 10.5)}
 
 
 def demo_spec(seed: int, quick: bool = False) -> SyntheticSpec:
@@ -92,44 +96,37 @@ def fsae_note(run_dir: Path, cfg: Config) -> str:
     return "; ".join(notes)
 
 
+def demo_workers() -> int:
+    """Processes for the three trainings: one per run when the machine has 2 cores or more (the demo's tiny
+    network keeps a second thread of one process busy only part of the time, so three runs side by side
+    finish sooner than one after another: docs/synthetic.md), else 1 (in this process)."""
+    return len(VARIANTS) if (os.cpu_count() or 1) >= 2 else 1
+
+
 def run_demo(out: str | Path = "runs/demo", seed: int | None = None, quick: bool = False,
-             progress: bool = True) -> dict:
+             progress: bool = True, workers: int | None = None) -> dict:
     started = time.time()
     if seed is None:
         seed = int(os.environ.get("FSAE_DEMO_SEED", "0"))
+    workers = demo_workers() if workers is None else workers
     out = Path(out)
     data_root = generate(out / "data", demo_spec(seed, quick), progress=progress)
-    thresholds = default_thresholds()
-    results: dict = {"seed": seed}
-    run_dirs = {}
-    train_set = None
+    threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
+    jobs = []
     for variant in VARIANTS:
         cfg = demo_config(variant, data_root, seed, quick)
-        run_dir = out / variant
-        run_dirs[LABELS[variant]] = run_dir
-        save_config(cfg, run_dir / "config.yaml")
-        print(f"[{variant}] training {cfg.train.epochs} epochs -> {run_dir}", flush=True)
-        train(cfg, run_dir, progress=progress)
-        train_set = VOCDataset(data_root, cfg.infer.split, num_classes=cfg.data.num_classes)
-        val_set = VOCDataset(data_root, cfg.data.val_split, num_classes=cfg.data.num_classes)
-        model, _ = model_from_checkpoint(run_checkpoint(run_dir, "last"))
-        ev = score_seeds(model, train_set, run_dir, "seeds", cfg, thresholds, progress)
-        # The same multi-scale protocol on the held-out split: seeds of images the network never saw.
-        ev_val = score_seeds(model, val_set, run_dir, "seeds_val", cfg, thresholds, progress)
-        epochs = read_csv(run_dir / "epochs.csv")
-        best_epoch = max(epochs, key=lambda r: r["val_miou"])
-        results[variant] = {
-            **seed_row(ev), **{f"heldout_{k}": v for k, v in seed_row(ev_val).items() if k != "best_threshold"},
-            "val_miou_last_epoch": 100 * epochs[-1]["val_miou"],
-            "val_miou_best_epoch": 100 * best_epoch["val_miou"], "val_best_epoch": int(best_epoch["epoch"]),
-            "fsae_note": fsae_note(run_dir, cfg),
-        }
-        if variant == "base":  # the early-stopped base: its best held-out epoch, on the paper's protocol
-            best_model, _ = model_from_checkpoint(run_checkpoint(run_dir, "best"))
-            ev_best = score_seeds(best_model, train_set, run_dir, "seeds_best", cfg, thresholds, progress)
-            results["base_best_epoch"] = {"epoch": int(best_epoch["epoch"]), **seed_row(ev_best)}
-        print(f"[{variant}] seed mIoU {results[variant]['seed_miou']:.1f} (train split, best threshold "
-              f"{ev['best']['threshold']:.2f})", flush=True)
+        save_config(cfg, out / variant / "config.yaml")
+        print(f"[{variant}] training {cfg.train.epochs} epochs -> {out / variant}", flush=True)
+        jobs.append({"variant": variant, "cfg": cfg, "run_dir": out / variant, "threads": threads,
+                     "progress": progress and workers == 1})
+    results: dict = {"seed": seed}
+    for job, rows in zip(jobs, train_variants(jobs, workers, progress)):
+        results.update(rows)
+        row = rows[job["variant"]]
+        print(f"[{job['variant']}] seed mIoU {row['seed_miou']:.1f} (train split, best threshold "
+              f"{row['best_threshold']:.2f})", flush=True)
+    run_dirs = {LABELS[variant]: out / variant for variant in VARIANTS}
+    train_set = VOCDataset(data_root, jobs[0]["cfg"].infer.split, num_classes=jobs[0]["cfg"].data.num_classes)
     results["curves"] = {variant: heldout_curve(out / variant) for variant in VARIANTS}
     results["claims"] = claims(results)
     results["seconds"] = round(time.time() - started, 1)
@@ -145,6 +142,73 @@ def run_demo(out: str | Path = "runs/demo", seed: int | None = None, quick: bool
     print(render_curves(results["curves"]))
     print(f"report: {out / 'report.md'} and {html_report}\nresults: {out / 'results.json'}\nfigures: {figures}")
     return results
+
+
+def train_variant(job: dict) -> dict:
+    """One row of Table 6: train ``job["cfg"]`` into ``job["run_dir"]`` and score its last epoch's seeds
+    multi-scale + flip on the train split and the held-out split (the base's best epoch too); -> ``{variant:
+    row}`` (and ``"base_best_epoch"``). ``job["threads"]``: torch threads of a pool process (None: unchanged)."""
+    if job["threads"] is None:
+        return score_variant(job)
+    import torch
+
+    torch.set_num_threads(job["threads"])
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # the parent's bar and lines speak
+        return score_variant(job)
+
+
+def score_variant(job: dict) -> dict:
+    """``train_variant``'s work in this process and on its threads."""
+    variant, cfg, run_dir, progress = job["variant"], job["cfg"], Path(job["run_dir"]), job["progress"]
+    thresholds = default_thresholds()
+    train(cfg, run_dir, progress=progress)
+    train_set = VOCDataset(cfg.data.root, cfg.infer.split, num_classes=cfg.data.num_classes)
+    val_set = VOCDataset(cfg.data.root, cfg.data.val_split, num_classes=cfg.data.num_classes)
+    model, _ = model_from_checkpoint(run_checkpoint(run_dir, "last"))
+    ev = score_seeds(model, train_set, run_dir, "seeds", cfg, thresholds, progress)
+    # The same multi-scale protocol on the held-out split: seeds of images the network never saw.
+    ev_val = score_seeds(model, val_set, run_dir, "seeds_val", cfg, thresholds, progress)
+    epochs = read_csv(run_dir / "epochs.csv")
+    best_epoch = max(epochs, key=lambda r: r["val_miou"])
+    rows = {variant: {
+        **seed_row(ev), **{f"heldout_{k}": v for k, v in seed_row(ev_val).items() if k != "best_threshold"},
+        "val_miou_last_epoch": 100 * epochs[-1]["val_miou"],
+        "val_miou_best_epoch": 100 * best_epoch["val_miou"], "val_best_epoch": int(best_epoch["epoch"]),
+        "fsae_note": fsae_note(run_dir, cfg),
+    }}
+    if variant == "base":  # the early-stopped base: its best held-out epoch, on the paper's protocol
+        best_model, _ = model_from_checkpoint(run_checkpoint(run_dir, "best"))
+        ev_best = score_seeds(best_model, train_set, run_dir, "seeds_best", cfg, thresholds, progress)
+        rows["base_best_epoch"] = {"epoch": int(best_epoch["epoch"]), **seed_row(ev_best)}
+    return rows
+
+
+def train_variants(jobs: list[dict], workers: int, progress: bool) -> list[dict]:
+    """``train_variant`` of every job: in this process (``workers`` 1), else in a pool of ``workers`` spawned
+    processes under one progress bar over all runs' epochs (their ``epochs.csv`` rows); the first failure
+    ends the others (the pool is terminated) and is raised here."""
+    if workers == 1:
+        return [train_variant(job) for job in jobs]
+    total = sum(job["cfg"].train.epochs for job in jobs)
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers, initializer=exit_with_parent, initargs=(os.getpid(),)) as pool, \
+            tqdm(total=total, desc="epochs of " + " / ".join(LABELS[j["variant"]] for j in jobs),
+                 disable=not progress) as bar:
+        pending = [pool.apply_async(train_variant, (job,)) for job in jobs]
+        while not all(p.ready() for p in pending):
+            for p in pending:
+                if p.ready() and not p.successful():
+                    p.get()  # the worker's error, raised here; leaving the block terminates the pool
+            bar.update(sum(epochs_done(job["run_dir"]) for job in jobs) - bar.n)
+            time.sleep(0.5)
+        bar.update(total - bar.n)
+        return [p.get() for p in pending]
+
+
+def epochs_done(run_dir: Path) -> int:
+    """Rows of ``run_dir/epochs.csv`` (epochs finished), 0 before the first."""
+    path = Path(run_dir) / "epochs.csv"
+    return max(0, len(path.read_text().splitlines()) - 1) if path.is_file() else 0
 
 
 def run_demo_seeds(out: str | Path, seeds: list[int], quick: bool = False, progress: bool = True) -> str:
