@@ -1,7 +1,7 @@
 """``make demo`` / ``fsae demo``: the paper's Table 6 (Base / +FAE / +FAE+SAE) on the generated data set.
 
-Steps: generate the synthetic set; train the plain CAM three times (FSAE off, FAE only, FAE+SAE) with
-a held-out seed mIoU after every epoch; infer seeds multi-scale + flip on the train split (the
+Steps: generate the synthetic set; train the plain CAM three times, side by side (FSAE off, FAE only,
+FAE+SAE), with a held-out seed mIoU after every epoch; infer seeds multi-scale + flip on the train split (the
 paper's protocol), and for the base also from its best held-out epoch; sweep the background threshold;
 check the demo's claims (``claims``: the base plateaued, FSAE ahead of its best epoch by expansion, Table 6's
 order); write ``report.md``, ``results.json`` (with each run's held-out curve), CAM overlays and training
@@ -18,6 +18,9 @@ import os
 import time
 from pathlib import Path
 
+import torch
+from tqdm import tqdm
+
 from fsae.config import Config, load_config, save_config
 from fsae.data.synthetic import SyntheticSpec, generate
 from fsae.data.voc import VOCDataset
@@ -30,7 +33,6 @@ from fsae.compare import markdown_table
 from fsae.report import (cam_heatmap, colour_mask, html_table, overlay, plot_heldout_curves, plot_training_curves,
                          read_csv, save_overlay_grid, write_report)
 from fsae.train import model_from_checkpoint, run_checkpoint, train
-from tqdm import tqdm
 
 # Table 6's rows, each a recipe in configs/synthetic/ (they differ only in the fsae section).
 VARIANTS = {"base": "cam.yaml", "fae": "cam_fae.yaml", "fsae": "cam_fsae.yaml"}
@@ -39,8 +41,9 @@ LABELS = {"base": "Base (plain CAM)", "fae": "+FAE", "fsae": "+FAE+SAE (FSAE)"}
 
 
 # The demo's set: the generator's objects scaled to 96 px images (the part's fine grating kept, so the strong
-# view's blur still removes it), 300 train / 150 val images, so that 48 epochs of three runs fit the 10 minutes
-# (docs/decisions.md, issue #30).
+# view's blur still removes it) with a part of radius 7-10, about a fifth of its object, which the plain CAM
+# finds within a few epochs and then stops improving on; 300 train / 150 val images, so that 48 epochs of three
+# runs fit the 10 minutes (docs/decisions.md, issue #30).
 DEMO_SET = {"image_size": 96, "body_axes": (15.0, 24.0), "part_radius": (7.0, 10.0), "stripe_period": (8.25, 10.5)}
 
 
@@ -99,7 +102,7 @@ def fsae_note(run_dir: Path, cfg: Config) -> str:
 def demo_workers() -> int:
     """Processes for the three trainings: one per run when the machine has 2 cores or more (the demo's tiny
     network keeps a second thread of one process busy only part of the time, so three runs side by side
-    finish sooner than one after another: docs/synthetic.md), else 1 (in this process)."""
+    finish sooner than one after another: docs/decisions.md), else 1 (in this process)."""
     return len(VARIANTS) if (os.cpu_count() or 1) >= 2 else 1
 
 
@@ -149,16 +152,14 @@ def train_variant(job: dict) -> dict:
     multi-scale + flip on the train split and the held-out split (the base's best epoch too); -> ``{variant:
     row}`` (and ``"base_best_epoch"``). ``job["threads"]``: torch threads of a pool process (None: unchanged)."""
     if job["threads"] is None:
-        return score_variant(job)
-    import torch
-
+        return run_variant(job)
     torch.set_num_threads(job["threads"])
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # the parent's bar and lines speak
-        return score_variant(job)
+        return run_variant(job)
 
 
-def score_variant(job: dict) -> dict:
-    """``train_variant``'s work in this process and on its threads."""
+def run_variant(job: dict) -> dict:
+    """``train_variant``'s work, in this process and on its threads."""
     variant, cfg, run_dir, progress = job["variant"], job["cfg"], Path(job["run_dir"]), job["progress"]
     thresholds = default_thresholds()
     train(cfg, run_dir, progress=progress)

@@ -1,6 +1,7 @@
 """The benchmarks on tiny sizes: the fsae way and the reference way must agree (no timing asserted)."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -131,7 +132,9 @@ def test_gpu_benchmark_dry_run_on_cpu(tmp_path):
     assert "NO GPU WAS MEASURED" in text
     rows = [line for line in text.splitlines() if line.startswith("| ") and "passed" in line]
     assert len(rows) == 3 * 4 + 2  # 3 recipes x (fp32 -> bf16, base and FSAE; FSAE / base, fp32 and bf16) + CAM
-    assert "| CAM inference (PPC w/ EPS net), (32, 48), 4 scales + flip" in text and "max rel. diff 0e+00" in text
+    cam = [r for r in rows if r.startswith("| CAM inference (PPC w/ EPS net), (32, 48), 4 scales + flip")]
+    # batched and one-at-a-time CAMs agree to float32 rounding (oneDNN may block a batch of 2 differently)
+    assert len(cam) == 1 and float(re.search(r"max rel. diff ([0-9.e+-]+)\)", cam[0]).group(1)) <= 1e-6
 
 
 def test_gpu_benchmark_refuses_a_bf16_step_outside_the_tolerance(monkeypatch):

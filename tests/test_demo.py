@@ -156,3 +156,18 @@ def test_fsae_note_says_when_fsae_did_not_act(tmp_path):
                "fsae": base, "base_best_epoch": {**row(10, 1, 2, 3), "epoch": 1}}
     table = render_table(results)
     assert "| +FAE (FSAE not started) |" in table and "| +FAE+SAE (FSAE) |" in table
+
+
+def test_a_failed_training_in_the_pool_reaches_the_caller(tmp_path):
+    from fsae.demo import demo_config, epochs_done, train_variants
+    from fsae.errors import DataError
+
+    (tmp_path / "empty").mkdir()
+    jobs = [{"variant": v, "cfg": demo_config(v, tmp_path / "empty", quick=True), "run_dir": tmp_path / v,
+             "threads": 1, "progress": False} for v in ("base", "fsae")]
+    with pytest.raises(DataError, match="empty"):  # raised in a spawned process, re-raised here
+        train_variants(jobs, workers=2, progress=False)
+    assert epochs_done(tmp_path / "base") == 0
+    (tmp_path / "base" / "epochs.csv").parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "base" / "epochs.csv").write_text("epoch,step\n1,18\n2,36\n")
+    assert epochs_done(tmp_path / "base") == 2

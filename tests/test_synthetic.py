@@ -156,3 +156,21 @@ def test_a_per_object_body_is_not_a_class_cue():
     assert 0.7 < same / other < 1.3
     same, other = _pair_distances(cued)
     assert same / other < 0.5
+
+
+def test_the_demo_sets_part_covers_about_a_fifth_of_its_object():
+    """``fsae.demo.DEMO_SET``: a part of radius 7-10 in bodies of semi-axes 15-24, so E[r^2] / E[a b] =
+    ((10^3 - 7^3) / 9) / 19.5^2 = 0.19 of the object (less where the disc passes the body's edge, more where
+    the 1-px ignore band trims the body); every part pixel belongs to its object."""
+    from fsae.demo import DEMO_SET, demo_spec
+
+    expected = ((10 ** 3 - 7 ** 3) / 9) / 19.5 ** 2
+    assert DEMO_SET["part_radius"] == (7.0, 10.0) and DEMO_SET["body_axes"] == (15.0, 24.0)
+    spec = demo_spec(0)
+    part_pixels = object_pixels = 0
+    for i in range(60):
+        _, mask, _, parts = render_sample(np.random.default_rng([spec.seed, 0, i]), spec, with_parts=True)
+        assert ((mask > 0) | ~parts).all()
+        part_pixels += (parts & (mask > 0) & (mask < 255)).sum()
+        object_pixels += ((mask > 0) & (mask < 255)).sum()
+    assert abs(part_pixels / object_pixels - expected) < 0.05
